@@ -1,0 +1,41 @@
+# Two commands on a fresh machine (only Python >= 3.10 and pip needed):
+#   make demo   -> installs into .venv, runs the main job on samples/ offline, writes demo_output/
+#   make test   -> installs test deps (+ PaddleX 3.7.2 in .venv-paddlex for compatibility tests), runs pytest
+PYTHON ?= python3
+VENV := .venv
+PDX_VENV := .venv-paddlex
+PY := $(VENV)/bin/python
+PADDLE_SPEC ?= paddlepaddle==3.3.1
+
+.PHONY: demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(PADDLE_SPEC)"
+	$(PY) -m pip install -q -e ".[ray,test]"
+	touch $@
+
+$(PDX_VENV)/.installed:
+	$(PYTHON) -m venv $(PDX_VENV)
+	$(PDX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PDX_VENV)/bin/python -m pip install -q "paddlex[cv]==3.7.2" "$(PADDLE_SPEC)"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m instseg_core.tiny_models --model MaskRCNN-ResNet50-FPN --output .cache/demo_model
+	$(VENV)/bin/instseg predict --model-dir .cache/demo_model --input samples --batch-size 2 \
+		--save-path demo_output --mask-format rle
+	@echo "demo outputs in demo_output/ (JSON + overlays)"
+
+test: $(VENV)/.installed $(PDX_VENV)/.installed
+	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python $(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not paddlex"
+
+bench: $(VENV)/.installed $(PDX_VENV)/.installed
+	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python $(PY) bench/predictor_vs_paddlex.py
+
+clean:
+	rm -rf $(VENV) $(PDX_VENV) .cache demo_output

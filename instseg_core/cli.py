@@ -1,0 +1,80 @@
+"""Command line: ``instseg predict ...`` and ``instseg models``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from instseg_core.models import MODEL_SPECS
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from instseg_core.inference.predictor import create_model
+    from instseg_core.inputs import InputError
+    from instseg_core.inference.model_dir import ModelDirError
+
+    try:
+        model = create_model(args.model, model_dir=args.model_dir, device=args.device, threshold=args.threshold,
+                             batch_size=args.batch_size, cpu_threads=args.cpu_threads,
+                             enable_onednn=args.onednn, use_tensorrt=args.tensorrt, mask_format=args.mask_format)
+        n = 0
+        for res in model.predict(args.input, batch_size=args.batch_size, threshold=args.threshold):
+            if not args.quiet:
+                res.print(format_json=False)
+            if args.save_path:
+                res.save_all(args.save_path)
+            n += 1
+    except (InputError, ModelDirError, ValueError) as e:
+        print(f"instseg: error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("instseg").info("predicted %d image(s)", n)
+    return 0
+
+
+def _models(_: argparse.Namespace) -> int:
+    for spec in MODEL_SPECS.values():
+        flag = "  (batch 1 in PaddleX)" if spec.batch1_only else ""
+        print(f"{spec.name:42s} {spec.family:13s} mask AP {spec.mask_ap:4.1f}{flag}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="instseg", description="Instance segmentation (PaddleX-compatible models)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("predict", help="predict images, print results, optionally save JSON and overlays")
+    pr.add_argument("--model", help="official model name (optional with --model-dir)")
+    pr.add_argument("--model-dir", help="PaddleX-format inference dir (default: download the official model)")
+    pr.add_argument("--input", required=True, nargs="+", help="image files, dirs, http(s) or s3:// URLs")
+    pr.add_argument("--threshold", type=float, default=None, help="score threshold (default: inference.yml)")
+    pr.add_argument("--batch-size", type=int, default=1)
+    pr.add_argument("--device", default=None, help="cpu | gpu | gpu:N (default: GPU 0 if available)")
+    pr.add_argument("--cpu-threads", type=int, default=None)
+    pr.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=None, help="force oneDNN on/off")
+    pr.add_argument("--tensorrt", action="store_true", help="GPU: Paddle-TensorRT FP16 with an engine cache")
+    pr.add_argument("--save-path", default=None, help="dir (or file) for <stem>_res.json and overlay images")
+    pr.add_argument("--mask-format", choices=("paddlex", "rle"), default="paddlex")
+    pr.add_argument("--quiet", action="store_true", help="do not print each result")
+    pr.set_defaults(func=_predict)
+
+    ls = sub.add_parser("models", help="list the 15 model names")
+    ls.set_defaults(func=_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``instseg`` command."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "input", None) is not None and len(args.input) == 1:
+        args.input = args.input[0]
+    if args.command == "predict" and not (args.model or args.model_dir):
+        print("instseg: error: give --model NAME or --model-dir DIR", file=sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Download official inference models into a local cache, safely.
+
+``fetch_official_model(name, url)`` returns ``<cache>/official_models/<name>/`` holding the flattened
+contents of the ``<name>_infer.tar`` tarball (``inference.json``/``inference.pdmodel``,
+``inference.pdiparams``, ``inference.yml``). The cache is ``$INSTSEG_HOME`` or ``~/.cache/instseg``.
+
+Guarantees:
+
+* A complete dir (it carries a ``.complete`` marker, written last) is returned with no network access.
+* Nothing half-written ever appears under the final name: the tarball is streamed to a temp file in
+  the cache dir, checked (HTTP status, Content-Length, optional sha256, tar contents), extracted into
+  a temp dir, and only then renamed into place. Temps are removed on failure.
+* Concurrent callers on one host (processes or threads) download once: an ``fcntl.flock`` on
+  ``<name>.lock`` serialises them, and whoever gets the lock second finds the complete dir.
+* Connection errors, timeouts, truncated bodies and 5xx/429 are retried with exponential backoff;
+  404 and other 4xx are not. Every failure is a :class:`DownloadError` saying what to do.
+
+Only the standard library is used (``urllib.request``), so this works without optional extras.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+try:  # POSIX only; on other platforms concurrent callers are not serialised.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["DownloadError", "cache_root", "fetch_official_model", "is_complete", "MARKER_NAME"]
+
+logger = logging.getLogger("instseg")
+
+MARKER_NAME = ".complete"
+PARAMS_FILE = "inference.pdiparams"
+CONFIG_FILE = "inference.yml"
+GRAPH_FILES = ("inference.json", "inference.pdmodel")  # PIR json (Paddle 3) or legacy ProgramDesc
+
+CHUNK_SIZE = 1 << 20  # 1 MiB: tarballs reach ~450 MB, so never hold one in memory
+PROGRESS_EVERY_S = 5.0
+# First retry waits RETRY_BACKOFF_S, then doubles up to RETRY_BACKOFF_MAX_S. Module-level so tests
+# can set it to 0.
+RETRY_BACKOFF_S = 1.0
+RETRY_BACKOFF_MAX_S = 30.0
+
+_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_USER_AGENT = "instseg-model-download/1"
+
+
+class DownloadError(RuntimeError):
+    """A model could not be downloaded or its archive is unusable; the message says what to do."""
+
+
+def cache_root() -> Path:
+    """The cache root: ``$INSTSEG_HOME`` if set (and non-empty), else ``~/.cache/instseg``."""
+    home = os.environ.get("INSTSEG_HOME")
+    if home:
+        return Path(home).expanduser()
+    return Path.home() / ".cache" / "instseg"
+
+
+def is_complete(model_dir: Path, sha256: str | None = None) -> bool:
+    """Whether ``model_dir`` is a finished download (marker present, required files present).
+
+    With ``sha256`` the marker must also record that tarball hash, so a changed expectation
+    triggers a fresh download instead of silently serving other weights.
+    """
+    marker = model_dir / MARKER_NAME
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict):
+        return False
+    if sha256 is not None and str(info.get("sha256", "")).lower() != sha256.lower():
+        return False
+    return _missing_files({p.name for p in model_dir.iterdir() if p.is_file()}) == []
+
+
+def fetch_official_model(
+    model_name: str,
+    url: str,
+    *,
+    cache_dir: Path | None = None,
+    sha256: str | None = None,
+    timeout: float = 60,
+    retries: int = 3,
+) -> Path:
+    """Return the local dir of official model ``model_name``, downloading ``url`` if needed.
+
+    Args:
+        model_name: Official model name (e.g. ``"Mask-RT-DETR-L"``); becomes a directory name.
+        url: Tarball URL, normally ``models.get_spec(name).inference_url``.
+        cache_dir: Cache root; defaults to :func:`cache_root`.
+        sha256: Expected hex sha256 of the tarball; checked when given.
+        timeout: Socket timeout in seconds for connect and each read.
+        retries: Extra attempts after the first on transient failures (so ``retries + 1`` in all).
+
+    Returns:
+        ``<cache_dir>/official_models/<model_name>/`` with the inference files directly in it.
+
+    Raises:
+        DownloadError: on any failure (not found, offline, truncated, hash mismatch, bad archive,
+            disk error). No partial files are left behind.
+    """
+    if not _SAFE_NAME.match(model_name):
+        raise DownloadError(f"invalid model name {model_name!r}: it is used as a directory name")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    models_dir = root / "official_models"
+    target = models_dir / model_name
+    if is_complete(target, sha256):
+        logger.debug("model %s: cache hit at %s", model_name, target)
+        return target
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(
+            f"cannot create model cache dir {models_dir}: {e}; set INSTSEG_HOME to a writable "
+            f"directory or pass model_dir=... to use a local model"
+        ) from e
+
+    with _file_lock(models_dir / f"{model_name}.lock", model_name):
+        # Another process may have finished while we waited for the lock.
+        if is_complete(target, sha256):
+            logger.info("model %s: completed by another process, using %s", model_name, target)
+            return target
+        tmp_prefix = f".{model_name}.tmp-"
+        _remove_stale_temps(models_dir, tmp_prefix)  # crashed earlier runs; safe: we hold the lock
+        fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix, suffix=".tar.part", dir=models_dir)
+        os.close(fd)
+        tmp_tar = Path(tmp_name)
+        tmp_dir: Path | None = None
+        try:
+            size, digest = _download(url, tmp_tar, timeout=timeout, retries=retries)
+            if sha256 is not None and digest.lower() != sha256.lower():
+                raise DownloadError(
+                    f"sha256 mismatch for {url}: expected {sha256.lower()}, got {digest}; the "
+                    f"download was discarded. The file on the server changed or was corrupted in "
+                    f"transit; retry, or update the expected hash if the new file is trusted"
+                )
+            tmp_dir = Path(tempfile.mkdtemp(prefix=tmp_prefix, suffix=".extract", dir=models_dir))
+            files = _extract_model(tmp_tar, tmp_dir, url)
+            _write_marker(tmp_dir, {"model_name": model_name, "url": url, "size": size,
+                                    "sha256": digest, "files": files})
+            _replace_dir(tmp_dir, target, tmp_prefix)
+            tmp_dir = None
+        except OSError as e:  # local disk trouble (ENOSPC, permissions); network errors are wrapped earlier
+            raise DownloadError(
+                f"writing model {model_name} into {models_dir} failed: {e}; check free space and "
+                f"permissions, or set INSTSEG_HOME to another cache directory"
+            ) from e
+        finally:
+            tmp_tar.unlink(missing_ok=True)
+            if tmp_dir is not None:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("model %s: ready at %s", model_name, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------- locking
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, model_name: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``; released on exit or when the process dies.
+
+    flock locks belong to the open file description, so threads of one process that each open the
+    file exclude each other too. The lock file is never deleted: unlinking it would let a waiter
+    lock an orphaned inode while a newcomer locks a fresh one.
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("model %s: another process is downloading it, waiting (%s)", model_name, path)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_temps(models_dir: Path, prefix: str) -> None:
+    for p in models_dir.glob(prefix + "*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+# ------------------------------------------------------------------------------------ download
+
+
+class _Retryable(Exception):
+    """A transient failure worth another attempt; ``str()`` is the cause."""
+
+
+def _download(url: str, dest: Path, *, timeout: float, retries: int) -> tuple[int, str]:
+    """Stream ``url`` into ``dest`` with retries; return (size in bytes, hex sha256)."""
+    attempts = max(0, retries) + 1
+    last = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _download_once(url, dest, timeout=timeout)
+        except _Retryable as e:
+            last = str(e)
+            if attempt == attempts:
+                break
+            delay = min(RETRY_BACKOFF_S * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S)
+            logger.warning("download of %s failed (attempt %d/%d): %s; retrying in %.1f s",
+                           url, attempt, attempts, last, delay)
+            time.sleep(delay)
+    if last.startswith("connection failed"):
+        raise DownloadError(
+            f"cannot download {url} after {attempts} attempts: {last}. Are you offline or behind a "
+            f"proxy? Pass model_dir=... with a local copy of the model, or set INSTSEG_HOME to a "
+            f"cache that already has it (<INSTSEG_HOME>/official_models/<name>/)"
+        )
+    raise DownloadError(
+        f"cannot download {url} after {attempts} attempts: {last}. Retry later, or pass "
+        f"model_dir=... with a local copy of the model"
+    )
+
+
+def _download_once(url: str, dest: Path, *, timeout: float) -> tuple[int, str]:
+    """One GET into ``dest`` (truncated first). Raises _Retryable or DownloadError."""
+    req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code == 404:
+            raise DownloadError(
+                f"model not found: {url} returned HTTP 404; check the model name, or pass "
+                f"model_dir=... with a local copy"
+            ) from None
+        if e.code in _RETRY_STATUS or e.code >= 500:
+            raise _Retryable(f"HTTP {e.code} {e.reason}") from None
+        raise DownloadError(f"download of {url} refused: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise _Retryable(f"connection failed ({e.reason})") from None
+    except (OSError, http.client.HTTPException) as e:  # timeouts, resets, TLS errors
+        raise _Retryable(f"connection failed ({type(e).__name__}: {e})") from None
+    with resp:
+        if resp.status != 200:  # urllib follows redirects; any other 2xx is not our file
+            raise DownloadError(f"download of {url} failed: unexpected HTTP {resp.status}")
+        expected = _content_length(resp)
+        return _stream(resp, dest, url, expected)
+
+
+def _content_length(resp: http.client.HTTPResponse) -> int | None:
+    value = resp.headers.get("Content-Length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _stream(resp: BinaryIO, dest: Path, url: str, expected: int | None) -> tuple[int, str]:
+    """Copy the body to ``dest`` in chunks, hashing and logging progress; check the length."""
+    total = f"{expected / 1e6:.1f} MB" if expected is not None else "unknown size"
+    logger.info("downloading %s (%s)", url, total)
+    sha = hashlib.sha256()
+    received = 0
+    start = last_log = time.monotonic()
+    with open(dest, "wb") as out:
+        while True:
+            try:
+                chunk = resp.read(CHUNK_SIZE)
+            except (OSError, http.client.HTTPException) as e:  # any read error is the network's
+                raise _Retryable(f"connection lost after {received} bytes "
+                                 f"({type(e).__name__}: {e})") from None
+            if not chunk:
+                break
+            out.write(chunk)  # OSError here is a local disk problem, reported by the caller
+            sha.update(chunk)
+            received += len(chunk)
+            now = time.monotonic()
+            if now - last_log >= PROGRESS_EVERY_S:
+                last_log = now
+                pct = f" ({100 * received / expected:.0f}%)" if expected else ""
+                logger.info("  %.1f MB%s at %.1f MB/s", received / 1e6, pct,
+                            received / 1e6 / max(now - start, 1e-9))
+        out.flush()
+        os.fsync(out.fileno())
+    # http.client returns b"" at EOF even if fewer than Content-Length bytes came, so check here.
+    if expected is not None and received != expected:
+        raise _Retryable(f"truncated download: got {received} of {expected} bytes")
+    elapsed = max(time.monotonic() - start, 1e-9)
+    logger.info("downloaded %.1f MB in %.1f s (%.1f MB/s)", received / 1e6, elapsed,
+                received / 1e6 / elapsed)
+    return received, sha.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- extract
+
+
+def _missing_files(names: set[str]) -> list[str]:
+    """Required inference files absent from ``names`` (a graph file counts as either format)."""
+    missing = [f for f in (PARAMS_FILE, CONFIG_FILE) if f not in names]
+    if not any(g in names for g in GRAPH_FILES):
+        missing.append(" or ".join(GRAPH_FILES))
+    return missing
+
+
+def _member_parts(member: tarfile.TarInfo, url: str) -> tuple[str, ...]:
+    """Validated relative path parts of a member; rejects anything that could escape the dir."""
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise DownloadError(f"unsafe archive {url}: absolute path member {member.name!r}")
+    parts = tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
+    if ".." in parts:
+        raise DownloadError(f"unsafe archive {url}: path traversal member {member.name!r}")
+    if not (member.isreg() or member.isdir()):
+        kind = "link" if (member.issym() or member.islnk()) else "special file"
+        raise DownloadError(f"unsafe archive {url}: {kind} member {member.name!r} is not allowed")
+    return parts
+
+
+def _extract_model(tar_path: Path, dest: Path, url: str) -> list[str]:
+    """Validate the tarball and extract the model files, flattened, into ``dest``.
+
+    The official layout is ``<Name>_infer/<files>``; files at the archive root are accepted too.
+    The model dir is the one holding ``inference.pdiparams``; its contents (minus that prefix) are
+    extracted. Returns the sorted top-level file names.
+    """
+    try:
+        tar = tarfile.open(tar_path, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise DownloadError(
+            f"{url} is not a valid tar archive ({e}); the server may have returned an error page "
+            f"(proxy/captive portal?) or the file is corrupt"
+        ) from None
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError) as e:
+            raise DownloadError(f"{url} is a corrupt tar archive ({e})") from None
+        parsed = [(m, _member_parts(m, url)) for m in members]  # validate all before any write
+        bases = {parts[:-1] for m, parts in parsed
+                 if m.isreg() and parts and parts[-1] == PARAMS_FILE and len(parts) <= 2}
+        if len(bases) != 1:
+            names = sorted({parts[-1] for m, parts in parsed if m.isreg() and parts})
+            raise DownloadError(
+                f"{url} is not an inference model archive: expected one dir with {PARAMS_FILE}, "
+                f"{CONFIG_FILE} and {' or '.join(GRAPH_FILES)}; found files {names}"
+            )
+        base = bases.pop()
+        selected: list[tarfile.TarInfo] = []
+        top_files: set[str] = set()
+        for m, parts in parsed:
+            if parts[: len(base)] != base or len(parts) == len(base):
+                continue  # outside the model dir, or the model dir entry itself
+            rel = parts[len(base):]
+            if m.isreg() and len(rel) == 1:
+                top_files.add(rel[0])
+            stripped = copy.copy(m)
+            stripped.name = "/".join(rel)
+            selected.append(stripped)
+        missing = _missing_files(top_files)
+        if missing:
+            raise DownloadError(f"{url} is incomplete: missing {', '.join(missing)} in the archive")
+        try:
+            if hasattr(tarfile, "data_filter"):  # 3.12 / 3.11.4+: second line of defence
+                tar.extractall(dest, members=selected, filter="data")
+            else:  # pragma: no cover - members were validated above
+                tar.extractall(dest, members=selected)
+        except (tarfile.TarError, EOFError) as e:
+            raise DownloadError(f"{url}: extraction failed ({e})") from None
+    return sorted(top_files)
+
+
+def _write_marker(model_dir: Path, info: dict[str, object]) -> None:
+    """Write the completion marker last (and fsync it), so its presence implies the files are there."""
+    path = model_dir / MARKER_NAME
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_dir(src: Path, target: Path, tmp_prefix: str) -> None:
+    """Move ``src`` to ``target``; an existing (incomplete or stale) ``target`` is moved aside first.
+
+    ``os.replace`` cannot overwrite a non-empty dir, hence the two renames; between them the target
+    name is briefly absent, never half-filled.
+    """
+    old: Path | None = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=tmp_prefix, suffix=".old", dir=target.parent))
+        os.replace(target, old / "stale")
+    os.replace(src, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,187 @@
+"""Overlay drawing for instance-segmentation results (PaddleX 3.x look, without its colour bug).
+
+Two styles, chosen by ``Instances.boxes_from_masks``:
+
+* **box models** (Mask-RT-DETR, MaskRCNN, Cascade, PP-YOLOE_seg): masks blended inside their
+  (rounded) boxes, then a box and a ``"{label} {score:.2f}"`` tag per instance, drawn with PIL.
+* **SOLOv2**: masks blended over their extents, a 1-px rectangle around each mask and a small
+  ``"%s %.2f"`` tag drawn with cv2.
+
+Deliberate differences from PaddleX:
+
+* PaddleX draws the BGR ``input_img`` as if it were RGB, so red and blue come out swapped; here
+  the image is converted to RGB first.
+* The font is Pillow's bundled default (scalable since Pillow 10.1) instead of PingFang, so
+  nothing is downloaded.
+* An all-zero mask is skipped instead of raising (PaddleX's SOLOv2 path fails on one).
+* Box line width is at least 1 px (PaddleX's ``int(max(W, H) * 0.002)`` is 0 below 500 px).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from instseg_core import masks as M
+from instseg_core.structures import Instances
+
+Color = tuple[int, int, int]
+
+# PaddleX's 20-colour RGB palette; index i is picked by instance order (see `_first_seen_colors`).
+PALETTE: tuple[Color, ...] = (
+    (255, 0, 0), (204, 255, 0), (0, 255, 102), (0, 102, 255), (204, 0, 255),
+    (255, 77, 0), (128, 255, 0), (0, 255, 178), (0, 26, 255), (255, 0, 229),
+    (255, 153, 0), (51, 255, 0), (0, 255, 255), (51, 0, 255), (255, 0, 153),
+    (255, 229, 0), (0, 255, 26), (0, 178, 255), (128, 0, 255), (255, 0, 77),
+)
+# Palette entries dark enough to need white text; the rest get a dark navy.
+_WHITE_TEXT_INDICES = frozenset({0, 3, 4, 8, 9, 13, 14, 18, 19})
+_WHITE: Color = (255, 255, 255)
+_DARK_TEXT: Color = (20, 14, 53)
+
+MASK_ALPHA = 0.7  # weight of the colour on masked pixels (0.3 * pixel + 0.7 * colour)
+
+
+def label_for(labels: Sequence[str], class_id: int) -> str:
+    """The label of ``class_id``, or its decimal string when the label list is too short."""
+    return str(labels[class_id]) if 0 <= class_id < len(labels) else str(class_id)
+
+
+def draw_instances(image_bgr: np.ndarray, instances: Instances, labels: Sequence[str]) -> Image.Image:
+    """Draw masks, boxes and labels of ``instances`` over a BGR image; returns an RGB PIL image."""
+    rgb = np.ascontiguousarray(image_bgr[..., ::-1])
+    if instances.boxes_from_masks:
+        return _draw_solov2(rgb, instances, labels)
+    return _draw_box_model(rgb, instances, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# masks
+
+
+def _whiten(color: list[int]) -> None:
+    """Lighten a colour in place (PaddleX does this once per instance, so repeats get paler)."""
+    color[:] = [int(c * 0.6 + 102) for c in color]
+
+
+def _mask_regions(instances: Instances) -> Iterator[tuple[int, tuple[int, int, int, int], np.ndarray | None]]:
+    """Yield ``(index, (x0, y0, x1, y1), mask_crop)`` for every instance, in order.
+
+    The region is the box rounded like PaddleX's mask crop (``round``, half-to-even) and clipped
+    to the image; ``mask_crop`` is None when that region is empty. Blending only inside the region
+    keeps 4k images with many masks cheap. RLE masks are decoded one at a time, so memory stays
+    at one full-size mask.
+    """
+    h, w = instances.image_size
+    for i, box in enumerate(instances.boxes):
+        x0, y0, x1, y1 = (round(float(v)) for v in box)
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+        if x1 <= x0 or y1 <= y0:
+            yield i, (x0, y0, x1, y1), None
+            continue
+        full = M.decode_rle([instances.masks[i]])[0] if instances.is_rle else instances.masks[i]
+        crop = full[y0:y1, x0:x1]
+        yield i, (x0, y0, x1, y1), crop if crop.dtype == bool else crop > 0
+
+
+def _blend_masks(rgb: np.ndarray, instances: Instances) -> tuple[np.ndarray, list[list[int]]]:
+    """Blend each mask with its class colour; returns the uint8 image and the colour of each instance.
+
+    A class takes ``PALETTE[i % 20]`` at its first instance ``i`` and is whitened once per instance
+    (even one with an empty mask), as PaddleX does. The arithmetic mirrors PaddleX too (float32
+    canvas, ``*= 0.3`` then ``+= 0.7 * colour``, one uint8 cast at the end), so overlapping masks
+    give the same pixel values.
+    """
+    class_colors: dict[int, list[int]] = {}
+    instance_colors: list[list[int]] = []
+    canvas: np.ndarray | None = None
+    for i, (x0, y0, x1, y1), crop in _mask_regions(instances):
+        color = class_colors.setdefault(int(instances.class_ids[i]), list(PALETTE[i % len(PALETTE)]))
+        _whiten(color)
+        instance_colors.append(list(color))
+        if crop is None or not crop.any():
+            continue
+        if canvas is None:
+            canvas = rgb.astype(np.float32)
+        region = canvas[y0:y1, x0:x1]
+        pixels = region[crop]
+        pixels *= 1.0 - MASK_ALPHA
+        pixels += MASK_ALPHA * np.asarray(color)
+        region[crop] = pixels
+    out = rgb if canvas is None else canvas.astype(np.uint8)
+    return out, instance_colors
+
+
+# ---------------------------------------------------------------------------------------------
+# box models
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: only the fixed-size bitmap font exists
+        return ImageFont.load_default()
+
+
+def _box_colors(instances: Instances, labels: Sequence[str]) -> list[tuple[str, int]]:
+    """(label, palette index) per instance; a label keeps the index of its first instance."""
+    first: dict[str, int] = {}
+    out = []
+    for i, cid in enumerate(instances.class_ids):
+        label = label_for(labels, int(cid))
+        out.append((label, first.setdefault(label, i % len(PALETTE))))
+    return out
+
+
+def _draw_box_model(rgb: np.ndarray, instances: Instances, labels: Sequence[str]) -> Image.Image:
+    blended, _ = _blend_masks(rgb, instances)
+    image = Image.fromarray(blended)
+    width, height = image.size
+    thickness = max(1, int(max(width, height) * 0.002))
+    font = _font(int(0.018 * width) + 2)
+    draw = ImageDraw.Draw(image)
+    for (label, pidx), box, score in zip(_box_colors(instances, labels), instances.boxes, instances.scores):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        color = PALETTE[pidx]
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=thickness)
+        text_color = _WHITE if pidx in _WHITE_TEXT_INDICES else _DARK_TEXT
+        _draw_tag(draw, f"{label} {float(score):.2f}", x1, y1, font, color, text_color)
+    return image
+
+
+def _draw_tag(draw: ImageDraw.ImageDraw, text: str, x: float, y: float, font, fill: Color, text_color: Color) -> None:
+    """A filled tag holding ``text`` just above ``(x, y)``, or just below it near the image top."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = 2
+    tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
+    tag_y = y - tag_h if y >= tag_h else y
+    draw.rectangle([x, tag_y, x + tag_w, tag_y + tag_h], fill=fill)
+    draw.text((x + pad - left, tag_y + pad - top), text, fill=text_color, font=font)
+
+
+# ---------------------------------------------------------------------------------------------
+# SOLOv2
+
+
+def _draw_solov2(rgb: np.ndarray, instances: Instances, labels: Sequence[str]) -> Image.Image:
+    canvas, colors = _blend_masks(rgb, instances)  # a fresh array: safe to draw on
+    h, w = instances.image_size
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.3
+    for i, color in enumerate(colors):
+        x0, y0, x1, y1 = (round(float(v)) for v in instances.boxes[i])  # exclusive mask extent
+        if min(x1, w) <= max(x0, 0) or min(y1, h) <= max(y0, 0):
+            continue  # empty mask: nothing to frame
+        color_t = tuple(int(c) for c in color)
+        cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), color_t, 1)
+        text = "%s %.2f" % (label_for(labels, int(instances.class_ids[i])), float(instances.scores[i]))
+        (tw, th), baseline = cv2.getTextSize(text, font, scale, 1)
+        tag_h = th + baseline + 2
+        top = y0 - tag_h if y0 >= tag_h else y0  # inside the rectangle when it touches the top
+        cv2.rectangle(canvas, (x0, top), (x0 + tw, top + tag_h), color_t, -1)
+        cv2.putText(canvas, text, (x0, top + th + 1), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return Image.fromarray(canvas)
