@@ -32,7 +32,9 @@ MODEL_FILES = {
 }
 
 
-def make_tar(files: dict[str, bytes], top: str | None = f"{NAME}_infer", extra: list[tarfile.TarInfo] | None = None) -> bytes:
+def make_tar(
+    files: dict[str, bytes], top: str | None = f"{NAME}_infer", extra: list[tarfile.TarInfo] | None = None
+) -> bytes:
     """A tarball like the official ones: ``<top>/`` holding ``files`` (plus raw ``extra`` members)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -141,7 +143,9 @@ def leftovers(cache: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------- tests
 
 
-def test_first_download_then_cache_hit(server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_first_download_then_cache_hit(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="instseg")
     out = fetch_official_model(NAME, server.url(), cache_dir=tmp_path)
     assert out == tmp_path / "official_models" / NAME
@@ -322,7 +326,8 @@ print(fetch_official_model(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3]), flu
 
 def test_concurrent_processes_download_once(server: Server, tmp_path: Path) -> None:
     server.state.gate = threading.Event()  # hold the first GET until every process is waiting
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, NAME, server.url(), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(3)]
