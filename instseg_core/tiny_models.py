@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from .models import (
     get_spec,
 )
 
-__all__ = ["FAMILIES", "INPUT_NAMES", "OUTPUT_NAMES", "build_tiny_model", "export_tiny_model", "input_specs"]
+__all__ = ["FAMILIES", "INPUT_NAMES", "NUM_SLOTS", "OUTPUT_NAMES", "build_tiny_model", "export_tiny_model", "input_specs"]
 
 FAMILIES: tuple[str, ...] = (MASK_RTDETR, MASKRCNN, CASCADE_RCNN, SOLOV2, PPYOLOE_SEG)
 INPUT_NAMES: tuple[str, ...] = ("im_shape", "image", "scale_factor")
@@ -201,7 +202,7 @@ class TinyInstSegNet(nn.Layer):
             mask = paddle.cast(fg, "float32")  # padding stays 0.
         else:
             # 0/1 inside the image, -1 on the padding up to the largest image of the batch.
-            mask = paddle.cast(fg, "int32") * 2 - 1 + paddle.cast(in_img, "int32") * (1 - paddle.cast(fg, "int32"))
+            mask = paddle.cast(fg, "int32") + paddle.cast(in_img, "int32") - 1  # fg implies in_img
         bbox = paddle.concat([classes.unsqueeze(-1), scores.unsqueeze(-1), boxes], axis=-1)  # [N,K,6]
         return {
             "bbox": bbox.reshape([-1, 6]),
@@ -268,7 +269,10 @@ def export_tiny_model(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(spec.family, num_classes=num_classes, seed=seed)
-    paddle.jit.save(model, str(out / "inference"), input_spec=input_specs())
+    with warnings.catch_warnings():
+        # The dict-output warning is the point: its sorted-key order is the output order.
+        warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
+        paddle.jit.save(model, str(out / "inference"), input_spec=input_specs())
 
     cfg: dict = {"mode": "paddle", "draw_threshold": float(draw_threshold), "metric": "COCO", "use_dynamic_shape": False}
     if with_model_name:
