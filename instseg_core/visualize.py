@@ -20,7 +20,7 @@ Deliberate differences from PaddleX:
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -53,7 +53,9 @@ def label_for(labels: Sequence[str], class_id: int) -> str:
 
 def draw_instances(image_bgr: np.ndarray, instances: Instances, labels: Sequence[str]) -> Image.Image:
     """Draw masks, boxes and labels of ``instances`` over a BGR image; returns an RGB PIL image."""
-    rgb = np.ascontiguousarray(image_bgr[..., ::-1])
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.shape[:2] != instances.image_size:
+        raise ValueError(f"image of shape {image_bgr.shape} does not match instances of size {instances.image_size}")
+    rgb = cv2.cvtColor(np.ascontiguousarray(image_bgr), cv2.COLOR_BGR2RGB)  # a new array, drawn on
     if instances.boxes_from_masks:
         return _draw_solov2(rgb, instances, labels)
     return _draw_box_model(rgb, instances, labels)
@@ -68,60 +70,79 @@ def _whiten(color: list[int]) -> None:
     color[:] = [int(c * 0.6 + 102) for c in color]
 
 
-def _mask_regions(instances: Instances) -> Iterator[tuple[int, tuple[int, int, int, int], np.ndarray | None]]:
-    """Yield ``(index, (x0, y0, x1, y1), mask_crop)`` for every instance, in order.
+def _mask_regions(instances: Instances) -> list[tuple[int, int, int, int] | None]:
+    """Per instance, the pixel region ``(x0, y0, x1, y1)`` its mask is blended in, or None if empty.
 
-    The region is the box rounded like PaddleX's mask crop (``round``, half-to-even) and clipped
-    to the image; ``mask_crop`` is None when that region is empty. Blending only inside the region
-    keeps 4k images with many masks cheap. RLE masks are decoded one at a time, so memory stays
-    at one full-size mask.
+    That is the box rounded like PaddleX's mask crop (``round``, half-to-even) and clipped to the
+    image. Blending only there keeps 4k images with many masks cheap.
     """
     h, w = instances.image_size
-    for i, box in enumerate(instances.boxes):
+    regions: list[tuple[int, int, int, int] | None] = []
+    for box in instances.boxes:
         x0, y0, x1, y1 = (round(float(v)) for v in box)
         x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
-        if x1 <= x0 or y1 <= y0:
-            yield i, (x0, y0, x1, y1), None
-            continue
-        full = M.decode_rle([instances.masks[i]])[0] if instances.is_rle else instances.masks[i]
-        crop = full[y0:y1, x0:x1]
-        yield i, (x0, y0, x1, y1), crop if crop.dtype == bool else crop > 0
+        regions.append((x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None)
+    return regions
 
 
-def _blend_masks(rgb: np.ndarray, instances: Instances) -> tuple[np.ndarray, list[list[int]]]:
-    """Blend each mask with its class colour; returns the uint8 image and the colour of each instance.
+def _mask_crop(instances: Instances, i: int, region: tuple[int, int, int, int]) -> np.ndarray:
+    """Mask ``i`` inside ``region`` as bool; RLE masks are decoded one at a time to bound memory."""
+    x0, y0, x1, y1 = region
+    full = M.decode_rle([instances.masks[i]])[0] if instances.is_rle else instances.masks[i]
+    crop = full[y0:y1, x0:x1]
+    return crop if crop.dtype == bool else crop > 0
+
+
+def _union(regions: list[tuple[int, int, int, int] | None]) -> tuple[int, int, int, int] | None:
+    boxes = [r for r in regions if r is not None]
+    if not boxes:
+        return None
+    x0s, y0s, x1s, y1s = zip(*boxes)
+    return min(x0s), min(y0s), max(x1s), max(y1s)
+
+
+def _blend_masks(rgb: np.ndarray, instances: Instances) -> list[list[int]]:
+    """Blend each mask into ``rgb`` (in place) with its class colour; returns each instance's colour.
 
     A class takes ``PALETTE[i % 20]`` at its first instance ``i`` and is whitened once per instance
     (even one with an empty mask), as PaddleX does. The arithmetic mirrors PaddleX too (float32
-    canvas, ``*= 0.3`` then ``+= 0.7 * colour``, one uint8 cast at the end), so overlapping masks
-    give the same pixel values.
+    canvas, ``*= 0.3`` then ``+= 0.7 * colour``, a single uint8 cast at the end), so overlapping
+    masks give the same pixel values; the float canvas only spans the union of the mask regions.
     """
+    regions = _mask_regions(instances)
+    union = _union(regions)
     class_colors: dict[int, list[int]] = {}
     instance_colors: list[list[int]] = []
-    canvas: np.ndarray | None = None
-    for i, (x0, y0, x1, y1), crop in _mask_regions(instances):
+    keep = np.float32(1.0 - MASK_ALPHA)
+    canvas = None
+    if union is not None:
+        ux0, uy0, ux1, uy1 = union
+        canvas = rgb[uy0:uy1, ux0:ux1].astype(np.float32)
+    for i, region in enumerate(regions):
         color = class_colors.setdefault(int(instances.class_ids[i]), list(PALETTE[i % len(PALETTE)]))
         _whiten(color)
         instance_colors.append(list(color))
-        if crop is None or not crop.any():
+        if region is None:
             continue
-        if canvas is None:
-            canvas = rgb.astype(np.float32)
-        region = canvas[y0:y1, x0:x1]
-        pixels = region[crop]
-        pixels *= 1.0 - MASK_ALPHA
-        pixels += MASK_ALPHA * np.asarray(color)
-        region[crop] = pixels
-    out = rgb if canvas is None else canvas.astype(np.uint8)
-    return out, instance_colors
+        crop = _mask_crop(instances, i, region)
+        x0, y0, x1, y1 = region
+        sub = canvas[y0 - uy0:y1 - uy0, x0 - ux0:x1 - ux0]
+        # Blend the whole rectangle, keep it where the mask is: faster than boolean indexing.
+        np.copyto(sub, sub * keep + MASK_ALPHA * np.asarray(color), where=crop[..., None])
+    if canvas is not None:
+        rgb[uy0:uy1, ux0:ux1] = canvas.astype(np.uint8)
+    return instance_colors
 
 
 # ---------------------------------------------------------------------------------------------
 # box models
 
 
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
 @lru_cache(maxsize=16)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def _font(size: int) -> Font:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: only the fixed-size bitmap font exists
@@ -139,8 +160,8 @@ def _box_colors(instances: Instances, labels: Sequence[str]) -> list[tuple[str, 
 
 
 def _draw_box_model(rgb: np.ndarray, instances: Instances, labels: Sequence[str]) -> Image.Image:
-    blended, _ = _blend_masks(rgb, instances)
-    image = Image.fromarray(blended)
+    _blend_masks(rgb, instances)
+    image = Image.fromarray(rgb)
     width, height = image.size
     thickness = max(1, int(max(width, height) * 0.002))
     font = _font(int(0.018 * width) + 2)
@@ -154,7 +175,8 @@ def _draw_box_model(rgb: np.ndarray, instances: Instances, labels: Sequence[str]
     return image
 
 
-def _draw_tag(draw: ImageDraw.ImageDraw, text: str, x: float, y: float, font, fill: Color, text_color: Color) -> None:
+def _draw_tag(draw: ImageDraw.ImageDraw, text: str, x: float, y: float, font: Font, fill: Color,
+              text_color: Color) -> None:
     """A filled tag holding ``text`` just above ``(x, y)``, or just below it near the image top."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     pad = 2
@@ -169,7 +191,7 @@ def _draw_tag(draw: ImageDraw.ImageDraw, text: str, x: float, y: float, font, fi
 
 
 def _draw_solov2(rgb: np.ndarray, instances: Instances, labels: Sequence[str]) -> Image.Image:
-    canvas, colors = _blend_masks(rgb, instances)  # a fresh array: safe to draw on
+    colors = _blend_masks(rgb, instances)
     h, w = instances.image_size
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.3
     for i, color in enumerate(colors):
@@ -177,11 +199,11 @@ def _draw_solov2(rgb: np.ndarray, instances: Instances, labels: Sequence[str]) -
         if min(x1, w) <= max(x0, 0) or min(y1, h) <= max(y0, 0):
             continue  # empty mask: nothing to frame
         color_t = tuple(int(c) for c in color)
-        cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), color_t, 1)
+        cv2.rectangle(rgb, (x0, y0), (x1 - 1, y1 - 1), color_t, 1)
         text = "%s %.2f" % (label_for(labels, int(instances.class_ids[i])), float(instances.scores[i]))
         (tw, th), baseline = cv2.getTextSize(text, font, scale, 1)
         tag_h = th + baseline + 2
         top = y0 - tag_h if y0 >= tag_h else y0  # inside the rectangle when it touches the top
-        cv2.rectangle(canvas, (x0, top), (x0 + tw, top + tag_h), color_t, -1)
-        cv2.putText(canvas, text, (x0, top + th + 1), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
-    return Image.fromarray(canvas)
+        cv2.rectangle(rgb, (x0, top), (x0 + tw, top + tag_h), color_t, -1)
+        cv2.putText(rgb, text, (x0, top + th + 1), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return Image.fromarray(rgb)

@@ -1,6 +1,6 @@
 """Runs PaddleX 3.7.2 on a model dir; executed by the PaddleX venv's interpreter, never imported.
 
-Usage: python paddlex_runner.py REQUEST.json
+Usage: python paddlex_runner.py REQUEST.json   (one request or a list, run in one process)
 REQUEST: {"model_name", "model_dir", "inputs": [...], "threshold", "batch_size", "out_dir",
           "cpu_threads", "run_mode", "bench_rounds": 0}
 Writes OUT_DIR/results.json (boxes per image, exactly as PaddleX's result dict holds them) and
@@ -24,7 +24,12 @@ def _plain(v):
 
 
 def main() -> None:
-    req = json.load(open(sys.argv[1]))
+    reqs = json.load(open(sys.argv[1]))
+    for req in reqs if isinstance(reqs, list) else [reqs]:
+        run(req)
+
+
+def run(req: dict) -> None:
     opt = PaddlePredictorOption(cpu_threads=int(req.get("cpu_threads", 2)), run_mode=req.get("run_mode", "paddle"))
     model = create_model(req["model_name"], model_dir=req["model_dir"], device="cpu", pp_option=opt,
                          threshold=req.get("threshold"))

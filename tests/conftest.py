@@ -1,0 +1,61 @@
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+COCO_IMAGES = SHARED / "data" / "coco_tiny_val2017" / "val2017"
+SAMPLES = REPO / "samples"
+
+
+def _paddlex_python() -> str | None:
+    cand = os.environ.get("INSTSEG_PADDLEX_PYTHON") or str(REPO / ".venv-paddlex" / "bin" / "python")
+    return cand if Path(cand).exists() else None
+
+
+@pytest.fixture(scope="session")
+def paddlex_python() -> str:
+    """Interpreter of the PaddleX 3.7.2 venv (`make test` builds it); tests needing it skip otherwise."""
+    py = _paddlex_python()
+    if py is None:
+        pytest.skip("PaddleX 3.7.2 venv not found (run `make test`, or set INSTSEG_PADDLEX_PYTHON)")
+    return py
+
+
+def run_paddlex(paddlex_python: str, requests: list[dict], tmp: Path) -> None:
+    """Run tests/paddlex_runner.py in the PaddleX venv on a list of requests."""
+    import json
+
+    req_file = tmp / "paddlex_requests.json"
+    req_file.write_text(json.dumps(requests))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PADDLE_PDX_CACHE_HOME"] = str(tmp / "paddlex_home")  # never touch the user's ~/.paddlex
+    proc = subprocess.run([paddlex_python, str(REPO / "tests" / "paddlex_runner.py"), str(req_file)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"PaddleX runner failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+@pytest.fixture(scope="session")
+def test_images(tmp_path_factory) -> list[str]:
+    """A few real photos (COCO val2017 from ../shared when present) plus the bundled samples."""
+    photos = sorted(COCO_IMAGES.glob("*.jpg"))[:3] if COCO_IMAGES.is_dir() else []
+    return [str(p) for p in photos] + [str(p) for p in sorted(SAMPLES.glob("*.jpg"))]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """Exported tiny models, one per name asked for, cached for the session."""
+    from instseg_core.tiny_models import export_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = export_tiny_model(name, root / name)
+        return cache[name]
+
+    return get
