@@ -7,6 +7,7 @@ A model dir holds ``inference.json`` (PIR graph; preferred) or ``inference.pdmod
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def load_model_dir(path: str | Path, model_name: str | None = None) -> ModelDir:
 
 def resolve_model_dir(model_name: str | None, model_dir: str | Path | None = None) -> ModelDir:
     """The model dir to run: ``model_dir`` if given, else the official model, downloaded and cached
-    under ``$INSTSEG_HOME`` (default ``~/.cache/instseg``)."""
+    under ``$INSTSEG_HOME`` (default ``~/.cache/instseg``). ``$INSTSEG_MODEL_BASE_URL`` replaces the
+    official host and folder (a mirror or an internal artifact store serving ``<name>_infer.tar``)."""
     if model_dir is not None:
         return load_model_dir(model_dir, model_name)
     if model_name is None:
@@ -120,5 +122,7 @@ def resolve_model_dir(model_name: str | None, model_dir: str | Path | None = Non
     spec = get_spec(model_name)
     from instseg_core.inference.download import fetch_official_model
 
-    local = fetch_official_model(spec.name, spec.inference_url)
+    base = os.environ.get("INSTSEG_MODEL_BASE_URL")
+    url = f"{base.rstrip('/')}/{spec.name}_infer.tar" if base else spec.inference_url
+    local = fetch_official_model(spec.name, url)
     return load_model_dir(local, spec.name)

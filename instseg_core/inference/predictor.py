@@ -100,24 +100,29 @@ class InstanceSegPredictor:
         numpy array, or a list of these. A bad item raises :class:`~instseg_core.inputs.InputError`
         naming it, after the results of the batches before it were yielded.
         """
-        from instseg_core.inputs import read_inputs
+        from instseg_core.inputs import iter_input_items, load_pages
         from instseg_core.results import InstanceSegResult
 
         bs = _check_batch_size(batch_size) if batch_size else self.batch_size
-        batches = _chunks(read_inputs(input), bs)
+        raw_batches = _chunks(iter_input_items(input), bs)
 
-        def prepare(items):
-            return items, self.preprocess([it.image for it in items])
+        def prepare_next():
+            # Runs in the worker thread: listing, reading and decoding the next batch overlaps
+            # inference of the current one; a bad item raises here and surfaces in input order.
+            items = next(raw_batches, None)
+            if items is None:
+                return None
+            images = [page for it in items for page in load_pages(it)]
+            return images, self.preprocess([im.image for im in images])
 
-        pending: Future | None = None
-        nxt = next(batches, None)
-        if nxt is not None:
-            pending = self._pool.submit(prepare, nxt)
-        while pending is not None:
-            items, samples = pending.result()
-            nxt = next(batches, None)  # decode the next batch while this one runs in Paddle
-            pending = self._pool.submit(prepare, nxt) if nxt is not None else None
-            for item, inst in zip(items, self.infer(samples, threshold)):
+        pending: Future = self._pool.submit(prepare_next)
+        while True:
+            ready = pending.result()
+            if ready is None:
+                return
+            pending = self._pool.submit(prepare_next)
+            images, samples = ready
+            for item, inst in zip(images, self.infer(samples, threshold)):
                 yield InstanceSegResult(input_path=item.input_path, page_index=item.page_index,
                                         input_img=item.image, instances=inst, labels=self.labels,
                                         mask_format=self.mask_format)
