@@ -15,10 +15,12 @@ def test_keep_ratio_resize_rounding_and_inputs():
     s = pre(_img(480, 640))
     # scale = min(1333/640, 800/480) = 1.6667 -> (1067, 800) with Python round
     assert s.resized_hw == (800, 1067)
-    assert s.image.shape == (3, 800, 1088)  # PadStride 32 pads width only
-    assert s.image.dtype == np.float32
+    batch = collate([s])
+    assert batch["image"].shape == (1, 3, 800, 1088)  # PadStride 32 pads width only
+    assert batch["image"].dtype == np.float32
     assert s.scale_factor == pytest.approx((800 / 480, 1067 / 640))
-    assert np.all(s.image[:, :, 1067:] == 0)
+    assert np.all(batch["image"][..., 1067:] == 0) and np.any(batch["image"][..., :1067] != 0)
+    np.testing.assert_allclose(batch["im_shape"], [[800, 1067]])
 
 
 def test_normalize_matches_paddlex_formula():
@@ -26,7 +28,7 @@ def test_normalize_matches_paddlex_formula():
     pre = Preprocessor([{"type": "Resize", "target_size": [40, 60], "keep_ratio": False, "interp": 2},
                         {"type": "NormalizeImage", "is_scale": True, "mean": [0.485, 0.456, 0.406],
                          "std": [0.229, 0.224, 0.225]}, {"type": "Permute"}])
-    got = pre(img).image
+    got = collate([pre(img)])["image"][0]
     rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     want = ((rgb / 255.0 - mean) / std).transpose(2, 0, 1)
@@ -37,19 +39,22 @@ def test_solov2_normalises_before_resize():
     img = _img(100, 150)
     spec = get_spec("SOLOv2").preprocess
     s = Preprocessor(spec)(img)
+    image = collate([s])["image"][0]
     rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32)
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
     norm = (rgb / 255.0 - mean) / std
     h, w = s.resized_hw
     want = cv2.resize(norm.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
-    np.testing.assert_allclose(s.image[:, :h, :w], want, atol=1e-4)
+    np.testing.assert_allclose(image[:, :h, :w], want, atol=1e-4)
+    assert image.shape == (3, 800, 1216)
     assert (h, w) == (800, 1200)
 
 
 def test_fixed_size_resize_and_none_norm():
     s = Preprocessor(get_spec("Mask-RT-DETR-L").preprocess)(_img(300, 500))
-    assert s.image.shape == (3, 640, 640) and s.resized_hw == (640, 640)
-    assert 0.0 <= s.image.min() and s.image.max() <= 1.0  # /255 only
+    image = collate([s])["image"]
+    assert image.shape == (1, 3, 640, 640) and s.resized_hw == (640, 640)
+    assert 0.0 <= image.min() and image.max() <= 1.0  # /255 only
 
 
 def test_collate_pads_to_largest_and_keeps_im_shape():

@@ -66,8 +66,15 @@ class InstanceSegPredictor:
     def infer(self, samples: Sequence[Sample], threshold: float | None = None) -> list[Instances]:
         """Run preprocessed samples through the graph (batched when it allows) and post-process."""
         thr = self.effective_threshold(threshold)
-        if not samples:
-            return []
+        # Landscape and portrait images padded together waste up to half the canvas (and the masks'
+        # memory): run each orientation as its own call, then restore input order.
+        results: list[Instances | None] = [None] * len(samples)
+        for group in _orientation_groups(samples):
+            for i, inst in zip(group, self._infer_batch([samples[i] for i in group], thr)):
+                results[i] = inst
+        return results  # type: ignore[return-value]
+
+    def _infer_batch(self, samples: Sequence[Sample], thr: float) -> list[Instances]:
         if self._one_at_a_time or len(samples) == 1:
             return [self._infer_one(s, thr) for s in samples]
         try:
@@ -134,6 +141,13 @@ def _check_batch_size(batch_size: Any) -> int:
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)
+
+
+def _orientation_groups(samples: Sequence[Sample]) -> list[list[int]]:
+    """Indices of the samples split into landscape and portrait groups (non-empty ones)."""
+    landscape = [i for i, s in enumerate(samples) if s.padded_hw[1] >= s.padded_hw[0]]
+    portrait = [i for i, s in enumerate(samples) if s.padded_hw[1] < s.padded_hw[0]]
+    return [g for g in (landscape, portrait) if g]
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -26,16 +26,24 @@ class PreprocessConfigError(ValueError):
 
 @dataclass
 class Sample:
-    """One image moving through the ops: HWC until Permute, CHW after."""
+    """One image moving through the ops, kept HWC; ``Permute`` and ``PadStride`` are applied once,
+    by :func:`collate`, when it copies the image into the batch buffer (fewer full-image copies)."""
 
     image: np.ndarray
     orig_hw: tuple[int, int]
     resized_hw: tuple[int, int]
-    chw: bool = False
+    pad_stride: int = 0
 
     @property
     def scale_factor(self) -> tuple[float, float]:
         return (self.resized_hw[0] / self.orig_hw[0], self.resized_hw[1] / self.orig_hw[1])
+
+    @property
+    def padded_hw(self) -> tuple[int, int]:
+        h, w = self.image.shape[:2]
+        if self.pad_stride > 0:
+            h, w = -(-h // self.pad_stride) * self.pad_stride, -(-w // self.pad_stride) * self.pad_stride
+        return h, w
 
 
 Op = Callable[[Sample], Sample]
@@ -77,36 +85,28 @@ def _normalize(mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[floa
     beta = np.array([-mean[i] / std[i] for i in range(3)], dtype=np.float32)
 
     def normalize(s: Sample) -> Sample:
-        s.image = s.image.astype(np.float32) * alpha + beta
+        # Per channel plane (contiguous, ~8x faster than broadcasting over HWC): float32 multiply,
+        # then float32 add, which is PaddleX's exact arithmetic (bit-identical results).
+        planes = []
+        for c, plane in enumerate(cv2.split(s.image)):
+            f = plane.astype(np.float32)
+            f *= alpha[c]
+            f += beta[c]
+            planes.append(f)
+        s.image = cv2.merge(planes)
         return s
 
     return normalize
 
 
 def _permute() -> Op:
-    def permute(s: Sample) -> Sample:
-        s.image = np.ascontiguousarray(s.image.transpose(2, 0, 1))
-        s.chw = True
-        return s
-
-    return permute
+    # The batch is always CHW: collate transposes while copying into the batch buffer.
+    return lambda s: s
 
 
 def _pad_stride(stride: int = 0) -> Op:
     def pad(s: Sample) -> Sample:
-        if stride <= 0:
-            return s
-        img = s.image
-        h, w = img.shape[1:] if s.chw else img.shape[:2]
-        ph, pw = -(-h // stride) * stride, -(-w // stride) * stride
-        if (ph, pw) != (h, w):
-            if s.chw:
-                out = np.zeros((img.shape[0], ph, pw), dtype=np.float32)
-                out[:, :h, :w] = img
-            else:
-                out = np.zeros((ph, pw) + img.shape[2:], dtype=np.float32)
-                out[:h, :w] = img
-            s.image = out
+        s.pad_stride = max(s.pad_stride, int(stride))  # zero padding bottom/right, done by collate
         return s
 
     return pad
@@ -150,21 +150,22 @@ class Preprocessor:
         s = Sample(rgb, (h, w), (h, w))
         for op in self.ops:
             s = op(s)
-        if not s.chw:  # a config without Permute still needs CHW for the graph
-            s = _permute()(s)
         return s
 
 
 def collate(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
-    """Stack samples into ``im_shape``, ``image``, ``scale_factor``; zero-pad images bottom/right
-    to the largest size in the batch (``im_shape`` keeps each image's unpadded size)."""
-    c = samples[0].image.shape[0]
-    hmax = max(s.image.shape[1] for s in samples)
-    wmax = max(s.image.shape[2] for s in samples)
+    """Stack samples into ``im_shape``, ``image`` (NCHW float32), ``scale_factor``.
+
+    Each image is zero-padded bottom/right to its stride, then to the largest size in the batch
+    (``im_shape`` keeps each image's unpadded size), so keep-ratio models run mixed sizes together.
+    """
+    sizes = [s.padded_hw for s in samples]
+    hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
+    c = samples[0].image.shape[2] if samples[0].image.ndim == 3 else 1
     batch = np.zeros((len(samples), c, hmax, wmax), dtype=np.float32)
     for i, s in enumerate(samples):
-        _, h, w = s.image.shape
-        batch[i, :, :h, :w] = s.image
+        h, w = s.image.shape[:2]
+        batch[i, :, :h, :w] = s.image.reshape(h, w, c).transpose(2, 0, 1)
     return {
         "im_shape": np.array([s.resized_hw for s in samples], dtype=np.float32),
         "image": batch,
