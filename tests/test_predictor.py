@@ -214,3 +214,19 @@ def test_cli_errors(tiny_model_dirs, tmp_path):
     proc = _cli("predict", "--input", "a.jpg")
     assert proc.returncode == 2 and "--model" in proc.stderr
     assert "Mask-RT-DETR-H" in _cli("models").stdout
+
+
+def test_predict_from_s3_prefix(tiny_model_dirs, test_images, s3_bucket, s3_server):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for i, p in enumerate(test_images[:2]):
+        s3.put_object(Bucket=s3_bucket, Key=f"in/{i}.jpg", Body=Path(p).read_bytes())
+    model = create_model(model_dir=tiny_model_dirs("MaskRCNN-ResNet50-FPN"))
+    res = list(model.predict(f"s3://{s3_bucket}/in/", batch_size=2))
+    assert [r["input_path"] for r in res] == [f"s3://{s3_bucket}/in/0.jpg", f"s3://{s3_bucket}/in/1.jpg"]
+    local = list(model.predict(test_images[:2]))
+    for a, b in zip(res, local):
+        _same(a.instances, b.instances)
+    with pytest.raises(InputError, match="missing.jpg"):
+        list(model.predict(f"s3://{s3_bucket}/in/missing.jpg"))
