@@ -287,3 +287,25 @@ def export_tiny_model(
     with open(out / "inference.yml", "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m instseg_core.tiny_models --model NAME --output DIR``: export a tiny model dir
+    (used by ``make demo``; skipped when DIR already holds one)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", default="MaskRCNN-ResNet50-FPN")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    out = Path(args.output)
+    if (out / "inference.yml").is_file() and (out / "inference.pdiparams").is_file():
+        print(f"tiny model already at {out}")
+        return
+    export_tiny_model(args.model, out, seed=args.seed)
+    print(f"exported tiny {args.model} to {out}")
+
+
+if __name__ == "__main__":
+    main()
