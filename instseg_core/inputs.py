@@ -55,7 +55,15 @@ class ImageItem:
 
 
 class InputError(ValueError):
-    """An input that cannot be turned into an image; the message names the input and the cause."""
+    """An input that cannot be turned into an image; the message names the input and the cause.
+
+    ``kind`` is a short machine-readable cause (``not_found``, ``read_error``, ``empty``,
+    ``truncated``, ``corrupt``, ``unsupported``, ``invalid``) that pipelines count by.
+    """
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def has_image_suffix(name: str) -> bool:
@@ -104,7 +112,7 @@ def _list_local_dir(directory: str) -> list[str]:
         if has_image_suffix(name)
     ]
     if not files:
-        raise InputError(f"no image files found in {directory}")
+        raise InputError(f"no image files found in {directory}", "not_found")
     return sorted(files)
 
 
@@ -118,9 +126,9 @@ def _expand_fsspec(url: str) -> list[str]:
             return [url]
         files = sorted(p for p in fs.find(path) if has_image_suffix(p))
     except Exception as exc:  # noqa: BLE001 - any backend error becomes a named input error
-        raise InputError(f"cannot list {url}: {exc}") from exc
+        raise InputError(f"cannot list {url}: {exc}", "read_error") from exc
     if not files:
-        raise InputError(f"no image files found in {url}")
+        raise InputError(f"no image files found in {url}", "not_found")
     return [fs.unstrip_protocol(p) for p in files]
 
 
@@ -143,7 +151,7 @@ def load_pages(item: str | np.ndarray) -> list[ImageItem]:
     if isinstance(item, np.ndarray):
         return [ImageItem(_array_to_bgr(item), None)]
     if not isinstance(item, (str, os.PathLike)):
-        raise InputError(f"unsupported input {_short_repr(item)} of type {type(item).__name__}")
+        raise InputError(f"unsupported input {_short_repr(item)} of type {type(item).__name__}", "unsupported")
     location = os.fspath(item)
     data = read_bytes(location)
     pages = decode_image_pages(data, location)
@@ -164,9 +172,9 @@ def read_bytes(location: str) -> bytes:
         with open(location, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise InputError(f"{location} does not exist") from None
+        raise InputError(f"{location} does not exist", "not_found") from None
     except OSError as exc:
-        raise InputError(f"cannot read {location}: {exc.strerror or exc}") from exc
+        raise InputError(f"cannot read {location}: {exc.strerror or exc}", "read_error") from exc
 
 
 def _download(url: str) -> bytes:
@@ -174,11 +182,12 @@ def _download(url: str) -> bytes:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             return response.read()
     except urllib.error.HTTPError as exc:
-        raise InputError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+        raise InputError(f"cannot download {url}: HTTP {exc.code} {exc.reason}",
+                         "not_found" if exc.code == 404 else "read_error") from None
     except urllib.error.URLError as exc:
-        raise InputError(f"cannot download {url}: {exc.reason}") from exc
+        raise InputError(f"cannot download {url}: {exc.reason}", "read_error") from exc
     except (OSError, ValueError) as exc:  # timeouts, resets, malformed URLs
-        raise InputError(f"cannot download {url}: {exc}") from exc
+        raise InputError(f"cannot download {url}: {exc}", "read_error") from exc
 
 
 def _read_fsspec(url: str) -> bytes:
@@ -188,9 +197,9 @@ def _read_fsspec(url: str) -> bytes:
         with fsspec.open(url, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise InputError(f"{url} does not exist") from None
+        raise InputError(f"{url} does not exist", "not_found") from None
     except Exception as exc:  # noqa: BLE001 - backends raise many types; name the input
-        raise InputError(f"cannot read {url}: {exc}") from exc
+        raise InputError(f"cannot read {url}: {exc}", "read_error") from exc
 
 
 # ---------------------------------------------------------------------- decoding
@@ -207,12 +216,12 @@ def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
 def decode_image_pages(data: bytes, name: str) -> list[np.ndarray]:
     """Decode an encoded image into its pages (one unless it is a multi-page TIFF), BGR HWC uint8."""
     if len(data) == 0:
-        raise InputError(f"{name} is empty (0 bytes)")
+        raise InputError(f"{name} is empty (0 bytes)", "empty")
     problem = _truncation_problem(data)
     if problem:
-        raise InputError(f"cannot decode {name} as an image: {problem}")
+        raise InputError(f"cannot decode {name} as an image: {problem}", "truncated")
     if data.startswith(b"%PDF"):
-        raise InputError(f"cannot decode {name} as an image: PDF input is not supported")
+        raise InputError(f"cannot decode {name} as an image: PDF input is not supported", "unsupported")
     buffer = np.frombuffer(data, dtype=np.uint8)
     multi = _is_tiff_data(data)
     pages = _cv_decode(buffer, multi, _DECODE_FLAGS)
@@ -220,7 +229,7 @@ def decode_image_pages(data: bytes, name: str) -> list[np.ndarray]:
         # Float or other exotic depths: let OpenCV's own 8-bit conversion decide, as PaddleX does.
         pages = _cv_decode(buffer, multi, cv2.IMREAD_COLOR)
     if not pages:
-        raise InputError(f"cannot decode {name} as an image: unknown format or corrupt data")
+        raise InputError(f"cannot decode {name} as an image: unknown format or corrupt data", "corrupt")
     return [_to_bgr8(page) for page in pages]
 
 

@@ -80,7 +80,7 @@ class Instances:
         """Mask areas in pixels, int64 ``[N]``."""
         if self.is_rle:
             return M.rle_area(self.masks)
-        return self.masks.reshape(len(self), -1).sum(axis=1).astype(np.int64)
+        return self.masks.reshape(len(self), -1).sum(axis=1).astype(np.int64) if len(self) else np.zeros(0, np.int64)
 
     def select(self, keep: np.ndarray) -> "Instances":
         """The subset chosen by a bool mask or index array, masks kept aligned with boxes."""

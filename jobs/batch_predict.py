@@ -1,0 +1,108 @@
+"""Entry point: label images with a model on a Ray cluster (or a local one).
+
+    python -m jobs.batch_predict --input SRC --output DST (--model NAME | --model-dir DIR) \
+        [--batch-size N] [--threshold T] [--device D] [--num-actors N | --min-actors N --max-actors N] \
+        [--num-gpus-per-actor F] [--config job.yaml]
+
+    ray job submit --working-dir . -- python -m jobs.batch_predict ...
+
+SRC: a directory, s3:// prefix, glob, or a manifest (.parquet/.csv/.txt of URIs). DST: a
+directory or s3:// prefix. Rerunning with the same DST resumes. Flags override YAML keys
+(the keys are BatchPredictConfig's field names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import fields
+from typing import Any, Sequence
+
+import yaml
+
+from pipelines.batch_predict import BatchPredictConfig, run_batch_predict
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.batch_predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with BatchPredictConfig keys")
+    p.add_argument("--input")
+    p.add_argument("--output")
+    p.add_argument("--model", dest="model_name")
+    p.add_argument("--model-dir")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--device")
+    p.add_argument("--num-actors", type=int)
+    p.add_argument("--min-actors", type=int)
+    p.add_argument("--max-actors", type=int)
+    p.add_argument("--num-gpus-per-actor", type=float)
+    p.add_argument("--num-cpus-per-actor", type=float)
+    p.add_argument("--cpu-threads", type=int)
+    p.add_argument("--rows-per-file", type=int)
+    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--labelme", action="store_true", default=None, help="also write LabelMe JSON per image")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--s3-region")
+    p.add_argument("--run-id")
+    p.add_argument("--progress-interval-s", type=float)
+    p.add_argument("--ray-address", help="Ray cluster to join (default: the running one, else start a local one; "
+                                         "'local' always starts a new local one)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray started by this job (default >= 4)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BatchPredictConfig:
+    """YAML (if any) overlaid with the flags that were given."""
+    values: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            values.update(yaml.safe_load(f) or {})
+    known = {f.name for f in fields(BatchPredictConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    values.update({k: v for k, v in vars(args).items() if k in known and v is not None})
+    missing = [k for k in ("input", "output") if not values.get(k)]
+    if missing:
+        raise SystemExit(f"missing --{' and --'.join(missing)}")
+    if not values.get("model_name") and not values.get("model_dir"):
+        raise SystemExit("give --model NAME or --model-dir DIR")
+    return BatchPredictConfig(**values)
+
+
+def connect_ray(address: str | None, num_cpus: int | None) -> None:
+    """Join the given or running cluster (as under `ray job submit`); else start a local Ray with
+    at least 4 logical CPUs (some Ray Data operators reserve a CPU and stall on fewer)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1))
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"])
+        return
+    try:
+        ray.init(address="auto")
+    except (ConnectionError, RuntimeError):
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    connect_ray(args.ray_address, args.num_cpus)
+    summary = run_batch_predict(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["images_written"] >= summary["images_total"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

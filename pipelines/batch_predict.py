@@ -1,0 +1,315 @@
+"""Batch labelling on Ray Data: URIs -> read bytes -> actor pool (decode, predict, RLE) -> Parquet.
+
+A linear chain of stages::
+
+    source (listing or manifest) -> skip images already written (resume)
+      -> read bytes (tasks)                      bad reads become error rows, never exceptions
+      -> SegmentationActor (actor pool, GPUs)    decode + predict + RLE; dense masks stay inside
+      -> write parts (tasks)                     one Parquet file per ~rows_per_file rows, atomic
+    then, on the driver: de-duplicate, COCO results + COCO dataset (+ LabelMe), summary.json
+
+Exactly once: a part file is named by the ids it holds and published atomically, a rerun skips
+every id already in a part, and a final pass drops any row that a failure made Ray write twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
+from pipelines.rows import ROW_SCHEMA, error_row, image_id_for, ok_row, rows_to_table
+from pipelines.sinks import done_image_ids, write_part
+from pipelines.storage import S3Options, fsspec_fs, is_s3, redact
+
+log = logging.getLogger("instseg")
+
+
+@dataclass
+class BatchPredictConfig:
+    """Everything a batch-labelling run needs; ``jobs.batch_predict`` fills it from flags or YAML."""
+
+    input: str
+    output: str
+    model_name: str | None = None
+    model_dir: str | None = None
+    batch_size: int = 4
+    threshold: float | None = None
+    device: str = "cpu"
+    num_actors: int | None = None  # fixed pool size; else min_actors..max_actors (autoscaling)
+    min_actors: int = 1
+    max_actors: int | None = None
+    num_gpus_per_actor: float = 0.0  # fractional: two actors can share a GPU and overlap CPU work
+    num_cpus_per_actor: float = 1.0
+    cpu_threads: int | None = None  # Paddle threads per actor (default: num_cpus_per_actor)
+    rows_per_file: int = 1000
+    read_batch_size: int = 16
+    max_pixels: int = 80_000_000  # larger images become error rows instead of exhausting memory
+    labelme: bool = False
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    run_id: str | None = None
+    progress_interval_s: float = 10.0
+    extensions: tuple[str, ...] = IMAGE_SUFFIXES
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def s3(self) -> S3Options:
+        return S3Options.from_env(self.s3_endpoint, self.s3_region)
+
+    @property
+    def model_label(self) -> str:
+        return self.model_name or os.path.basename(str(self.model_dir).rstrip("/"))
+
+
+# ---------------------------------------------------------------- stage 1: read bytes (tasks)
+
+def _read(uri: str, s3: S3Options) -> bytes:
+    """Object bytes; S3 through the job's endpoint/region settings, the rest as the predictor reads."""
+    if is_s3(uri):
+        try:
+            return fsspec_fs(uri, s3).cat_file(uri)
+        except FileNotFoundError:
+            raise InputError(f"{redact(uri)} does not exist", "not_found") from None
+    return read_bytes(uri)
+
+
+def read_batch(batch: pa.Table, done_ids: np.ndarray, s3: S3Options) -> pa.Table:
+    """Attach ``image_id`` and the object's bytes; skip ids already written; read errors are kept
+    as data (``read_error``/``read_error_kind``) so one bad object cannot fail the block."""
+    uris = batch.column("uri").to_pylist()
+    ids = np.array([image_id_for(u) for u in uris], dtype=np.int64)
+    if len(done_ids):
+        pos = np.searchsorted(done_ids, ids).clip(max=len(done_ids) - 1)
+        keep = done_ids[pos] != ids
+    else:
+        keep = np.ones(len(ids), dtype=bool)
+    out: dict[str, list] = {"uri": [], "image_id": [], "data": [], "read_error": [], "read_error_kind": []}
+    for uri, iid, k in zip(uris, ids.tolist(), keep.tolist()):
+        if not k:
+            continue
+        data, err, kind = b"", None, None
+        try:
+            data = _read(uri, s3)
+        except InputError as e:
+            err, kind = str(e), e.kind
+        except Exception as e:  # noqa: BLE001 - any storage failure is this image's error, not the job's
+            err, kind = f"cannot read {redact(uri)}: {type(e).__name__}: {e}", "read_error"
+        out["uri"].append(uri)
+        out["image_id"].append(iid)
+        out["data"].append(data)
+        out["read_error"].append(err)
+        out["read_error_kind"].append(kind)
+    return pa.table({"uri": pa.array(out["uri"], pa.string()), "image_id": pa.array(out["image_id"], pa.int64()),
+                     "data": pa.array(out["data"], pa.binary()),
+                     "read_error": pa.array(out["read_error"], pa.string()),
+                     "read_error_kind": pa.array(out["read_error_kind"], pa.string())})
+
+
+# ---------------------------------------------------------------- stage 2: predict (actor pool)
+
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header without decoding the pixels; None if PIL cannot tell."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - the real decoder reports the problem
+        return None
+
+
+class SegmentationActor:
+    """Loads the model once per actor (from a path or URI, never through the object store) and
+    turns batches of image bytes into output rows."""
+
+    def __init__(self, config: dict[str, Any]):
+        from instseg_core import create_model
+        from pipelines.model_source import local_model_dir
+
+        cfg = BatchPredictConfig(**config)
+        self.cfg = cfg
+        device = cfg.device
+        if cfg.num_gpus_per_actor > 0 and device.startswith("gpu"):
+            device = "gpu:0"  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
+        model_dir = local_model_dir(cfg.model_dir, cfg.s3()) if cfg.model_dir else None
+        threads = cfg.cpu_threads or max(1, int(cfg.num_cpus_per_actor))
+        self.model = create_model(cfg.model_name, model_dir=model_dir, device=device, threshold=cfg.threshold,
+                                  batch_size=cfg.batch_size, cpu_threads=threads)
+        self.labels = self.model.labels
+        log.info("actor on %s loaded %s", socket.gethostname(), cfg.model_label)
+
+    def _error(self, uri: str, kind: str, message: str) -> dict[str, Any]:
+        return error_row(uri, kind, message, self.cfg.run_id or "", self.cfg.model_label)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        images: list[tuple[str, np.ndarray]] = []
+        for rec in batch.to_pylist():
+            uri = rec["uri"]
+            if rec["read_error"] is not None:
+                rows.append(self._error(uri, rec["read_error_kind"] or "read_error", rec["read_error"]))
+                continue
+            size = _image_size(rec["data"])
+            if size and size[0] * size[1] > self.cfg.max_pixels:
+                rows.append(self._error(uri, "too_large", f"{redact(uri)} is {size[0]}x{size[1]} pixels, more than "
+                                                          f"max_pixels={self.cfg.max_pixels}"))
+                continue
+            try:
+                images.append((uri, decode_image_bytes(rec["data"], redact(uri))))
+            except InputError as e:
+                rows.append(self._error(uri, e.kind, str(e)))
+            except Exception as e:  # noqa: BLE001
+                rows.append(self._error(uri, "corrupt", f"cannot decode {redact(uri)}: {type(e).__name__}: {e}"))
+        rows.extend(self._predict(images))
+        return rows_to_table(rows)
+
+    def _predict(self, images: list[tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
+        if not images:
+            return []
+        run_id, model = self.cfg.run_id or "", self.cfg.model_label
+        try:
+            results = self.model.predict_arrays([img for _, img in images])
+            return [ok_row(uri, inst, self.labels, run_id, model) for (uri, _), inst in zip(images, results)]
+        except Exception:  # noqa: BLE001 - isolate the image that fails; its neighbours still get labels
+            if len(images) == 1:
+                uri = images[0][0]
+                log.exception("prediction failed for %s", redact(uri))
+                import traceback
+
+                return [self._error(uri, "predict_error", f"prediction failed for {redact(uri)}: "
+                                                          f"{traceback.format_exc(limit=1).strip().splitlines()[-1]}")]
+            return [row for item in images for row in self._predict([item])]
+
+
+# ---------------------------------------------------------------- stage 3: write parts (tasks)
+
+def write_batch(batch: pa.Table, output: str, s3: S3Options) -> pa.Table:
+    """Publish the rows as one part file; pass on only what the driver counts."""
+    if batch.num_rows:
+        write_part(batch.select(ROW_SCHEMA.names), output, s3)
+    return batch.select(["status", "error_kind", "num_instances"])
+
+
+# ---------------------------------------------------------------- the run
+
+def _compute(cfg: BatchPredictConfig):
+    import ray
+
+    if cfg.num_actors:
+        return ray.data.ActorPoolStrategy(size=cfg.num_actors)
+    return ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors or cfg.min_actors)
+
+
+def build_dataset(cfg: BatchPredictConfig, done_ids: np.ndarray):
+    """The lazy Ray Dataset of the whole chain (nothing runs until it is iterated)."""
+    import ray
+
+    from pipelines.sources import resolve_source
+    from pipelines.storage import arrow_fs
+
+    src = resolve_source(cfg.input, cfg.extensions, cfg.s3())
+    if src.parquet_manifest is not None:
+        fs, path = arrow_fs(src.parquet_manifest, cfg.s3())
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=[src.uri_column])
+        if src.uri_column != "uri":
+            ds = ds.rename_columns({src.uri_column: "uri"})
+        total = ds.count()  # from Parquet metadata: no data read
+        # small blocks: a task's work is bounded, so progress streams and a failure redoes little
+        ds = ds.repartition(num_blocks=max(1, -(-total // cfg.read_batch_size)))
+    else:
+        total = len(src.uris)
+        table = pa.table({"uri": src.uris})
+        ds = ray.data.from_arrow([table.slice(i, cfg.read_batch_size)
+                                  for i in range(0, max(total, 1), cfg.read_batch_size)])
+    ds = ds.map_batches(read_batch, batch_size=cfg.read_batch_size, batch_format="pyarrow",
+                        fn_kwargs={"done_ids": done_ids, "s3": cfg.s3()})
+    ds = ds.map_batches(SegmentationActor, fn_constructor_kwargs={"config": asdict(cfg)},
+                        batch_size=cfg.batch_size, batch_format="pyarrow", compute=_compute(cfg),
+                        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
+    ds = ds.map_batches(write_batch, batch_size=cfg.rows_per_file, batch_format="pyarrow",
+                        fn_kwargs={"output": cfg.output, "s3": cfg.s3()})
+    return ds, total
+
+
+class Progress:
+    """Periodic progress lines (images done / total, images/s, errors) for logs and `ray job logs`."""
+
+    def __init__(self, total: int, already_done: int, interval_s: float):
+        self.total, self.already_done, self.interval_s = total, already_done, interval_s
+        self.done = self.errors = self.instances = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, summary: pa.Table) -> None:
+        self.done += summary.num_rows
+        self.errors += sum(1 for s in summary.column("status").to_pylist() if s != "ok")
+        self.instances += int(sum(summary.column("num_instances").to_pylist()))
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            self.log()
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.t0, 1e-9)
+
+    def log(self) -> None:
+        todo = max(self.total - self.already_done, 0)
+        log.info("progress: %d/%d images this run (%d done before), %.2f images/s, %d errors",
+                 self.done, todo, self.already_done, self.rate, self.errors)
+
+
+def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
+    """Run (or resume) a labelling job and write every output; returns the summary dict."""
+    import ray
+
+    from pipelines.exports import write_coco_dataset, write_coco_results, write_labelme, iter_rows
+    from pipelines.model_source import validate_model_source
+    from pipelines.sinks import deduplicate_parts, list_parts, summarize, write_json
+    from pipelines.storage import join
+
+    cfg.run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    s3 = cfg.s3()
+    labels, model_name = validate_model_source(cfg.model_name, cfg.model_dir, s3)
+    cfg.model_name = cfg.model_name or model_name
+    started = time.time()
+    done_ids = done_image_ids(cfg.output, s3)
+    log.info("run %s: %s -> %s with %s (threshold %s, batch %d); %d image(s) already written", cfg.run_id,
+             redact(cfg.input), redact(cfg.output), cfg.model_label, cfg.threshold, cfg.batch_size, len(done_ids))
+    ds, total = build_dataset(cfg, done_ids)
+    progress = Progress(total, len(done_ids), cfg.progress_interval_s)
+    for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        progress.update(summary)
+    progress.log()
+
+    dropped = deduplicate_parts(cfg.output, s3)
+    parts = list_parts(cfg.output, s3)
+    n_results = write_coco_results(iter_rows(parts), join(cfg.output, "coco_results.json"), labels)
+    counts = write_coco_dataset(iter_rows(parts), join(cfg.output, "coco_dataset.json"), labels)
+    if cfg.labelme:
+        write_labelme(iter_rows(parts), join(cfg.output, "labelme"))
+    totals = summarize(cfg.output, s3)
+    wall = time.time() - started
+    summary = {
+        "run_id": cfg.run_id, "model": cfg.model_label, "threshold": cfg.threshold, "batch_size": cfg.batch_size,
+        "input": redact(cfg.input), "output": redact(cfg.output), "images_total": total,
+        "images_this_run": progress.done, "images_before_this_run": len(done_ids), "duplicates_removed": dropped,
+        "images_written": totals["images"], "by_status": totals["by_status"],
+        "errors_by_kind": totals["errors_by_kind"], "instances": totals["instances"],
+        "coco_results": n_results, "coco_images": counts["images"], "coco_annotations": counts["annotations"],
+        "wall_time_s": round(wall, 2), "images_per_s": round(progress.done / wall, 3) if wall > 0 else None,
+        "ray_version": ray.__version__,
+    }
+    write_json(join(cfg.output, "summary.json"), summary, s3)
+    log.info("run %s finished: %s", cfg.run_id, {k: summary[k] for k in ("images_written", "by_status",
+                                                                           "wall_time_s", "images_per_s")})
+    return summary

@@ -1,0 +1,116 @@
+"""Local paths and ``s3://`` URIs through one interface (fsspec/s3fs for listing and small files,
+pyarrow's filesystem for Parquet).
+
+S3 settings come from the standard AWS places: credentials from the environment
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``), ``AWS_PROFILE`` or the
+instance role; the region from ``AWS_REGION``/``AWS_DEFAULT_REGION``; an S3-compatible endpoint
+(MinIO, Ceph, moto) from ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` or an explicit override.
+Credentials are never passed through arguments that get logged, and :func:`redact` strips any
+that a URI carries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Where S3 lives; None means the AWS defaults from the environment."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None, region: str | None = None) -> "S3Options":
+        return cls(
+            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+            region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        )
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def redact(uri: str) -> str:
+    """The URI without any ``user:secret@`` part, safe to log or store."""
+    return re.sub(r"^([a-zA-Z0-9+.-]+://)[^/@]*@", r"\1", uri)
+
+
+def fsspec_fs(uri: str, s3: S3Options | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for a URI (s3fs with the endpoint/region override for ``s3://``)."""
+    if is_s3(uri):
+        s3 = s3 or S3Options.from_env()
+        client_kwargs: dict[str, Any] = {}
+        if s3.endpoint_url:
+            client_kwargs["endpoint_url"] = s3.endpoint_url
+        if s3.region:
+            client_kwargs["region_name"] = s3.region
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs)
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    return fsspec.filesystem(protocol)
+
+
+def arrow_fs(uri: str, s3: S3Options | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it (Ray Data and Parquet I/O take these)."""
+    if is_s3(uri):
+        s3 = s3 or S3Options.from_env()
+        kwargs: dict[str, Any] = {}
+        if s3.endpoint_url:
+            scheme, _, host = s3.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        if s3.region:
+            kwargs["region"] = s3.region
+        return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
+    if is_remote(uri):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs(uri))), uri.split("://", 1)[1]
+    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI/path segments with ``/`` (works for local paths and URIs)."""
+    out = base.rstrip("/")
+    for p in parts:
+        out += "/" + p.strip("/")
+    return out
+
+
+def write_bytes_atomic(uri: str, data: bytes, s3: S3Options | None = None) -> None:
+    """Publish ``data`` under ``uri`` all at once: a temp file + rename locally, one PUT on object
+    stores (an object appears only when its upload completes)."""
+    if is_remote(uri):
+        fs = fsspec_fs(uri, s3)
+        with fs.open(uri, "wb") as f:
+            f.write(data)
+        return
+    path = os.path.abspath(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def temp_name(final_name: str) -> str:
+    """A hidden, unique sibling name for staging ``final_name`` (readers skip names starting '.')."""
+    return f".{final_name}.{uuid.uuid4().hex[:8]}.tmp"
