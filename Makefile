@@ -9,17 +9,17 @@ PADDLE_SPEC ?= paddlepaddle==3.3.1
 
 .PHONY: demo test test-fast bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(PADDLE_SPEC)"
-	$(PY) -m pip install -q -e ".[ray,test]"
+	$(PY) -m pip install -q -c constraints.txt "$(PADDLE_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[ray,test]"
 	touch $@
 
-$(PDX_VENV)/.installed:
+$(PDX_VENV)/.installed: constraints-paddlex.txt
 	$(PYTHON) -m venv $(PDX_VENV)
 	$(PDX_VENV)/bin/python -m pip install -q --upgrade pip
-	$(PDX_VENV)/bin/python -m pip install -q "paddlex[cv]==3.7.2" "$(PADDLE_SPEC)"
+	$(PDX_VENV)/bin/python -m pip install -q -c constraints-paddlex.txt "paddlex[cv]==3.7.2" "$(PADDLE_SPEC)"
 	touch $@
 
 demo: $(VENV)/.installed
