@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (only Python >= 3.10 and pip needed):
-#   make demo   -> installs into .venv, runs the main job on samples/ offline, writes demo_output/
+#   make demo   -> installs into .venv, runs the main job (Ray batch labelling) on samples/ offline -> demo_output/
 #   make test   -> installs test deps (+ PaddleX 3.7.2 in .venv-paddlex for compatibility tests), runs pytest
 PYTHON ?= python3
 VENV := .venv
@@ -24,9 +24,9 @@ $(PDX_VENV)/.installed: constraints-paddlex.txt
 
 demo: $(VENV)/.installed
 	$(PY) -m instseg_core.tiny_models --model MaskRCNN-ResNet50-FPN --output .cache/demo_model
-	$(VENV)/bin/instseg predict --model-dir .cache/demo_model --input samples --batch-size 2 \
-		--save-path demo_output --mask-format rle
-	@echo "demo outputs in demo_output/ (JSON + overlays)"
+	$(PY) -m jobs.batch_predict --input samples --output demo_output --model-dir .cache/demo_model \
+		--batch-size 2 --labelme --progress-interval-s 2
+	@echo "demo outputs in demo_output/: parts/*.parquet, coco_results.json, coco_dataset.json, labelme/, summary.json"
 
 test: $(VENV)/.installed $(PDX_VENV)/.installed
 	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python $(PY) -m pytest -q

@@ -248,12 +248,15 @@ class Progress:
         self.total, self.already_done, self.interval_s = total, already_done, interval_s
         self.done = self.errors = self.instances = 0
         self.t0 = self.last = time.monotonic()
+        self.t_first: float | None = None  # first output: start-up (Ray, actors, model load) is over
 
     def update(self, summary: pa.Table) -> None:
+        now = time.monotonic()
+        if self.t_first is None:
+            self.t_first = now
         self.done += summary.num_rows
         self.errors += sum(1 for s in summary.column("status").to_pylist() if s != "ok")
         self.instances += int(sum(summary.column("num_instances").to_pylist()))
-        now = time.monotonic()
         if now - self.last >= self.interval_s:
             self.last = now
             self.log()
@@ -262,10 +265,14 @@ class Progress:
     def rate(self) -> float:
         return self.done / max(time.monotonic() - self.t0, 1e-9)
 
-    def log(self) -> None:
+    @property
+    def time_to_first_output(self) -> float | None:
+        return None if self.t_first is None else self.t_first - self.t0
+
+    def log(self, prefix: str = "progress") -> None:
         todo = max(self.total - self.already_done, 0)
-        log.info("progress: %d/%d images this run (%d done before), %.2f images/s, %d errors",
-                 self.done, todo, self.already_done, self.rate, self.errors)
+        log.info("%s: %d/%d images this run (%d done before), %.2f images/s, %d errors",
+                 prefix, self.done, todo, self.already_done, self.rate, self.errors)
 
 
 def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
@@ -274,7 +281,7 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
 
     from pipelines.exports import write_coco_dataset, write_coco_results, write_labelme, iter_rows
     from pipelines.model_source import validate_model_source
-    from pipelines.sinks import deduplicate_parts, list_parts, summarize, write_json
+    from pipelines.sinks import deduplicate_parts, list_parts, remove_staging_files, summarize, write_json
     from pipelines.storage import join
 
     cfg.run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -289,8 +296,9 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     progress = Progress(total, len(done_ids), cfg.progress_interval_s)
     for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         progress.update(summary)
-    progress.log()
+    progress.log("predicted")
 
+    remove_staging_files(cfg.output, s3)
     dropped = deduplicate_parts(cfg.output, s3)
     parts = list_parts(cfg.output, s3)
     n_results = write_coco_results(iter_rows(parts), join(cfg.output, "coco_results.json"), labels)
@@ -307,6 +315,8 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
         "errors_by_kind": totals["errors_by_kind"], "instances": totals["instances"],
         "coco_results": n_results, "coco_images": counts["images"], "coco_annotations": counts["annotations"],
         "wall_time_s": round(wall, 2), "images_per_s": round(progress.done / wall, 3) if wall > 0 else None,
+        "time_to_first_output_s": None if progress.time_to_first_output is None else round(
+            progress.time_to_first_output, 2),
         "ray_version": ray.__version__,
     }
     write_json(join(cfg.output, "summary.json"), summary, s3)

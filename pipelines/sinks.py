@@ -103,6 +103,18 @@ def deduplicate_parts(output: str, s3: S3Options | None = None) -> int:
     return dropped
 
 
+def remove_staging_files(output: str, s3: S3Options | None = None) -> int:
+    """Delete temp files that writers killed mid-write left in ``parts/`` (call when no writer runs)."""
+    fs = fsspec_fs(output, s3)
+    root = parts_uri(output)
+    if is_remote(output) or not fs.exists(root):
+        return 0  # object stores have no partial objects to clean
+    stale = [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith(".")]
+    for p in stale:
+        fs.rm(p)
+    return len(stale)
+
+
 def summarize(output: str, s3: S3Options | None = None) -> dict[str, Any]:
     """Counts over every row under ``output``: by status, errors by kind, instances."""
     status: Counter = Counter()
