@@ -40,6 +40,18 @@ def _models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from instseg_core.config import ConfigError, apply_overrides, load_config
+    from instseg_core.modes import run_config
+
+    try:
+        cfg = apply_overrides(load_config(args.config), args.override or [])
+        return run_config(cfg)
+    except ConfigError as e:
+        print(f"instseg: error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="instseg", description="Instance segmentation (PaddleX-compatible models)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -58,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mask-format", choices=("paddlex", "rle"), default="paddlex")
     pr.add_argument("--quiet", action="store_true", help="do not print each result")
     pr.set_defaults(func=_predict)
+
+    rn = sub.add_parser("run", help="run a module config (PaddleX layout): check_dataset, predict, ...")
+    rn.add_argument("-c", "--config", required=True, help="module YAML, or a model name for its packaged config")
+    rn.add_argument("-o", "--override", action="append", metavar="Key.sub=value",
+                    help="override a config value (repeatable), e.g. -o Global.mode=check_dataset")
+    rn.set_defaults(func=_run)
 
     ls = sub.add_parser("models", help="list the 15 model names")
     ls.set_defaults(func=_models)
