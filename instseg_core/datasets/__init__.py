@@ -1,0 +1,18 @@
+"""Dataset tools: checking COCO instance-segmentation datasets in PaddleX's layout."""
+
+from instseg_core.datasets.check import (
+    KIND_LEVELS,
+    Problem,
+    check_annotations,
+    check_dataset,
+    check_image,
+    draw_demo,
+    summarize_problems,
+)
+from instseg_core.datasets.coco import DatasetError, find_dataset_root, load_coco
+from instseg_core.datasets.histogram import category_counts, draw_histogram
+
+__all__ = [
+    "KIND_LEVELS", "DatasetError", "Problem", "category_counts", "check_annotations", "check_dataset",
+    "check_image", "draw_demo", "draw_histogram", "find_dataset_root", "load_coco", "summarize_problems",
+]
