@@ -56,6 +56,7 @@ def list_parts(output: str, s3: S3Options | None = None) -> list[str]:
     """Finished part files (staging files start with '.' and are ignored), sorted."""
     fs = fsspec_fs(output, s3)
     root = parts_uri(output)
+    fs.invalidate_cache()  # parts are written by other processes: s3fs's cached listings would be stale
     if not fs.exists(root):
         return []
     names = [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("part-")

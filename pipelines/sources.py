@@ -50,6 +50,7 @@ def list_images(source: str, extensions: tuple[str, ...] = IMAGE_SUFFIXES, s3: S
     """Image URIs under a directory/prefix (recursive) or matching a glob, sorted; a single image
     file gives itself. Remote URIs keep their scheme (``s3://bucket/key``)."""
     fs = fsspec_fs(source, s3)
+    fs.invalidate_cache()  # list what is there now, not what this process saw earlier
     protocol = _protocol(source)
     exts = tuple(e.lower() for e in extensions)
     if _has_glob(source):

@@ -163,6 +163,7 @@ def test_s3_input_and_output(ray_local, tiny_model_dirs, test_images, s3_bucket,
     out = f"s3://{s3_bucket}/labels/run1"
     s = run_batch_predict(BatchPredictConfig(input=f"s3://{s3_bucket}/images/", output=out, model_name=MODEL,
                                              model_dir=f"s3://{s3_bucket}/models/tiny", batch_size=2))
+    assert s["images_total"] == 5 and s["images_this_run"] == 5
     assert s["by_status"] == {"ok": 4, "error": 1}
     rows = _rows(out)
     assert sorted(r["uri"] for r in rows) == sorted(
