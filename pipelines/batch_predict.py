@@ -28,7 +28,7 @@ import pyarrow as pa
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
 from pipelines.rows import ROW_SCHEMA, error_row, image_id_for, ok_row, rows_to_table
 from pipelines.sinks import done_image_ids, write_part
-from pipelines.storage import S3Options, fsspec_fs, is_s3, redact
+from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, redact
 
 log = logging.getLogger("instseg")
 
@@ -231,8 +231,11 @@ def build_dataset(cfg: BatchPredictConfig, done_ids: np.ndarray):
         table = pa.table({"uri": src.uris})
         ds = ray.data.from_arrow([table.slice(i, cfg.read_batch_size)
                                   for i in range(0, max(total, 1), cfg.read_batch_size)])
+    # Remote reads run as their own light tasks so object-store latency overlaps inference; local
+    # reads are cheap and Ray fuses them into the actor (same resource request), saving a copy.
+    remote = src.parquet_manifest is not None or any(is_remote(u) for u in src.uris.to_pylist()[:1])
     ds = ds.map_batches(read_batch, batch_size=cfg.read_batch_size, batch_format="pyarrow",
-                        fn_kwargs={"done_ids": done_ids, "s3": cfg.s3()})
+                        fn_kwargs={"done_ids": done_ids, "s3": cfg.s3()}, num_cpus=0.25 if remote else 1)
     ds = ds.map_batches(SegmentationActor, fn_constructor_kwargs={"config": asdict(cfg)},
                         batch_size=cfg.batch_size, batch_format="pyarrow", compute=_compute(cfg),
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
