@@ -31,7 +31,7 @@ MODEL = "MaskRCNN-ResNet50-FPN"
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
     # the loopback S3 server's AWS_* variables must be set before Ray starts its workers
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
     yield
     ray.shutdown()

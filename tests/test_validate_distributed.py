@@ -16,7 +16,7 @@ COCO = SHARED / "data" / "coco_tiny_val2017"
 
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
 
