@@ -74,7 +74,7 @@ class InferenceEngine:
         self._predictor = self._create(self.onednn)
         self._verified = False  # becomes True after the first successful run
 
-    def _config(self, onednn: bool):
+    def _config(self, onednn: bool, new_ir: bool = True):
         from paddle import inference as pi
 
         cfg = pi.Config(str(self.model_file), str(self.params_file))
@@ -93,7 +93,7 @@ class InferenceEngine:
                 cfg.disable_mkldnn()
             cfg.set_cpu_math_library_num_threads(int(self.options.cpu_threads or default_cpu_threads()))
         if hasattr(cfg, "enable_new_ir"):
-            cfg.enable_new_ir(True)
+            cfg.enable_new_ir(new_ir)
         if hasattr(cfg, "enable_new_executor"):
             cfg.enable_new_executor()
         if hasattr(cfg, "set_optimization_level"):
@@ -123,17 +123,28 @@ class InferenceEngine:
         cfg.set_trt_dynamic_shape_info(mins, maxs, opts)
 
     def _create(self, onednn: bool):
+        """Build the predictor; fall back (with a warning) to plain CPU kernels when the graph fails
+        under oneDNN, and for legacy ``.pdmodel`` graphs to the old executor if PIR rejects them."""
         from paddle import inference as pi
 
-        try:
-            return pi.create_predictor(self._config(onednn))
-        except Exception as e:  # noqa: BLE001 - Paddle raises plain RuntimeError/ValueError variants
-            if not onednn:
-                raise RuntimeError(f"cannot load inference graph {self.model_file}: {e}") from e
-            log.warning("graph %s failed to build under oneDNN (%s); falling back to plain CPU kernels",
-                        self.model_file, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            self.onednn = False
-            return self._create(False)
+        attempts = [(onednn, True)] + ([(False, True)] if onednn else [])
+        if self.model_file.suffix == ".pdmodel":
+            attempts.append((False, False))
+        error: Exception | None = None
+        for i, (use_onednn, new_ir) in enumerate(attempts):
+            try:
+                predictor = pi.create_predictor(self._config(use_onednn, new_ir))
+            except Exception as e:  # noqa: BLE001 - Paddle raises plain RuntimeError/ValueError variants
+                error = e
+                if i + 1 < len(attempts):
+                    log.warning("graph %s failed to build (%s, oneDNN %s): %s; retrying with %s", self.model_file,
+                                "PIR" if new_ir else "legacy executor", "on" if use_onednn else "off",
+                                str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                "oneDNN off" if attempts[i + 1][1] else "the legacy executor")
+                continue
+            self.onednn = use_onednn
+            return predictor
+        raise RuntimeError(f"cannot load inference graph {self.model_file}: {error}") from error
 
     @property
     def input_names(self) -> list[str]:
