@@ -1,0 +1,3 @@
+from .cspresnet import CSPResNet
+
+__all__ = ["CSPResNet"]

@@ -1,0 +1,3 @@
+from .custom_csp_pan import CustomCSPPAN
+
+__all__ = ["CustomCSPPAN"]
