@@ -110,3 +110,183 @@ def test_features_match_oracle(model_and_shapes):
     print("normalised errors:", {k: f"{v:.2e}" for k, v in errors.items()})
     failed = {k: v for k, v in errors.items() if not v <= REL_TOL}
     assert not failed, f"features beyond {REL_TOL} * std: {failed}"
+
+
+# --------------------------------------------------------------------------- full model (head + post-process)
+
+SCORE_TOL = 1e-3
+BOX_TOL = 1.0
+PROB_ABS_TOL = 1e-3
+
+
+def _all_shapes():
+    lines = (FOLDER / "state_dict.tsv").read_text().splitlines()[1:]
+    out = {}
+    for line in lines:
+        k, s, _ = line.split("\t")
+        out[k] = tuple(int(x) for x in s.split(","))
+    return out
+
+
+def _weights_rule():
+    sys.path.insert(0, str(ORACLES))
+    try:
+        import weights_rule
+    finally:
+        sys.path.remove(str(ORACLES))
+    return weights_rule
+
+
+@pytest.fixture(scope="module")
+def full_run():
+    """Build PP-YOLOE_seg-S, check the KEEP constant, fill the oracle weights, run once."""
+    import paddle
+
+    from instseg_core.modeling.build import build_model
+
+    weights_rule = _weights_rule()
+    shapes = _all_shapes()
+    model = build_model("PP-YOLOE_seg-S")
+    model.eval()
+    sd = model.state_dict()
+    exp = np.load(FOLDER / "expected.npz")
+    keep = {k: sd[k].numpy().copy() for k in weights_rule.KEEP & set(sd)}
+    weights = weights_rule.fill(shapes)
+    assert set(weights) | set(keep) == set(shapes)
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
+    inp = np.load(FOLDER / "input.npz")
+    tensors = {k: paddle.to_tensor(inp[k]) for k in ("image", "im_shape", "scale_factor")}
+    with paddle.no_grad():
+        head = [t.numpy() for t in model.head_outputs(tensors["image"])]
+        out = {k: v.numpy() for k, v in model(tensors).items()}
+    return dict(model=model, shapes=shapes, sd_keys=list(sd), sd_shapes={k: tuple(v.shape) for k, v in sd.items()},
+                keep=keep, exp=exp, head=head, out=out)
+
+
+def test_full_state_dict_matches_reference(full_run):
+    shapes, keys = full_run["shapes"], full_run["sd_keys"]
+    assert keys == list(shapes), (sorted(set(keys) - set(shapes))[:10], sorted(set(shapes) - set(keys))[:10])
+    bad = {k: (full_run["sd_shapes"][k], s) for k, s in shapes.items() if full_run["sd_shapes"][k] != s}
+    assert not bad, bad
+
+
+def test_keep_constant(full_run):
+    exp, keep = full_run["exp"], full_run["keep"]
+    assert set(keep) == {"yolo_head.proj_conv.weight"}
+    for k, v in keep.items():
+        assert np.array_equal(v, exp["keep/" + k]), k
+    # still the built-in constant after loading the filled weights
+    w = full_run["model"].state_dict()["yolo_head.proj_conv.weight"].numpy()
+    assert np.array_equal(w, np.arange(17, dtype="float32").reshape(1, 17, 1, 1))
+
+
+def test_head_features_match_oracle(full_run):
+    exp, head = full_run["exp"], full_run["head"]
+    assert len(head) == 6
+    # class scores after sigmoid: absolute tolerance
+    e0 = exp["feat/yolo_head/0"]
+    assert head[0].shape == e0.shape
+    err0 = float(np.abs(head[0] - e0).max())
+    assert err0 <= PROB_ABS_TOL, err0
+    errors = {f"feat/yolo_head/{i}": _compare(exp, f"feat/yolo_head/{i}", head[i]) for i in range(1, 6)}
+    print("yolo_head/0 abs error", err0, "normalised errors:", {k: f"{v:.2e}" for k, v in errors.items()})
+    failed = {k: v for k, v in errors.items() if not v <= REL_TOL}
+    assert not failed, f"head features beyond {REL_TOL} * std: {failed}"
+
+
+def _match_detections(exp_bbox, got_bbox):
+    """Greedy one-to-one matching from the highest expected score; returns [(i_exp, j_got)]."""
+    pairs, used = [], set()
+    for i in np.argsort(-exp_bbox[:, 1], kind="stable"):
+        best, best_d = None, None
+        for j in range(len(got_bbox)):
+            if j in used or got_bbox[j, 0] != exp_bbox[i, 0]:
+                continue
+            ds = abs(float(got_bbox[j, 1] - exp_bbox[i, 1]))
+            db = float(np.abs(got_bbox[j, 2:] - exp_bbox[i, 2:]).max())
+            if ds <= SCORE_TOL and db <= BOX_TOL and (best_d is None or db < best_d):
+                best, best_d = j, db
+        if best is not None:
+            used.add(best)
+            pairs.append((int(i), best))
+    return pairs
+
+
+def test_final_outputs_match_oracle(full_run):
+    exp, out = full_run["exp"], full_run["out"]
+    assert set(out) == {"bbox", "bbox_num", "mask"}
+    assert out["bbox"].dtype == np.float32 and out["bbox"].ndim == 2 and out["bbox"].shape[1] == 6
+    assert out["bbox_num"].dtype == np.int32 and out["bbox_num"].shape == (1,)
+    assert out["mask"].dtype == np.float32
+    assert set(np.unique(out["mask"]).tolist()) <= {0.0, 1.0}
+    n_exp, n_got = int(exp["bbox_num"][0]), int(out["bbox_num"][0])
+    assert out["bbox"].shape[0] == n_got and out["mask"].shape == (n_got, 480, 640)
+    assert abs(n_got - n_exp) <= 2, (n_got, n_exp)
+
+    pairs = _match_detections(exp["bbox"], out["bbox"])
+    unmatched = n_exp - len(pairs)
+    assert unmatched <= 2, f"{unmatched} expected detections unmatched"
+    max_ds = max(abs(float(out["bbox"][j, 1] - exp["bbox"][i, 1])) for i, j in pairs)
+    max_db = max(float(np.abs(out["bbox"][j, 2:] - exp["bbox"][i, 2:]).max()) for i, j in pairs)
+
+    bad_masks, worst = [], 0.0
+    for i, j in pairs:
+        a = exp["mask"][i].astype(bool)
+        b = out["mask"][j] > 0.5
+        xor = int(np.count_nonzero(a ^ b))
+        union = int(np.count_nonzero(a | b))
+        worst = max(worst, xor / max(union, 1))
+        if xor > max(0.01 * union, 64):
+            bad_masks.append((int(i), xor, union))
+    print(f"detections {n_got}/{n_exp}, matched {len(pairs)}, max|dscore| {max_ds:.2e}, "
+          f"max|dbox| {max_db:.3f} px, worst xor/union {worst:.2e}")
+    assert not bad_masks, bad_masks
+
+
+def test_anchors_follow_input_size():
+    import paddle
+
+    from instseg_core.modeling.heads.ppyoloe_ins import ppyoloe_ins_head_s
+
+    head = ppyoloe_ins_head_s()
+    feats = [paddle.zeros([1, c, h, w]) for c, (h, w) in zip((384, 192, 96), ((8, 12), (16, 24), (32, 48)))]
+    points, strides = head.generate_anchors(feats)
+    assert tuple(points.shape) == (8 * 12 + 16 * 24 + 32 * 48, 2)
+    p, s = points.numpy(), strides.numpy()[:, 0]
+    assert np.array_equal(p[:3], [[0.5, 0.5], [1.5, 0.5], [2.5, 0.5]])
+    assert np.array_equal(p[12], [0.5, 1.5])
+    assert (s[:96] == 32).all() and (s[96:96 + 384] == 16).all() and (s[96 + 384:] == 8).all()
+
+
+def test_empty_result_and_other_sizes():
+    import paddle
+
+    from instseg_core.modeling.build import build_model
+
+    model = build_model("PP-YOLOE_seg-S")
+    model.eval()
+    model.yolo_head.score_threshold = 2.0  # nothing can pass
+    inputs = {"image": paddle.zeros([1, 3, 128, 192]),
+              "im_shape": paddle.to_tensor([[128.0, 192.0]]),
+              "scale_factor": paddle.to_tensor([[0.5, 0.5]])}
+    with paddle.no_grad():
+        out = model(inputs)
+    assert tuple(out["bbox"].shape) == (1, 6) and float(out["bbox"].abs().sum()) == 0.0
+    assert int(out["bbox_num"][0]) == 0
+    assert tuple(out["mask"].shape) == (1, 256, 384)
+
+
+def test_build_model_names():
+    from instseg_core.models import MODEL_NAMES
+    from instseg_core.modeling.build import build_model
+    from instseg_core.modeling.ppyoloe_seg import PPYOLOESeg
+
+    assert "PP-YOLOE_seg-S" in MODEL_NAMES and len(MODEL_NAMES) == 15
+    assert isinstance(build_model("PP-YOLOE_seg-S", num_classes=3), PPYOLOESeg)
+    for name in MODEL_NAMES:
+        if name == "PP-YOLOE_seg-S":
+            continue
+        with pytest.raises(NotImplementedError, match="not implemented yet"):
+            build_model(name)
+    with pytest.raises(ValueError):
+        build_model("no-such-model")

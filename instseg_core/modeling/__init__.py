@@ -5,6 +5,9 @@ corresponding PaddleDetection configs, so official (or oracle) weights load
 directly with ``set_state_dict``.
 """
 from .backbones.cspresnet import CSPResNet
+from .build import build_model
+from .heads.ppyoloe_ins import PPYOLOEInsHead
 from .necks.custom_csp_pan import CustomCSPPAN
+from .ppyoloe_seg import PPYOLOESeg
 
-__all__ = ["CSPResNet", "CustomCSPPAN"]
+__all__ = ["CSPResNet", "CustomCSPPAN", "PPYOLOEInsHead", "PPYOLOESeg", "build_model"]

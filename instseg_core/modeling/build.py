@@ -1,0 +1,28 @@
+"""Build a (randomly initialised) model by its official PaddleX name."""
+from __future__ import annotations
+
+import paddle.nn as nn
+
+from ..models import MODEL_NAMES
+
+_BUILDERS = {}
+
+
+def _ppyoloe_seg_s(num_classes: int) -> nn.Layer:
+    from .ppyoloe_seg import ppyoloe_seg_s
+
+    return ppyoloe_seg_s(num_classes=num_classes)
+
+
+_BUILDERS["PP-YOLOE_seg-S"] = _ppyoloe_seg_s
+
+
+def build_model(name: str, num_classes: int = 80) -> nn.Layer:
+    """The network of ``name``; raises NotImplementedError for names without an implementation yet."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; expected one of: {', '.join(MODEL_NAMES)}")
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise NotImplementedError(
+            f"model {name!r} is not implemented yet (implemented: {', '.join(sorted(_BUILDERS))})")
+    return builder(num_classes)

@@ -1,0 +1,204 @@
+"""PP-YOLOE_seg instance head: ESE stems, class / DFL-box / mask-coefficient branches, prototypes.
+
+Written from the reference notes (``shared/reference/ppdet_models.md`` section 2.4) and checked
+against the oracle features ``feat/yolo_head/0..5``. Sub-layer attribute names are part of the
+state-dict contract: ``stem_{cls,reg,ins}.{i}.{fc,conv}``, ``pred_{cls,reg,ins}.{i}``,
+``proj_conv``, ``proto.{conv1,upsample,conv2,conv3}``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from ..layers import ActLike, ConvBNLayer, get_activation
+
+
+class ESEAttn(nn.Layer):
+    """conv(feat * sigmoid(fc(avg_feat))): ``fc`` a 1x1 conv with bias, ``conv`` a 1x1 ConvBN + act."""
+
+    def __init__(self, channels: int, act: ActLike = "swish"):
+        super().__init__()
+        self.fc = nn.Conv2D(channels, channels, kernel_size=1)
+        self.conv = ConvBNLayer(channels, channels, 1, act=act)
+
+    def forward(self, feat, avg_feat):
+        return self.conv(feat * F.sigmoid(self.fc(avg_feat)))
+
+
+class MaskProto(nn.Layer):
+    """conv1 (3x3) -> 2x transposed conv -> conv2 (3x3) -> conv3 (1x1 to ``num_masks``)."""
+
+    def __init__(self, ch_in: int, num_protos: int = 256, num_masks: int = 32, act: ActLike = "swish"):
+        super().__init__()
+        self.conv1 = ConvBNLayer(ch_in, num_protos, 3, padding=1, act=act)
+        self.upsample = nn.Conv2DTranspose(num_protos, num_protos, kernel_size=2, stride=2)
+        self.conv2 = ConvBNLayer(num_protos, num_protos, 3, padding=1, act=act)
+        self.conv3 = ConvBNLayer(num_protos, num_masks, 1, act=act)
+
+    def forward(self, x):
+        return self.conv3(self.conv2(self.upsample(self.conv1(x))))
+
+
+def _nms_multiclass(bboxes, scores, score_threshold, nms_top_k, keep_top_k, nms_threshold,
+                    normalized=True, nms_eta=1.0, background_label=-1):
+    """Paddle's multiclass_nms3 kernel: returns (out [N,6], index [N,1], rois_num [B])."""
+    out, index, rois_num = paddle._C_ops.multiclass_nms3(
+        bboxes, scores, None, score_threshold, nms_top_k, keep_top_k, nms_threshold, normalized,
+        nms_eta, background_label)
+    return out, index, rois_num
+
+
+class PPYOLOEInsHead(nn.Layer):
+    """Anchor-free PP-YOLOE head with a YOLACT-style mask branch.
+
+    ``forward(feats)`` takes the neck outputs (strides 32, 16, 8) and returns, in eval mode,
+    ``(scores [B,C,A] after sigmoid, ltrb distances [B,A,4] in stride units, mask coefficients
+    [B,M,A], prototypes [B,M,2H8,2W8], anchor points [A,2], strides [A,1])``. Anchors are
+    generated from the actual feature-map sizes (grid + 0.5, in stride units), coarsest first.
+    """
+
+    def __init__(self, in_channels: Sequence[int] = (384, 192, 96), num_classes: int = 80,
+                 act: ActLike = "swish", fpn_strides: Sequence[int] = (32, 16, 8),
+                 grid_cell_offset: float = 0.5, reg_max: int = 16, num_masks: int = 32,
+                 num_protos: int = 128, score_threshold: float = 0.01, nms_top_k: int = 1000,
+                 keep_top_k: int = 300, nms_threshold: float = 0.7, mask_threshold: float = 0.5):
+        super().__init__()
+        in_channels = list(in_channels)
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.fpn_strides = list(fpn_strides)
+        self.grid_cell_offset = grid_cell_offset
+        self.reg_max = reg_max
+        self.num_masks = num_masks
+        self.score_threshold = score_threshold
+        self.nms_top_k = nms_top_k
+        self.keep_top_k = keep_top_k
+        self.nms_threshold = nms_threshold
+        self.mask_threshold = mask_threshold
+        act_fn = get_activation(act)
+
+        self.stem_cls = nn.LayerList([ESEAttn(c, act=act_fn) for c in in_channels])
+        self.stem_reg = nn.LayerList([ESEAttn(c, act=act_fn) for c in in_channels])
+        self.stem_ins = nn.LayerList([ESEAttn(c, act=act_fn) for c in in_channels])
+        self.pred_cls = nn.LayerList(
+            [nn.Conv2D(c, num_classes, 3, padding=1) for c in in_channels])
+        self.pred_reg = nn.LayerList(
+            [nn.Conv2D(c, 4 * (reg_max + 1), 3, padding=1) for c in in_channels])
+        self.pred_ins = nn.LayerList(
+            [nn.Conv2D(c, num_masks, 3, padding=1) for c in in_channels])
+        # DFL projection: a fixed 1x1 conv with weights 0..reg_max (KEEP key, never learned).
+        self.proj_conv = nn.Conv2D(reg_max + 1, 1, 1, bias_attr=False)
+        self.proj_conv.weight.stop_gradient = True
+        self._init_proj()
+        self.proto = MaskProto(in_channels[-1], num_protos, num_masks, act=act_fn)
+
+    def _init_proj(self):
+        proj = np.arange(self.reg_max + 1, dtype="float32").reshape([1, self.reg_max + 1, 1, 1])
+        self.proj_conv.weight.set_value(proj)
+
+    # ---------------------------------------------------------------- anchors
+    def generate_anchors(self, feats: Sequence[paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        points, strides = [], []
+        for feat, stride in zip(feats, self.fpn_strides):
+            h, w = feat.shape[2], feat.shape[3]
+            sx = paddle.arange(w, dtype="float32") + self.grid_cell_offset
+            sy = paddle.arange(h, dtype="float32") + self.grid_cell_offset
+            gy, gx = paddle.meshgrid(sy, sx)
+            points.append(paddle.stack([gx, gy], axis=-1).reshape([-1, 2]))
+            strides.append(paddle.full([h * w, 1], float(stride), dtype="float32"))
+        return paddle.concat(points), paddle.concat(strides)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, feats: Sequence[paddle.Tensor]):
+        feats = list(feats)
+        if len(feats) != len(self.fpn_strides):
+            raise ValueError(f"expected {len(self.fpn_strides)} feature maps, got {len(feats)}")
+        protos = self.proto(feats[-1])
+        anchor_points, stride_tensor = self.generate_anchors(feats)
+        cls_list, reg_list, ins_list = [], [], []
+        for i, feat in enumerate(feats):
+            b, _, h, w = feat.shape
+            l = h * w
+            avg_feat = F.adaptive_avg_pool2d(feat, (1, 1))
+            cls_logit = self.pred_cls[i](self.stem_cls[i](feat, avg_feat) + feat)
+            reg = self.pred_reg[i](self.stem_reg[i](feat, avg_feat))
+            coef = self.pred_ins[i](self.stem_ins[i](feat, avg_feat) + feat)
+            # [B, 4*(R+1), H, W] -> [B, R+1, L, 4]; softmax over bins; project to the expectation
+            reg = reg.reshape([-1, 4, self.reg_max + 1, l]).transpose([0, 2, 3, 1])
+            reg = self.proj_conv(F.softmax(reg, axis=1)).squeeze(1)  # [B, L, 4]
+            cls_list.append(F.sigmoid(cls_logit).reshape([-1, self.num_classes, l]))
+            reg_list.append(reg)
+            ins_list.append(coef.reshape([-1, self.num_masks, l]))
+        scores = paddle.concat(cls_list, axis=-1)
+        dist = paddle.concat(reg_list, axis=1)
+        coefs = paddle.concat(ins_list, axis=-1)
+        return scores, dist, coefs, protos, anchor_points, stride_tensor
+
+    # ---------------------------------------------------------------- post-process
+    def post_process(self, head_outs, im_shape: paddle.Tensor, scale_factor: paddle.Tensor,
+                     input_hw: Tuple[int, int]) -> Dict[str, paddle.Tensor]:
+        """Boxes in original pixels (not clipped), multiclass NMS, per-detection full-image masks.
+
+        Batch size 1 (as in the exported model). ``input_hw`` is the (padded) network input size.
+        """
+        scores, dist, coefs, protos, anchor_points, stride_tensor = head_outs
+        if scores.shape[0] != 1:
+            raise NotImplementedError("post-process supports batch size 1")
+        # ltrb distances -> x1y1x2y2 in input pixels
+        lt, rb = paddle.split(dist, 2, axis=-1)
+        boxes = paddle.concat([anchor_points - lt, anchor_points + rb], axis=-1) * stride_tensor
+        out, index, rois_num = _nms_multiclass(
+            boxes, scores, self.score_threshold, self.nms_top_k, self.keep_top_k,
+            self.nms_threshold)
+
+        sf = scale_factor.astype("float32")
+        sy, sx = float(sf[0, 0]), float(sf[0, 1])
+        ih, iw = int(input_hw[0]), int(input_hw[1])
+        # original size: float32 division then int() truncation, as the reference
+        ori = (im_shape.astype("float32") / sf)[0]
+        oh, ow = int(float(ori[0])), int(float(ori[1]))
+        rh, rw = int(round(ih / sy)), int(round(iw / sx))
+
+        n = int(out.shape[0]) if out.ndim == 2 else 0
+        if n == 0:
+            return {"bbox": paddle.zeros([1, 6], dtype="float32"),
+                    "bbox_num": paddle.to_tensor([0], dtype="int32"),
+                    "mask": paddle.zeros([1, oh, ow], dtype="float32")}
+
+        idx = index.reshape([-1]).astype("int64")
+        coef = paddle.gather(coefs[0].transpose([1, 0]), idx)  # [N, M]
+        m, ph, pw = protos.shape[1], protos.shape[2], protos.shape[3]
+        masks = F.sigmoid(paddle.matmul(coef, protos[0].reshape([m, -1]))).reshape([n, ph, pw])
+        masks = F.interpolate(masks.unsqueeze(0), size=[ih, iw], mode="bilinear",
+                              align_corners=False)[0]
+        masks = _crop_mask(masks, out[:, 2:6])
+        masks = F.interpolate(masks.unsqueeze(0), size=[rh, rw], mode="bilinear",
+                              align_corners=False)[0]
+        masks = masks[:, :oh, :ow]
+        masks = (masks > self.mask_threshold).astype("float32")
+
+        scale = paddle.to_tensor([sx, sy, sx, sy], dtype="float32")
+        bbox = paddle.concat([out[:, :2], out[:, 2:6] / scale], axis=-1)
+        return {"bbox": bbox, "bbox_num": rois_num.astype("int32").reshape([-1]), "mask": masks}
+
+
+def _crop_mask(masks: paddle.Tensor, boxes: paddle.Tensor) -> paddle.Tensor:
+    """Zero each mask [N,H,W] outside its box [N,4] (x1,y1,x2,y2, pixel-index comparison)."""
+    _, h, w = masks.shape
+    x1, y1, x2, y2 = [b.reshape([-1, 1, 1]) for b in paddle.split(boxes, 4, axis=1)]
+    cols = paddle.arange(w, dtype="float32").reshape([1, 1, w])
+    rows = paddle.arange(h, dtype="float32").reshape([1, h, 1])
+    keep = (cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2)
+    return masks * keep.astype(masks.dtype)
+
+
+def ppyoloe_ins_head_s(num_classes: int = 80, **kw) -> PPYOLOEInsHead:
+    """The PP-YOLOE_seg-S head: inputs 384/192/96 (strides 32/16/8), 128 protos, 32 masks."""
+    cfg = dict(in_channels=(384, 192, 96), num_classes=num_classes, act="swish",
+               fpn_strides=(32, 16, 8), reg_max=16, num_masks=32, num_protos=128)
+    cfg.update(kw)
+    return PPYOLOEInsHead(**cfg)
