@@ -154,8 +154,8 @@ def test_s3_input_and_output(ray_local, tiny_model_dirs, test_images, s3_bucket,
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
-    for i, p in enumerate(test_images[:4]):
-        s3.put_object(Bucket=s3_bucket, Key=f"images/{i}.jpg", Body=Path(p).read_bytes())
+    for i in range(4):
+        s3.put_object(Bucket=s3_bucket, Key=f"images/{i}.jpg", Body=Path(test_images[i % len(test_images)]).read_bytes())
     s3.put_object(Bucket=s3_bucket, Key="images/broken.jpg", Body=b"\xff\xd8\xff garbage")
     # the model dir itself lives on S3 too
     for f in Path(tiny_model_dirs(MODEL)).iterdir():
