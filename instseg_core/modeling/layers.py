@@ -75,11 +75,53 @@ class RepVggBlock(nn.Layer):
             self.alpha = None
 
     def forward(self, x):
+        if hasattr(self, "conv"):  # deploy form (after convert_to_deploy)
+            return self.act(self.conv(x))
         if self.alpha is not None:
             y = self.conv1(x) + self.alpha * self.conv2(x)
         else:
             y = self.conv1(x) + self.conv2(x)
         return self.act(y)
+
+    @staticmethod
+    def _fuse_conv_bn(branch: "ConvBNLayer"):
+        """(kernel, bias) of conv followed by eval-mode BN, as float64 numpy arrays."""
+        import numpy as np
+
+        w = branch.conv.weight.numpy().astype(np.float64)
+        bn = branch.bn
+        gamma = bn.weight.numpy().astype(np.float64)
+        beta = bn.bias.numpy().astype(np.float64)
+        mean = bn._mean.numpy().astype(np.float64)
+        var = bn._variance.numpy().astype(np.float64)
+        std = np.sqrt(var + float(bn._epsilon))
+        t = gamma / std
+        return w * t.reshape([-1, 1, 1, 1]), beta - mean * t
+
+    def convert_to_deploy(self) -> None:
+        """Fold both branches' BN (and ``alpha``) into one 3x3 conv with bias, named ``conv``.
+
+        Drops ``conv1``/``conv2``/``alpha``; the block then computes ``act(conv(x))``. Idempotent.
+        """
+        import numpy as np
+
+        if hasattr(self, "conv"):
+            return
+        k3, b3 = self._fuse_conv_bn(self.conv1)
+        k1, b1 = self._fuse_conv_bn(self.conv2)
+        a = float(self.alpha.numpy().reshape(-1)[0]) if self.alpha is not None else 1.0
+        kernel = k3 + a * np.pad(k1, [[0, 0], [0, 0], [1, 1], [1, 1]])
+        bias = b3 + a * b1
+        conv = nn.Conv2D(self.ch_in, self.ch_out, kernel_size=3, stride=1, padding=1,
+                         data_format=self.conv1.conv._data_format)
+        conv.weight.set_value(kernel.astype("float32"))
+        conv.bias.set_value(bias.astype("float32"))
+        self.conv = conv
+        del self.conv1
+        del self.conv2
+        if self.alpha is not None:
+            del self.alpha
+        self.alpha = None
 
 
 class BasicBlock(nn.Layer):

@@ -186,6 +186,63 @@ class PPYOLOEInsHead(nn.Layer):
         return {"bbox": bbox, "bbox_num": rois_num.astype("int32").reshape([-1]), "mask": masks}
 
 
+    def post_process_batch(self, head_outs, im_shape: paddle.Tensor, scale_factor: paddle.Tensor,
+                           input_hw: Tuple[int, int]) -> Dict[str, paddle.Tensor]:
+        """Graph-friendly (``paddle.jit.save``-able) post-process of a batch of B images.
+
+        Same maths as :meth:`post_process`, but with no Python-side tensor reads: rows of all
+        images concatenated (``bbox_num`` [B]), masks laid on a [sum N, Hmax, Wmax] canvas of the
+        largest original size, 0 outside each image. Each image is resized to its own
+        ``round(input/scale)`` size with half-pixel bilinear sampling (``grid_sample``, border),
+        which is what ``F.interpolate(..., align_corners=False)`` computes.
+        """
+        scores, dist, coefs, protos, anchor_points, stride_tensor = head_outs
+        lt, rb = paddle.split(dist, 2, axis=-1)
+        boxes = paddle.concat([anchor_points - lt, anchor_points + rb], axis=-1) * stride_tensor
+        out, index, rois_num = _nms_multiclass(
+            boxes, scores, self.score_threshold, self.nms_top_k, self.keep_top_k,
+            self.nms_threshold)
+        ih, iw = int(input_hw[0]), int(input_hw[1])
+        num_anchors = int(anchor_points.shape[0])
+        m, ph, pw = int(protos.shape[1]), int(protos.shape[2]), int(protos.shape[3])
+
+        idx = index.reshape([-1]).astype("int64")  # into the flattened [B*A]
+        img = paddle.floor_divide(idx, paddle.full([1], num_anchors, dtype="int64"))  # [N]
+        coef = paddle.gather(coefs.transpose([0, 2, 1]).reshape([-1, m]), idx)  # [N, M]
+        logits = paddle.matmul(coef.unsqueeze(0), protos.reshape([0, m, ph * pw]))  # [B, N, P]
+        batch_ids = paddle.arange(paddle.shape(scores)[0], dtype="int64")
+        onehot = (img.unsqueeze(1) == batch_ids.unsqueeze(0)).astype(logits.dtype)  # [N, B]
+        logits = (logits.transpose([1, 0, 2]) * onehot.unsqueeze(-1)).sum(axis=1)  # [N, P]
+        masks = F.sigmoid(logits).reshape([-1, ph, pw])
+        masks = F.interpolate(masks.unsqueeze(0), size=[ih, iw], mode="bilinear",
+                              align_corners=False)[0]
+        masks = _crop_mask(masks, out[:, 2:6])  # [N, ih, iw]
+
+        sf = scale_factor.astype("float32")
+        ori = paddle.floor(im_shape.astype("float32") / sf)  # [B, 2] (h0, w0), truncated
+        hmax = paddle.cast(paddle.max(ori[:, 0]), "int64")
+        wmax = paddle.cast(paddle.max(ori[:, 1]), "int64")
+        rh = paddle.gather(paddle.round(ih / sf[:, 0]), img).reshape([-1, 1])  # [N, 1]
+        rw = paddle.gather(paddle.round(iw / sf[:, 1]), img).reshape([-1, 1])
+        oh = paddle.gather(ori[:, 0], img).reshape([-1, 1, 1])
+        ow = paddle.gather(ori[:, 1], img).reshape([-1, 1, 1])
+        xs = paddle.arange(wmax, dtype="float32") + 0.5  # [W]
+        ys = paddle.arange(hmax, dtype="float32") + 0.5  # [H]
+        gx = 2.0 * xs.unsqueeze(0) / rw - 1.0  # [N, W]
+        gy = 2.0 * ys.unsqueeze(0) / rh - 1.0  # [N, H]
+        gx = gx.unsqueeze(1) + gy.unsqueeze(2) * 0.0  # [N, H, W]
+        gy = gy.unsqueeze(2) + gx * 0.0
+        grid = paddle.stack([gx, gy], axis=-1)
+        masks = F.grid_sample(masks.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
+                              align_corners=False)[:, 0]  # [N, H, W]
+        inside = (xs.reshape([1, 1, -1]) < ow) & (ys.reshape([1, -1, 1]) < oh)
+        masks = ((masks > self.mask_threshold) & inside).astype("float32")
+
+        scale = paddle.gather(paddle.stack([sf[:, 1], sf[:, 0], sf[:, 1], sf[:, 0]], axis=1), img)
+        bbox = paddle.concat([out[:, :2], out[:, 2:6] / scale], axis=-1)
+        return {"bbox": bbox, "bbox_num": rois_num.astype("int32").reshape([-1]), "mask": masks}
+
+
 def _crop_mask(masks: paddle.Tensor, boxes: paddle.Tensor) -> paddle.Tensor:
     """Zero each mask [N,H,W] outside its box [N,4] (x1,y1,x2,y2, pixel-index comparison)."""
     _, h, w = masks.shape

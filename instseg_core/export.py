@@ -1,0 +1,149 @@
+"""Export a (trained) network as a PaddleX-format inference dir.
+
+``export_model(model_or_name, weights, output_dir)`` writes ``inference.json`` +
+``inference.pdiparams`` (PIR, inputs ``im_shape`` / ``image`` / ``scale_factor``, outputs in the
+sorted-key order ``bbox``, ``bbox_num``, ``mask``) and ``inference.yml``. RepVGG blocks are fused
+(``convert_to_deploy``) first, as PaddleDetection's ``tools/export_model.py`` does.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import yaml
+from paddle.static import InputSpec
+
+from .models import get_spec
+
+__all__ = ["export_model", "convert_to_deploy"]
+
+_MIN_SUBGRAPH_SIZE = {"DETR": 3, "RCNN": 40, "SOLOv2": 60, "PPYOLOE": 3}
+
+
+def convert_to_deploy(model: nn.Layer) -> nn.Layer:
+    """Call ``convert_to_deploy()`` on every sub-layer that has one (RepVGG blocks); returns model."""
+    for layer in list(model.sublayers(include_self=True)):
+        fn = getattr(layer, "convert_to_deploy", None)
+        if callable(fn):
+            fn()
+    return model
+
+
+class _PPYOLOESegExport(nn.Layer):
+    """``forward(im_shape, image, scale_factor)`` over a PPYOLOESeg, batch-capable post-process."""
+
+    def __init__(self, model: nn.Layer, input_hw: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+
+    def forward(self, im_shape, image, scale_factor):
+        head_outs = self.model.head_outputs(image)
+        return self.model.yolo_head.post_process_batch(head_outs, im_shape, scale_factor,
+                                                       input_hw=self.input_hw)
+
+
+def _load_weights(model: nn.Layer, weights: Any) -> None:
+    if weights is None:
+        return
+    if isinstance(weights, (str, os.PathLike)):
+        weights = paddle.load(str(weights))
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be None, a state dict or a .pdparams path, got {type(weights)!r}")
+    state = {k: (v if isinstance(v, paddle.Tensor) else paddle.to_tensor(np.asarray(v)))
+             for k, v in weights.items()}
+    missing, unexpected = model.set_state_dict(state)
+    if missing or unexpected:
+        warnings.warn(f"weights: {len(missing)} missing keys (e.g. {list(missing)[:3]}), "
+                      f"{len(unexpected)} unexpected keys (e.g. {list(unexpected)[:3]})")
+
+
+def _preprocess(ops: list[dict], input_size: int) -> list[dict]:
+    ops = copy.deepcopy(ops)
+    for op in ops:
+        if op["type"] == "Resize":
+            keep = op.get("keep_ratio", False)
+            op["target_size"] = [input_size, int(input_size * 5 / 3)] if keep else [input_size, input_size]
+    return ops
+
+
+def _model_name_of(model: nn.Layer) -> str:
+    from .modeling.ppyoloe_seg import PPYOLOESeg
+
+    if isinstance(model, PPYOLOESeg):
+        return "PP-YOLOE_seg-S"
+    name = getattr(model, "model_name", None)
+    if name:
+        return str(name)
+    raise ValueError(f"cannot tell the model name of {type(model).__name__}; pass the name instead")
+
+
+def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, labels=None,
+                 draw_threshold: float = 0.5) -> Path:
+    """Export ``model_or_name`` (an official name or a built network) with ``weights``.
+
+    ``weights``: None (keep the model's), a state dict, or a ``.pdparams`` path. The model is
+    deep-copied before fusing, so a passed-in network is left in its training form. Returns
+    ``output_dir``.
+    """
+    from .modeling.build import build_model
+    from .modeling.ppyoloe_seg import PPYOLOESeg
+
+    if int(input_size) < 32 or int(input_size) % 32:
+        raise ValueError(f"input_size must be a positive multiple of 32, got {input_size}")
+    input_size = int(input_size)
+    if isinstance(model_or_name, str):
+        name = model_or_name
+        spec = get_spec(name)
+        num_classes = len(labels) if labels is not None else len(spec.labels)
+        model = build_model(name, num_classes=num_classes)
+    else:
+        name = _model_name_of(model_or_name)
+        spec = get_spec(name)
+        model = copy.deepcopy(model_or_name)
+    _load_weights(model, weights)
+    model.eval()
+    convert_to_deploy(model)
+
+    if isinstance(model, PPYOLOESeg):
+        num_classes = int(model.yolo_head.num_classes)
+        net = _PPYOLOESegExport(model, (input_size, input_size))
+        image_spec = InputSpec([-1, 3, input_size, input_size], "float32", "image")
+        batch_inference = True
+    else:  # pragma: no cover - only PP-YOLOE_seg-S is implemented so far
+        raise NotImplementedError(f"export of {name!r} is not implemented yet")
+    net.eval()
+
+    if labels is None:
+        labels = list(spec.labels[:num_classes]) + [f"class{i}" for i in range(len(spec.labels), num_classes)]
+    elif len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} labels given for a model with {num_classes} classes")
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [InputSpec([-1, 2], "float32", "im_shape"), image_spec,
+             InputSpec([-1, 2], "float32", "scale_factor")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
+        paddle.jit.save(net, str(out / "inference"), input_spec=specs)
+
+    cfg: dict = {"mode": "paddle", "draw_threshold": float(draw_threshold), "metric": "COCO",
+                 "use_dynamic_shape": False, "Global": {"model_name": name}}
+    cfg.update(
+        arch=spec.arch,
+        min_subgraph_size=_MIN_SUBGRAPH_SIZE[spec.arch],
+        mask=True,
+        Preprocess=_preprocess(spec.preprocess, input_size),
+        label_list=[str(label) for label in labels],
+    )
+    if batch_inference:
+        cfg["batch_inference"] = True
+    with open(out / "inference.yml", "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
+    return out

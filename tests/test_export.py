@@ -1,0 +1,220 @@
+"""``instseg_core.export.export_model`` on PP-YOLOE_seg-S with the oracle weights.
+
+The exported dir (input size 320) must reproduce the dygraph model through the predictor, the
+RepVGG fusion must not change the outputs, and a batch of two different-size images must equal
+running them one at a time.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ORACLES = ROOT / "shared" / "oracles"
+FOLDER = ORACLES / "PP-YOLOE_seg-S"
+IMAGE = ROOT / "shared" / "data" / "coco_tiny_val2017" / "val2017" / "000000005001.jpg"
+IMAGE2 = ROOT / "shared" / "data" / "coco_tiny_val2017" / "val2017"
+
+pytestmark = pytest.mark.skipif(not ((FOLDER / "state_dict.tsv").exists() and IMAGE.exists()),
+                                reason="shared/oracles/PP-YOLOE_seg-S or the test photo not available")
+
+INPUT_SIZE = 320
+THRESHOLD = 0.02  # the oracle-rule weights give low scores; keep enough rows to compare
+SCORE_TOL, BOX_TOL, MIN_IOU = 1e-3, 1.0, 0.99
+
+
+def _oracle_weights():
+    sys.path.insert(0, str(ORACLES))
+    try:
+        import weights_rule
+    finally:
+        sys.path.remove(str(ORACLES))
+    lines = (FOLDER / "state_dict.tsv").read_text().splitlines()[1:]
+    shapes = {}
+    for line in lines:
+        k, s, _ = line.split("\t")
+        shapes[k] = tuple(int(x) for x in s.split(","))
+    return weights_rule.fill(shapes)
+
+
+def _build():
+    import paddle
+
+    from instseg_core.modeling.build import build_model
+
+    model = build_model("PP-YOLOE_seg-S")
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in _oracle_weights().items()})
+    model.eval()
+    return model
+
+
+def _dygraph(model, inputs):
+    import paddle
+
+    with paddle.no_grad():
+        out = model({k: paddle.to_tensor(v) for k, v in inputs.items()})
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def _match(exp_rows, exp_masks, got_rows, got_masks):
+    """Greedy one-to-one matching; returns (unmatched count, worst mask IoU, max dscore, max dbox)."""
+    used, worst_iou, max_ds, max_db = set(), 1.0, 0.0, 0.0
+    unmatched = 0
+    for i in np.argsort(-exp_rows[:, 1], kind="stable"):
+        best, best_d = None, None
+        for j in range(len(got_rows)):
+            if j in used or int(got_rows[j, 0]) != int(exp_rows[i, 0]):
+                continue
+            ds = abs(float(got_rows[j, 1] - exp_rows[i, 1]))
+            db = float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max())
+            if ds <= SCORE_TOL and db <= BOX_TOL and (best_d is None or db < best_d):
+                best, best_d = j, db
+        if best is None:
+            unmatched += 1
+            continue
+        used.add(best)
+        max_ds = max(max_ds, abs(float(got_rows[best, 1] - exp_rows[i, 1])))
+        max_db = max(max_db, best_d)
+        a, b = exp_masks[i] > 0.5, got_masks[best] > 0.5
+        union = int(np.count_nonzero(a | b))
+        iou = 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
+        worst_iou = min(worst_iou, iou)
+    return unmatched, worst_iou, max_ds, max_db
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from instseg_core.export import export_model
+
+    model = _build()
+    out = export_model(model, None, tmp_path_factory.mktemp("ppyoloe_seg_s") / "infer",
+                       input_size=INPUT_SIZE, draw_threshold=THRESHOLD)
+    return model, out
+
+
+def test_inference_dir_files_and_yml(exported):
+    import yaml
+
+    _, out = exported
+    assert (out / "inference.json").is_file() and (out / "inference.pdiparams").is_file()
+    cfg = yaml.safe_load((out / "inference.yml").read_text())
+    assert cfg["mode"] == "paddle" and cfg["metric"] == "COCO" and cfg["mask"] is True
+    assert cfg["Global"]["model_name"] == "PP-YOLOE_seg-S" and cfg["arch"] == "PPYOLOE"
+    assert cfg["draw_threshold"] == THRESHOLD and cfg["batch_inference"] is True
+    assert cfg["use_dynamic_shape"] is False and cfg["min_subgraph_size"] == 3
+    assert len(cfg["label_list"]) == 80 and cfg["label_list"][0] == "person"
+    resize = [op for op in cfg["Preprocess"] if op["type"] == "Resize"][0]
+    assert resize["target_size"] == [INPUT_SIZE, INPUT_SIZE]
+
+
+def test_predictor_matches_dygraph(exported):
+    import cv2
+
+    from instseg_core.inference.predictor import create_model
+    from instseg_core.inference.preprocess import collate
+
+    model, out = exported
+    pred = create_model(model_dir=out)
+    img = cv2.imread(str(IMAGE))
+    samples = pred.preprocess([img])
+    inst = pred.infer(samples)[0]
+    ref = _dygraph(model, collate(samples))
+    keep = ref["bbox"][:, 1] > THRESHOLD
+    exp_rows, exp_masks = ref["bbox"][keep], ref["mask"][keep]
+    h, w = img.shape[:2]
+    # the predictor clips boxes to the image: do the same to the dygraph rows
+    exp_rows = exp_rows.copy()
+    exp_rows[:, 2:6] = np.clip(exp_rows[:, 2:6], 0, [w, h, w, h])
+    got_rows = np.concatenate([inst.class_ids[:, None].astype(np.float32), inst.scores[:, None],
+                               inst.boxes], axis=1)
+    got_masks = np.asarray(inst.masks)
+    assert len(exp_rows) >= 5, "too few detections above the threshold to compare"
+    assert len(got_rows) == len(exp_rows)
+    unmatched, worst_iou, max_ds, max_db = _match(exp_rows, exp_masks, got_rows, got_masks)
+    print(f"{len(got_rows)} detections, unmatched {unmatched}, worst IoU {worst_iou:.4f}, "
+          f"max|dscore| {max_ds:.2e}, max|dbox| {max_db:.3f}")
+    assert unmatched == 0 and worst_iou >= MIN_IOU
+
+
+def test_fused_equals_unfused():
+    """Each fused RepVGG block equals its training form within 1e-4 relative; the whole network
+    stays within the oracle tolerances (float32 rounding accumulates over the layers)."""
+    import copy
+
+    import paddle
+
+    from instseg_core.export import convert_to_deploy
+    from instseg_core.modeling.layers import RepVggBlock
+
+    model = _build()
+    rs = np.random.RandomState(0)
+    blocks = [l for l in model.sublayers() if isinstance(l, RepVggBlock)]
+    assert blocks
+    for block in blocks:
+        x = paddle.to_tensor(rs.normal(0, 1, (1, block.ch_in, 12, 12)).astype("float32"))
+        fused_block = copy.deepcopy(block)
+        fused_block.convert_to_deploy()
+        assert hasattr(fused_block, "conv") and not hasattr(fused_block, "conv1")
+        with paddle.no_grad():
+            y0, y1 = block(x).numpy(), fused_block(x).numpy()
+        rel = float(np.abs(y0 - y1).max()) / max(float(np.abs(y0).max()), 1e-12)
+        assert rel <= 1e-4, rel
+
+    fused = convert_to_deploy(copy.deepcopy(model))
+    assert not any(hasattr(l, "conv1") for l in fused.sublayers() if isinstance(l, RepVggBlock))
+    image = paddle.to_tensor(rs.uniform(0, 1, (1, 3, 160, 160)).astype("float32"))
+    with paddle.no_grad():
+        a = [t.numpy() for t in model.head_outputs(image)]
+        b = [t.numpy() for t in fused.head_outputs(image)]
+    assert float(np.abs(a[0] - b[0]).max()) <= 1e-3  # class probabilities
+    for x, y in zip(a[1:4], b[1:4]):  # box distances (stride units), mask coefficients, prototypes
+        assert float(np.abs(x - y).max()) <= 5e-3 * float(x.std())
+
+
+def test_batch_of_two_equals_single(exported):
+    import cv2
+
+    from instseg_core.inference.predictor import create_model
+    from instseg_core.inference.preprocess import collate
+
+    _, out = exported
+    pred = create_model(model_dir=out)
+    img1 = cv2.imread(str(IMAGE))
+    # a second image of another size: a crop of the first one, mirrored
+    img2 = np.ascontiguousarray(img1[40:400, 100:560][:, ::-1])
+    assert img2.shape[:2] != img1.shape[:2]
+    samples = pred.preprocess([img1, img2])
+    outputs = pred.engine.run(collate(samples))
+    bbox, bbox_num, mask = outputs
+    assert bbox_num.shape == (2,) and int(bbox_num.sum()) == len(bbox)
+    assert mask.shape[1:] == (max(img1.shape[0], img2.shape[0]), max(img1.shape[1], img2.shape[1]))
+    singles = [pred._infer_one(s, 0.0) for s in samples]  # every row the graph gives
+    batched = pred._postprocess(outputs, samples, 0.0)
+    n0 = int(bbox_num[0])
+    pad = mask[n0:, img2.shape[0]:, :]
+    assert not pad.any() and not mask[n0:, :, img2.shape[1]:].any()
+    for one, both in zip(singles, batched):
+        assert len(one.boxes) == len(both.boxes) and len(one.boxes) > 0
+        np.testing.assert_allclose(one.boxes, both.boxes, atol=1e-3)
+        np.testing.assert_allclose(one.scores, both.scores, atol=1e-5)
+        np.testing.assert_array_equal(one.class_ids, both.class_ids)
+        for a, b in zip(np.asarray(one.masks), np.asarray(both.masks)):
+            union = np.count_nonzero(a | b)
+            assert union == 0 or np.count_nonzero(a & b) / union >= MIN_IOU
+
+
+def test_weights_path_and_bad_input_size(tmp_path):
+    import paddle
+
+    from instseg_core.export import export_model
+
+    with pytest.raises(ValueError):
+        export_model("PP-YOLOE_seg-S", None, tmp_path / "x", input_size=100)
+    # a .pdparams path is loaded with paddle.load (smoke: the file round-trips)
+    path = tmp_path / "w.pdparams"
+    paddle.save({k: paddle.to_tensor(v) for k, v in _oracle_weights().items()}, str(path))
+    out = export_model("PP-YOLOE_seg-S", path, tmp_path / "y", input_size=64)
+    assert (out / "inference.json").is_file() and (out / "inference.pdiparams").is_file()
