@@ -14,7 +14,18 @@ def _ppyoloe_seg_s(num_classes: int) -> nn.Layer:
     return ppyoloe_seg_s(num_classes=num_classes)
 
 
+def _mask_rtdetr(size: str):
+    def build(num_classes: int) -> nn.Layer:
+        from .mask_rtdetr import mask_rtdetr
+
+        return mask_rtdetr(size, num_classes=num_classes)
+
+    return build
+
+
 _BUILDERS["PP-YOLOE_seg-S"] = _ppyoloe_seg_s
+for _size in "SMLXH":
+    _BUILDERS[f"Mask-RT-DETR-{_size}"] = _mask_rtdetr(_size)
 
 
 def build_model(name: str, num_classes: int = 80) -> nn.Layer:

@@ -1,0 +1,266 @@
+"""Mask-RT-DETR transformer (``transformer.*``) and its post-process, eval mode.
+
+Structure (decoder hidden 256 for every size):
+
+* ``input_proj.{i}``: 1x1 conv (no bias) + BN on each of the 3 encoder levels (strides 8/16/32),
+  flattened and concatenated to a memory of L = sum(h_i * w_i) tokens.
+* Anchors (cx, cy, w, h) from the actual feature sizes: cell centres, size 0.05 * 2**level,
+  "valid" when every coordinate lies in (0.01, 0.99); stored as logits, invalid ones set to +inf.
+  The memory is multiplied by the valid mask.
+* ``enc_output`` (Linear + LayerNorm) -> ``score_head`` logits; the top ``num_queries`` tokens by
+  their max class logit become the queries (content = the encoder output, detached).
+* Mask-enhanced reference boxes: the selected queries' masks (``mask_query_head(dec_norm(q))``
+  times the mask feature) are thresholded at 0 and the box of the positive pixels (normalised
+  cxcywh on the mask grid) is the initial reference (as logits).
+* ``decoder.layers.{0..5}``: self-attention (q = k = tgt + pos, v = tgt), post-norm; multi-scale
+  deformable cross-attention (3 levels, 8 heads, 4 points) with ``F.grid_sample``; ReLU FFN.
+  ``query_pos_head`` embeds the (sigmoid) reference box; after each layer the box is refined:
+  ``sigmoid(bbox_head(out) + inverse_sigmoid(ref))``. Class logits / masks of the last layer
+  come from ``dec_norm`` -> ``score_head`` / ``mask_query_head``.
+
+``MaskRTDETRTransformer.forward(feats, mask_feat)`` returns the reference nesting:
+``(logits [1,1,Q,C], boxes [1,1,Q,4], masks [1,1,Q,h,w], (enc_logits, enc_boxes, enc_masks))``.
+``mask_rtdetr_post_process`` turns the last-layer outputs into ``bbox`` / ``bbox_num`` / ``mask``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from ..necks.mask_hybrid_encoder import _MultiHeadSelfAttention
+
+__all__ = ["MaskRTDETRTransformer", "mask_rtdetr_post_process", "inverse_sigmoid",
+           "generate_anchors", "mask_to_box_cxcywh", "ms_deformable_attention"]
+
+
+def inverse_sigmoid(x: paddle.Tensor, eps: float = 1e-5) -> paddle.Tensor:
+    x = x.clip(min=0.0, max=1.0)
+    return paddle.log(x.clip(min=eps) / (1.0 - x).clip(min=eps))
+
+
+def generate_anchors(shapes: Sequence[Tuple[int, int]], grid_size: float = 0.05, eps: float = 1e-2):
+    """Anchor logits [1, L, 4] (cx, cy, w, h; invalid -> +inf) and valid mask [1, L, 1] float32."""
+    out = []
+    for lvl, (h, w) in enumerate(shapes):
+        ys = (paddle.arange(h, dtype="float32") + 0.5) / h
+        xs = (paddle.arange(w, dtype="float32") + 0.5) / w
+        gy, gx = paddle.meshgrid(ys, xs)
+        wh = paddle.full([h, w], grid_size * (2.0 ** lvl), dtype="float32")
+        out.append(paddle.stack([gx, gy, wh, wh], axis=-1).reshape([1, h * w, 4]))
+    anchors = paddle.concat(out, axis=1)
+    valid = paddle.logical_and(anchors > eps, anchors < 1 - eps).astype("float32").min(axis=-1, keepdim=True)
+    logits = paddle.log(anchors / (1 - anchors))
+    logits = paddle.where(valid > 0, logits, paddle.full_like(logits, float("inf")))
+    return logits, valid
+
+
+def mask_to_box_cxcywh(mask: paddle.Tensor) -> paddle.Tensor:
+    """Boolean masks [B, Q, h, w] -> normalised cxcywh boxes [B, Q, 4] of the positive pixels.
+
+    x1/y1 = smallest positive column/row, x2/y2 = largest + 1, divided by (w, h); empty -> zeros.
+    """
+    h, w = int(mask.shape[-2]), int(mask.shape[-1])
+    m = mask.astype("float32")
+    cols = m.max(axis=-2)  # [B, Q, w]
+    rows = m.max(axis=-1)  # [B, Q, h]
+    xs = paddle.arange(w, dtype="float32")
+    ys = paddle.arange(h, dtype="float32")
+    big = paddle.to_tensor(1e8, dtype="float32")
+    x2 = (cols * xs).max(axis=-1) + 1
+    y2 = (rows * ys).max(axis=-1) + 1
+    x1 = paddle.where(cols > 0, xs.expand_as(cols), big).min(axis=-1)
+    y1 = paddle.where(rows > 0, ys.expand_as(rows), big).min(axis=-1)
+    box = paddle.stack([x1, y1, x2, y2], axis=-1)
+    nonempty = cols.max(axis=-1, keepdim=True)
+    box = box * nonempty / paddle.to_tensor([w, h, w, h], dtype="float32")
+    x1, y1, x2, y2 = box.unbind(-1)
+    return paddle.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=-1)
+
+
+def ms_deformable_attention(value, shapes, sampling_locations, attention_weights):
+    """value [B, L, H, c]; sampling_locations [B, Q, H, nl, np, 2] in [0, 1];
+    attention_weights [B, Q, H, nl, np] -> [B, Q, H*c] (bilinear, zeros padding, align_corners False)."""
+    b, _, nh, c = value.shape
+    q, nl, npt = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    values = paddle.split(value, [h * w for h, w in shapes], axis=1)
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = values[lvl].transpose([0, 2, 3, 1]).reshape([b * nh, c, h, w])
+        g = grids[:, :, :, lvl].transpose([0, 2, 1, 3, 4]).reshape([b * nh, q, npt, 2])
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    s = paddle.stack(sampled, axis=-2).reshape([b * nh, c, q, nl * npt])
+    a = attention_weights.transpose([0, 2, 1, 3, 4]).reshape([b * nh, 1, q, nl * npt])
+    out = (s * a).sum(axis=-1).reshape([b, nh * c, q])
+    return out.transpose([0, 2, 1])
+
+
+class _MLP(nn.Layer):
+    def __init__(self, din: int, dhid: int, dout: int, num_layers: int):
+        super().__init__()
+        dims = [din] + [dhid] * (num_layers - 1) + [dout]
+        self.layers = nn.LayerList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class _MSDeformableAttention(nn.Layer):
+    def __init__(self, dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4):
+        super().__init__()
+        self.dim, self.num_heads, self.num_levels, self.num_points = dim, num_heads, num_levels, num_points
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+
+    def forward(self, query, reference_boxes, value, shapes, value_mask=None):
+        """query [B,Q,D]; reference_boxes [B,Q,4] (sigmoid cxcywh); value [B,L,D]."""
+        b, q = query.shape[0], query.shape[1]
+        nh, nl, npt = self.num_heads, self.num_levels, self.num_points
+        v = self.value_proj(value)
+        if value_mask is not None:
+            v = v * value_mask
+        v = v.reshape([b, v.shape[1], nh, self.dim // nh])
+        off = self.sampling_offsets(query).reshape([b, q, nh, nl, npt, 2])
+        aw = F.softmax(self.attention_weights(query).reshape([b, q, nh, nl * npt]), axis=-1)
+        aw = aw.reshape([b, q, nh, nl, npt])
+        ref = reference_boxes.reshape([b, q, 1, 1, 1, 4])
+        loc = ref[..., :2] + off / npt * ref[..., 2:] * 0.5
+        return self.output_proj(ms_deformable_attention(v, shapes, loc, aw))
+
+
+class _DecoderLayer(nn.Layer):
+    def __init__(self, dim: int = 256, num_heads: int = 8, dim_feedforward: int = 1024,
+                 num_levels: int = 3, num_points: int = 4):
+        super().__init__()
+        self.self_attn = _MultiHeadSelfAttention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = _MSDeformableAttention(dim, num_heads, num_levels, num_points)
+        self.norm2 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, tgt, ref_boxes, memory, shapes, pos):
+        qk = tgt + pos
+        tgt = self.norm1(tgt + self.self_attn(qk, qk, tgt))
+        tgt = self.norm2(tgt + self.cross_attn(tgt + pos, ref_boxes, memory, shapes))
+        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+class _Decoder(nn.Layer):
+    def __init__(self, num_layers: int, **kw):
+        super().__init__()
+        self.layers = nn.LayerList([_DecoderLayer(**kw) for _ in range(num_layers)])
+
+
+class _ConvNorm(nn.Layer):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2D(cin, cout, 1, bias_attr=False)
+        self.norm = nn.BatchNorm2D(cout)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class MaskRTDETRTransformer(nn.Layer):
+    def __init__(self, in_channels: int = 256, hidden_dim: int = 256, num_classes: int = 80,
+                 num_queries: int = 300, num_levels: int = 3, num_points: int = 4, num_heads: int = 8,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 1024, num_prototypes: int = 128,
+                 eval_idx: int = -1):
+        super().__init__()
+        self.hidden_dim, self.num_classes, self.num_queries = hidden_dim, num_classes, num_queries
+        self.num_levels = num_levels
+        self.num_decoder_layers = num_decoder_layers
+        self.eval_idx = eval_idx if eval_idx >= 0 else num_decoder_layers + eval_idx
+        self.input_proj = nn.LayerList([_ConvNorm(in_channels, hidden_dim) for _ in range(num_levels)])
+        self.decoder = _Decoder(num_decoder_layers, dim=hidden_dim, num_heads=num_heads,
+                                dim_feedforward=dim_feedforward, num_levels=num_levels,
+                                num_points=num_points)
+        # training-only (denoising queries); kept for state-dict parity
+        self.denoising_class_embed = nn.Embedding(num_classes, hidden_dim)
+        self.query_pos_head = _MLP(4, 2 * hidden_dim, hidden_dim, 2)
+        self.mask_query_head = _MLP(hidden_dim, hidden_dim, num_prototypes, 3)
+        self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
+        self.dec_norm = nn.LayerNorm(hidden_dim)
+        self.score_head = nn.Linear(hidden_dim, num_classes)
+        self.bbox_head = _MLP(hidden_dim, hidden_dim, 4, 3)
+
+    def _class_and_mask(self, query, mask_feat):
+        q = self.dec_norm(query)
+        coef = self.mask_query_head(q)  # [B, Q, P]
+        b, p, h, w = mask_feat.shape
+        masks = paddle.bmm(coef, mask_feat.reshape([b, p, h * w])).reshape([b, -1, h, w])
+        return self.score_head(q), masks
+
+    def forward(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor):
+        shapes: List[Tuple[int, int]] = []
+        mem = []
+        for proj, f in zip(self.input_proj, feats):
+            y = proj(f)
+            h, w = int(y.shape[2]), int(y.shape[3])
+            shapes.append((h, w))
+            mem.append(y.flatten(2).transpose([0, 2, 1]))
+        memory = paddle.concat(mem, axis=1)
+        b = memory.shape[0]
+
+        anchors, valid = generate_anchors(shapes)
+        out_mem = self.enc_output(memory * valid)
+        enc_logits = self.score_head(out_mem)
+        enc_boxes_unact = self.bbox_head(out_mem) + anchors
+        _, idx = paddle.topk(enc_logits.max(axis=-1), self.num_queries, axis=1)  # [B, Q]
+        sel = lambda t: paddle.take_along_axis(t, idx.unsqueeze(-1).expand([b, self.num_queries, t.shape[-1]]), axis=1)
+        target = sel(out_mem).detach()
+        enc_sel_boxes = F.sigmoid(sel(enc_boxes_unact))
+        enc_sel_logits, enc_sel_masks = self._class_and_mask(target, mask_feat)
+        ref = mask_to_box_cxcywh(enc_sel_masks > 0)  # mask-enhanced reference boxes
+
+        out = target
+        for i, layer in enumerate(self.decoder.layers):
+            pos = self.query_pos_head(ref)
+            out = layer(out, ref, memory, shapes, pos)
+            new_ref = F.sigmoid(self.bbox_head(out) + inverse_sigmoid(ref))
+            if i == self.eval_idx:
+                logits, masks = self._class_and_mask(out, mask_feat)
+                return (logits.unsqueeze(0), new_ref.unsqueeze(0), masks.unsqueeze(0),
+                        (enc_sel_logits, enc_sel_boxes, enc_sel_masks))
+            ref = new_ref
+        raise RuntimeError("eval_idx out of range")
+
+
+def mask_rtdetr_post_process(logits, boxes, masks, im_shape, scale_factor, num_top_queries: int = 100,
+                             ) -> Dict[str, paddle.Tensor]:
+    """logits [B,Q,C], boxes [B,Q,4] (normalised cxcywh), masks [B,Q,h,w] logits (batch 1).
+
+    -> bbox [K,6] (class, score, x1, y1, x2, y2 in original pixels, not clipped), bbox_num [B] int32,
+    mask [K,H0,W0] int32 (bilinear to the original size, logit > 0).
+    """
+    num_classes = logits.shape[-1]
+    origin = paddle.floor(im_shape / scale_factor + 0.5)  # [B, 2] (h, w)
+    oh, ow = origin[:, 0], origin[:, 1]
+    cx, cy, w, h = boxes.unbind(-1)
+    xyxy = paddle.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+    xyxy = xyxy * paddle.stack([ow, oh, ow, oh], axis=-1).unsqueeze(1)
+    scores = F.sigmoid(logits).flatten(1)
+    scores, index = paddle.topk(scores, num_top_queries, axis=-1)
+    labels = (index % num_classes).astype("float32")
+    qidx = index // num_classes
+    bsz = logits.shape[0]
+    sel_boxes = paddle.take_along_axis(xyxy, qidx.unsqueeze(-1).expand([bsz, num_top_queries, 4]), axis=1)
+    bbox = paddle.concat([labels.unsqueeze(-1), scores.unsqueeze(-1), sel_boxes], axis=-1)
+    H0, W0 = int(oh[0].item()), int(ow[0].item())
+    m = paddle.gather(masks[0], qidx[0], axis=0).unsqueeze(0)
+    m = F.interpolate(m, size=[H0, W0], mode="bilinear", align_corners=False)
+    mask = (m[0] > 0).astype("int32")
+    return {"bbox": bbox.reshape([-1, 6]),
+            "bbox_num": paddle.full([bsz], num_top_queries, dtype="int32"),
+            "mask": mask}

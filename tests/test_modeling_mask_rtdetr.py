@@ -1,0 +1,223 @@
+"""Mask-RT-DETR-{S,M,L,X,H} (backbone + neck + transformer + post-process) against the oracles.
+
+Per size: ``state_dict()`` keys, shapes and order equal ``state_dict.tsv``; with the synthetic
+weights of ``weights_rule.py`` the transformer intermediates (``feat/transformer/3/*``: encoder
+top-300 selection; ``feat/transformer/0..2``: last decoder layer) match within 2e-3 * std, and the
+final detections match as sets (label, |dscore| <= 1e-3, box <= 1 px; masks
+|A xor B| <= max(0.01 |A u B|, 64)), all 100 rows (``shared/oracles/README.md``).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ORACLES = Path(__file__).resolve().parents[2] / "shared" / "oracles"
+SIZES = ["S", "M", "L", "X", "H"]
+REL_TOL = 2e-3
+
+
+def _folder(size):
+    return ORACLES / f"Mask-RT-DETR-{size}"
+
+
+def _available(size, files=("state_dict.tsv", "expected.npz", "input.npz")):
+    f = _folder(size)
+    return all((f / n).exists() for n in files) and (ORACLES / "weights_rule.py").exists()
+
+
+def _rows(size):
+    out = []
+    for line in (_folder(size) / "state_dict.tsv").read_text().splitlines()[1:]:
+        k, s, _ = line.split("\t")
+        out.append((k, tuple(int(x) for x in s.split(","))))
+    return out
+
+
+def _compare(exp, name, got):
+    if name in exp.files:
+        e = exp[name]
+        got = got.reshape(e.shape)
+        return float(np.abs(got.astype(np.float64) - e).max()) / float(e.std())
+    shape = tuple(int(v) for v in exp[name + "/shape"])
+    got = got.reshape(shape)
+    std = float(exp[name + "/std"])
+    g = got.astype(np.float64)
+    errs = [abs(g.mean() - float(exp[name + "/mean"])), abs(g.std() - std),
+            float(np.abs(g.reshape(-1)[exp[name + "/idx"]] - exp[name + "/val"]).max())]
+    return max(errs) / std
+
+
+def _match(exp_bbox, exp_mask, got_bbox, got_mask):
+    """Greedy one-to-one matching from the highest expected score; returns (matched, mask_fail)."""
+    used, matched, mask_fail = set(), 0, 0
+    for i in np.argsort(-exp_bbox[:, 1], kind="stable"):
+        best = None
+        for j in range(len(got_bbox)):
+            if j in used or got_bbox[j, 0] != exp_bbox[i, 0]:
+                continue
+            ds = abs(float(got_bbox[j, 1]) - float(exp_bbox[i, 1]))
+            db = float(np.abs(got_bbox[j, 2:] - exp_bbox[i, 2:]).max())
+            if ds <= 1e-3 and db <= 1.0 and (best is None or ds + db < best[0]):
+                best = (ds + db, j)
+        if best is None:
+            continue
+        used.add(best[1])
+        matched += 1
+        a, b = exp_mask[i].astype(bool), got_mask[best[1]].astype(bool)
+        if (a ^ b).sum() > max(0.01 * (a | b).sum(), 64):
+            mask_fail += 1
+    return matched, mask_fail
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_mask_rtdetr_state_dict_parity(size):
+    if not _available(size, ("state_dict.tsv",)):
+        pytest.skip(f"shared/oracles/Mask-RT-DETR-{size} not available")
+    from instseg_core.modeling.mask_rtdetr import MaskRTDETR, mask_rtdetr
+
+    model = mask_rtdetr(size)
+    assert isinstance(model, MaskRTDETR)
+    sd = model.state_dict()
+    rows = _rows(size)
+    assert list(sd) == [k for k, _ in rows]
+    bad = [(k, tuple(sd[k].shape), s) for k, s in rows if tuple(sd[k].shape) != s]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_mask_rtdetr_matches_oracle(size):
+    if not _available(size):
+        pytest.skip(f"shared/oracles/Mask-RT-DETR-{size} not available")
+    import paddle
+
+    from instseg_core.modeling.heads.mask_rtdetr import mask_rtdetr_post_process
+    from instseg_core.modeling.mask_rtdetr import mask_rtdetr
+
+    if str(ORACLES) not in sys.path:
+        sys.path.insert(0, str(ORACLES))
+    import weights_rule
+
+    model = mask_rtdetr(size)
+    model.eval()
+    shapes = dict(_rows(size))
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights_rule.fill(shapes).items()})
+    inp = np.load(_folder(size) / "input.npz")
+    exp = np.load(_folder(size) / "expected.npz")
+    with paddle.no_grad():
+        logits, boxes, masks, enc = model.head_outputs(paddle.to_tensor(inp["image"]))
+        # same as model.forward(inputs), reusing the head outputs
+        out = mask_rtdetr_post_process(logits[-1], boxes[-1], masks[-1], paddle.to_tensor(inp["im_shape"]),
+                                       paddle.to_tensor(inp["scale_factor"]), model.num_top_queries)
+    errs = {f"3/{i}": _compare(exp, f"feat/transformer/3/{i}", t.numpy()) for i, t in enumerate(enc)}
+    for i, t in enumerate((logits, boxes, masks)):
+        errs[str(i)] = _compare(exp, f"feat/transformer/{i}", t.numpy())
+    assert all(e <= REL_TOL for e in errs.values()), errs
+
+    bbox, bbox_num, mask = out["bbox"].numpy(), out["bbox_num"].numpy(), out["mask"].numpy()
+    assert bbox.dtype == np.float32 and bbox.shape == (100, 6)
+    assert bbox_num.dtype == np.int32 and bbox_num.tolist() == exp["bbox_num"].tolist() == [100]
+    assert mask.dtype == np.int32 and mask.shape == exp["mask"].shape == (100, 480, 640)
+    matched, mask_fail = _match(exp["bbox"], exp["mask"], bbox, mask)
+    assert matched == 100 and mask_fail == 0, (matched, mask_fail)
+
+
+def test_mask_rtdetr_forward_other_input_size():
+    """Anchors / valid mask / position embedding follow the input size: a non-square input runs."""
+    import paddle
+
+    from instseg_core.modeling.mask_rtdetr import mask_rtdetr
+
+    paddle.seed(0)
+    model = mask_rtdetr("S")
+    model.eval()
+    h, w = 128, 192
+    inputs = {"image": paddle.rand([1, 3, h, w]), "im_shape": paddle.to_tensor([[h, w]], dtype="float32"),
+              "scale_factor": paddle.to_tensor([[0.5, 0.5]], dtype="float32")}
+    with paddle.no_grad():
+        out = model(inputs)
+    assert list(out["bbox"].shape) == [100, 6] and out["bbox"].dtype == paddle.float32
+    assert out["bbox_num"].numpy().tolist() == [100] and out["bbox_num"].dtype == paddle.int32
+    assert list(out["mask"].shape) == [100, 2 * h, 2 * w] and out["mask"].dtype == paddle.int32
+    assert np.isfinite(out["bbox"].numpy()).all()
+
+
+def test_generate_anchors_and_valid_mask():
+    from instseg_core.modeling.heads.mask_rtdetr import generate_anchors
+
+    logits, valid = generate_anchors([(4, 6), (2, 3)])
+    assert list(logits.shape) == [1, 30, 4] and list(valid.shape) == [1, 30, 1]
+    lg, v = logits.numpy()[0], valid.numpy()[0, :, 0]
+    # level 0, row 0, col 1: cx = 1.5/6, cy = 0.5/4, size 0.05 -> valid
+    a = np.array([1.5 / 6, 0.5 / 4, 0.05, 0.05])
+    np.testing.assert_allclose(lg[1], np.log(a / (1 - a)), rtol=1e-5)
+    assert v[1] == 1.0
+    # level 1 size 0.1 -> all valid; nothing near the border at these sizes is invalid
+    assert v.min() == 1.0
+    logits, valid = generate_anchors([(1, 200)])  # cx = 0.5/200 < 0.01 -> invalid, logit +inf
+    assert valid.numpy()[0, 0, 0] == 0.0 and np.isinf(logits.numpy()[0, 0]).all()
+
+
+def test_mask_to_box_cxcywh():
+    import paddle
+
+    from instseg_core.modeling.heads.mask_rtdetr import mask_to_box_cxcywh
+
+    m = np.zeros([1, 2, 8, 10], dtype=bool)
+    m[0, 0, 2:5, 3:9] = True  # rows 2..4, cols 3..8 -> x1=3, x2=9, y1=2, y2=5
+    box = mask_to_box_cxcywh(paddle.to_tensor(m)).numpy()[0]
+    np.testing.assert_allclose(box[0], [6 / 10, 3.5 / 8, 6 / 10, 3 / 8], rtol=1e-6)
+    np.testing.assert_allclose(box[1], [0, 0, 0, 0])  # empty mask
+
+
+def test_ms_deformable_attention_matches_naive():
+    import paddle
+
+    from instseg_core.modeling.heads.mask_rtdetr import ms_deformable_attention
+
+    rng = np.random.RandomState(0)
+    shapes = [(4, 5), (2, 3)]
+    b, nh, c, q, npt = 1, 2, 3, 4, 2
+    value = rng.randn(b, 26, nh, c).astype("float32")
+    loc = rng.uniform(-0.1, 1.1, size=(b, q, nh, 2, npt, 2)).astype("float32")
+    aw = rng.rand(b, q, nh, 2, npt).astype("float32")
+    got = ms_deformable_attention(paddle.to_tensor(value), shapes, paddle.to_tensor(loc),
+                                  paddle.to_tensor(aw)).numpy()
+
+    def bilinear(img, x, y):  # img [h, w, c]; pixel coords, half-pixel centres, zeros outside
+        h, w = img.shape[:2]
+        x, y = x * w - 0.5, y * h - 0.5
+        x0, y0 = int(np.floor(x)), int(np.floor(y))
+        out = np.zeros(img.shape[2])
+        for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+            for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+                if 0 <= yy < h and 0 <= xx < w:
+                    out += wy * wx * img[yy, xx]
+        return out
+
+    ref = np.zeros((b, q, nh * c))
+    starts = [0, 20]
+    for qi in range(q):
+        for hi in range(nh):
+            acc = np.zeros(c)
+            for li, (h, w) in enumerate(shapes):
+                img = value[0, starts[li]:starts[li] + h * w, hi].reshape(h, w, c)
+                for p in range(npt):
+                    acc += aw[0, qi, hi, li, p] * bilinear(img, *loc[0, qi, hi, li, p])
+            ref[0, qi, hi * c:(hi + 1) * c] = acc
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_mask_rtdetr_unknown_size():
+    from instseg_core.modeling.mask_rtdetr import mask_rtdetr
+
+    with pytest.raises(ValueError):
+        mask_rtdetr("Q")
+
+
+def test_build_model_gives_mask_rtdetr():
+    from instseg_core.modeling import MaskRTDETR, build_model
+
+    assert isinstance(build_model("Mask-RT-DETR-S"), MaskRTDETR)
