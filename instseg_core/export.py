@@ -23,7 +23,8 @@ from .models import get_spec
 
 __all__ = ["export_model", "convert_to_deploy"]
 
-_MIN_SUBGRAPH_SIZE = {"DETR": 3, "RCNN": 40, "SOLOv2": 60, "PPYOLOE": 3}
+# inference.yml `min_subgraph_size` per arch, as PaddleDetection's exporter writes it
+MIN_SUBGRAPH_SIZE = {"DETR": 3, "RCNN": 40, "SOLOv2": 60, "PPYOLOE": 3}
 
 
 def convert_to_deploy(model: nn.Layer) -> nn.Layer:
@@ -64,13 +65,40 @@ def _load_weights(model: nn.Layer, weights: Any) -> None:
                       f"{len(unexpected)} unexpected keys (e.g. {list(unexpected)[:3]})")
 
 
-def _preprocess(ops: list[dict], input_size: int) -> list[dict]:
+def preprocess_for_size(ops: list[dict], input_size: int | None) -> list[dict]:
+    """A copy of a ``Preprocess`` list resized for ``input_size`` (keep-ratio models: [s, 5s/3])."""
     ops = copy.deepcopy(ops)
-    for op in ops:
-        if op["type"] == "Resize":
-            keep = op.get("keep_ratio", False)
-            op["target_size"] = [input_size, int(input_size * 5 / 3)] if keep else [input_size, input_size]
+    if input_size is not None:
+        for op in ops:
+            if op["type"] == "Resize":
+                keep = op.get("keep_ratio", False)
+                op["target_size"] = [input_size, int(input_size * 5 / 3)] if keep else [input_size, input_size]
     return ops
+
+
+def write_inference_yml(output_dir: str | os.PathLike, model_name: str, labels: list, *, draw_threshold: float = 0.5,
+                        input_size: int | None = None, with_model_name: bool = True,
+                        batch_inference: bool = False) -> Path:
+    """Write ``inference.yml`` with PaddleX's fields (and ``batch_inference`` for graphs that
+    take a batch in one call); returns its path."""
+    spec = get_spec(model_name)
+    cfg: dict = {"mode": "paddle", "draw_threshold": float(draw_threshold), "metric": "COCO",
+                 "use_dynamic_shape": False}
+    if with_model_name:
+        cfg["Global"] = {"model_name": model_name}
+    cfg.update(
+        arch=spec.arch,
+        min_subgraph_size=MIN_SUBGRAPH_SIZE[spec.arch],
+        mask=True,
+        Preprocess=preprocess_for_size(spec.preprocess, input_size),
+        label_list=[str(label) for label in labels],
+    )
+    if batch_inference:
+        cfg["batch_inference"] = True
+    path = Path(output_dir) / "inference.yml"
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
+    return path
 
 
 def _model_name_of(model: nn.Layer) -> str:
@@ -133,17 +161,6 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, l
         warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
         paddle.jit.save(net, str(out / "inference"), input_spec=specs)
 
-    cfg: dict = {"mode": "paddle", "draw_threshold": float(draw_threshold), "metric": "COCO",
-                 "use_dynamic_shape": False, "Global": {"model_name": name}}
-    cfg.update(
-        arch=spec.arch,
-        min_subgraph_size=_MIN_SUBGRAPH_SIZE[spec.arch],
-        mask=True,
-        Preprocess=_preprocess(spec.preprocess, input_size),
-        label_list=[str(label) for label in labels],
-    )
-    if batch_inference:
-        cfg["batch_inference"] = True
-    with open(out / "inference.yml", "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
+    write_inference_yml(out, name, labels, draw_threshold=draw_threshold, input_size=input_size,
+                        batch_inference=batch_inference)
     return out

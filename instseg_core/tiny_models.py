@@ -24,7 +24,6 @@ the per-image results of running the images alone (no float drift that could fli
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from pathlib import Path
@@ -33,9 +32,9 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-import yaml
 from paddle.static import InputSpec
 
+from .export import write_inference_yml
 from .models import (
     CASCADE_RCNN,
     MASK_RTDETR,
@@ -58,7 +57,6 @@ OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
     SOLOV2: ("bbox_num", "cate_label", "cate_score", "segm"),
 }
 
-_MIN_SUBGRAPH_SIZE = {"DETR": 3, "RCNN": 40, "SOLOv2": 60, "PPYOLOE": 3}
 
 _SAMPLE = 64  # the image is resampled to _SAMPLE x _SAMPLE, then avg-pooled 2x: cheap at any size
 _HIDDEN = 8
@@ -227,16 +225,6 @@ def input_specs() -> list[InputSpec]:
     ]
 
 
-def _preprocess(ops: list[dict], input_size: int | None) -> list[dict]:
-    ops = copy.deepcopy(ops)
-    if input_size is not None:
-        for op in ops:
-            if op["type"] == "Resize":
-                keep = op.get("keep_ratio", False)
-                op["target_size"] = [input_size, int(input_size * 5 / 3)] if keep else [input_size, input_size]
-    return ops
-
-
 def export_tiny_model(
     model_name: str,
     output_dir: str | os.PathLike,
@@ -274,18 +262,8 @@ def export_tiny_model(
         warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
         paddle.jit.save(model, str(out / "inference"), input_spec=input_specs())
 
-    cfg: dict = {"mode": "paddle", "draw_threshold": float(draw_threshold), "metric": "COCO", "use_dynamic_shape": False}
-    if with_model_name:
-        cfg["Global"] = {"model_name": model_name}
-    cfg.update(
-        arch=spec.arch,
-        min_subgraph_size=_MIN_SUBGRAPH_SIZE[spec.arch],
-        mask=True,
-        Preprocess=_preprocess(spec.preprocess, input_size),
-        label_list=[str(label) for label in labels],
-    )
-    with open(out / "inference.yml", "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
+    write_inference_yml(out, model_name, labels, draw_threshold=draw_threshold, input_size=input_size,
+                        with_model_name=with_model_name)
     return out
 
 
