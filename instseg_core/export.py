@@ -1,6 +1,7 @@
 """Export a (trained) network as a PaddleX-format inference dir.
 
-``export_model(model_or_name, weights, output_dir)`` writes ``inference.json`` +
+Supported: PP-YOLOE_seg-S and Mask-RT-DETR-{S,M,L,X,H} (both with batch-capable graphs, declared
+``batch_inference: true``). ``export_model(model_or_name, weights, output_dir)`` writes ``inference.json`` +
 ``inference.pdiparams`` (PIR, inputs ``im_shape`` / ``image`` / ``scale_factor``, outputs in the
 sorted-key order ``bbox``, ``bbox_num``, ``mask``) and ``inference.yml``. RepVGG blocks are fused
 (``convert_to_deploy``) first, as PaddleDetection's ``tools/export_model.py`` does.
@@ -48,6 +49,23 @@ class _PPYOLOESegExport(nn.Layer):
         head_outs = self.model.head_outputs(image)
         return self.model.yolo_head.post_process_batch(head_outs, im_shape, scale_factor,
                                                        input_hw=self.input_hw)
+
+
+class _MaskRTDETRExport(nn.Layer):
+    """``forward(im_shape, image, scale_factor)`` over a MaskRTDETR, batch-capable post-process
+    (each image's masks at its own original size, zero-padded to the largest of the batch)."""
+
+    def __init__(self, model: nn.Layer):
+        from .modeling.heads.mask_rtdetr import mask_rtdetr_post_process_batch
+
+        super().__init__()
+        self.model = model
+        self._post_process = mask_rtdetr_post_process_batch  # (no relative import inside forward)
+
+    def forward(self, im_shape, image, scale_factor):
+        logits, boxes, masks, _ = self.model.head_outputs(image)
+        return self._post_process(logits[-1], boxes[-1], masks[-1], im_shape, scale_factor,
+                                              self.model.num_top_queries)
 
 
 def _load_weights(model: nn.Layer, weights: Any) -> None:
@@ -121,6 +139,7 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, l
     ``output_dir``.
     """
     from .modeling.build import build_model
+    from .modeling.mask_rtdetr import MaskRTDETR
     from .modeling.ppyoloe_seg import PPYOLOESeg
 
     if int(input_size) < 32 or int(input_size) % 32:
@@ -144,7 +163,12 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, l
         net = _PPYOLOESegExport(model, (input_size, input_size))
         image_spec = InputSpec([-1, 3, input_size, input_size], "float32", "image")
         batch_inference = True
-    else:  # pragma: no cover - only PP-YOLOE_seg-S is implemented so far
+    elif isinstance(model, MaskRTDETR):
+        num_classes = int(model.transformer.num_classes)
+        net = _MaskRTDETRExport(model)
+        image_spec = InputSpec([-1, 3, input_size, input_size], "float32", "image")
+        batch_inference = True
+    else:  # pragma: no cover - PP-YOLOE_seg-S and Mask-RT-DETR-{S,M,L,X,H} are implemented so far
         raise NotImplementedError(f"export of {name!r} is not implemented yet")
     net.eval()
 

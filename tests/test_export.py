@@ -6,15 +6,15 @@ running them one at a time.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from oracle_utils import oracle_dir, state_shapes, weights_rule
 
 ROOT = Path(__file__).resolve().parents[2]
-ORACLES = ROOT / "shared" / "oracles"
-FOLDER = ORACLES / "PP-YOLOE_seg-S"
+MODEL = "PP-YOLOE_seg-S"
+FOLDER = oracle_dir(MODEL)
 IMAGE = ROOT / "shared" / "data" / "coco_tiny_val2017" / "val2017" / "000000005001.jpg"
 IMAGE2 = ROOT / "shared" / "data" / "coco_tiny_val2017" / "val2017"
 
@@ -27,17 +27,7 @@ SCORE_TOL, BOX_TOL, MIN_IOU = 1e-3, 1.0, 0.99
 
 
 def _oracle_weights():
-    sys.path.insert(0, str(ORACLES))
-    try:
-        import weights_rule
-    finally:
-        sys.path.remove(str(ORACLES))
-    lines = (FOLDER / "state_dict.tsv").read_text().splitlines()[1:]
-    shapes = {}
-    for line in lines:
-        k, s, _ = line.split("\t")
-        shapes[k] = tuple(int(x) for x in s.split(","))
-    return weights_rule.fill(shapes)
+    return weights_rule().fill(state_shapes(MODEL))
 
 
 def _build():

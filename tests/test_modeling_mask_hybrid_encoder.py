@@ -9,67 +9,27 @@ and the eval neck outputs equal ``feat/neck/0/0..2`` (strides 8/16/32) and ``fea
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from oracle_utils import feature_error, mask_rtdetr_name, oracle_dir, require_oracle, state_shapes
+from oracle_utils import weights_rule as load_weights_rule
 
-ORACLES = Path(__file__).resolve().parents[2] / "shared" / "oracles"
 SIZES = ["S", "M", "L", "X", "H"]
 REL_TOL = 2e-3
 HIDDEN = {"S": 256, "M": 256, "L": 256, "X": 384, "H": 512}
 PROTOTYPES = {"S": 128, "M": 128, "L": 32, "X": 128, "H": 128}
 
 
-def _folder(size):
-    return ORACLES / f"Mask-RT-DETR-{size}"
-
-
-def _available(size):
-    f = _folder(size)
-    return all((f / n).exists() for n in ("state_dict.tsv", "expected.npz", "input.npz")) and \
-        (ORACLES / "weights_rule.py").exists()
-
-
-def _shapes(size, prefixes):
-    out = {}
-    for line in (_folder(size) / "state_dict.tsv").read_text().splitlines()[1:]:
-        k, s, _ = line.split("\t")
-        if k.startswith(prefixes):
-            out[k] = tuple(int(x) for x in s.split(","))
-    return out
-
-
-def _compare(exp, name, got):
-    """Normalised error: max|got-exp|/std (full array) or the max of the summary errors."""
-    if name in exp.files:
-        e = exp[name]
-        assert got.shape == e.shape, (name, got.shape, e.shape)
-        return float(np.abs(got.astype(np.float64) - e).max()) / float(e.std())
-    shape = tuple(int(v) for v in exp[name + "/shape"])
-    assert got.shape == shape, (name, got.shape, shape)
-    std = float(exp[name + "/std"])
-    g = got.astype(np.float64)
-    errs = [abs(g.mean() - float(exp[name + "/mean"])),
-            abs(g.std() - std),
-            float(np.abs(g.reshape(-1)[exp[name + "/idx"]] - exp[name + "/val"]).max())]
-    return max(errs) / std
-
-
 @pytest.mark.parametrize("size", SIZES)
 def test_mask_hybrid_encoder_matches_oracle(size):
-    if not _available(size):
-        pytest.skip(f"shared/oracles/Mask-RT-DETR-{size} not available")
+    require_oracle(mask_rtdetr_name(size))
     import paddle
     import paddle.nn as nn
 
     from instseg_core.modeling.backbones.hgnetv2 import hgnetv2
     from instseg_core.modeling.necks.mask_hybrid_encoder import MaskHybridEncoder, mask_hybrid_encoder
 
-    if str(ORACLES) not in sys.path:
-        sys.path.insert(0, str(ORACLES))
-    import weights_rule
+    weights_rule = load_weights_rule()
 
     class Holder(nn.Layer):
         def __init__(self):
@@ -81,7 +41,7 @@ def test_mask_hybrid_encoder_matches_oracle(size):
     model.eval()
     assert isinstance(model.neck, MaskHybridEncoder)
 
-    neck_shapes = _shapes(size, ("neck.",))
+    neck_shapes = state_shapes(mask_rtdetr_name(size), ("neck.",))
     neck_sd = {k: v for k, v in model.state_dict().items() if k.startswith("neck.")}
     assert set(neck_sd) == set(neck_shapes), (sorted(set(neck_shapes) - set(neck_sd))[:5],
                                               sorted(set(neck_sd) - set(neck_shapes))[:5])
@@ -89,11 +49,11 @@ def test_mask_hybrid_encoder_matches_oracle(size):
     assert not bad, bad[:5]
     assert list(neck_sd) == list(neck_shapes)  # same order as the reference state_dict()
 
-    shapes = _shapes(size, ("backbone.", "neck."))
+    shapes = state_shapes(mask_rtdetr_name(size), ("backbone.", "neck."))
     assert set(model.state_dict()) == set(shapes)
     model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights_rule.fill(shapes).items()})
-    exp = np.load(_folder(size) / "expected.npz")
-    image = paddle.to_tensor(np.load(_folder(size) / "input.npz")["image"])
+    exp = np.load(oracle_dir(mask_rtdetr_name(size)) / "expected.npz")
+    image = paddle.to_tensor(np.load(oracle_dir(mask_rtdetr_name(size)) / "input.npz")["image"])
     with paddle.no_grad():
         feats = model.backbone(image)
         outs, mask_feat = model.neck(feats)
@@ -102,8 +62,8 @@ def test_mask_hybrid_encoder_matches_oracle(size):
     for i, o in enumerate(outs):
         assert list(o.shape) == [1, HIDDEN[size], image.shape[2] // (8 * 2 ** i), image.shape[3] // (8 * 2 ** i)]
     assert list(mask_feat.shape) == [1, PROTOTYPES[size], image.shape[2] // 4, image.shape[3] // 4]
-    errs = {f"0/{i}": _compare(exp, f"feat/neck/0/{i}", o.numpy()) for i, o in enumerate(outs)}
-    errs["1"] = _compare(exp, "feat/neck/1", mask_feat.numpy())
+    errs = {f"0/{i}": feature_error(exp, f"feat/neck/0/{i}", o.numpy()) for i, o in enumerate(outs)}
+    errs["1"] = feature_error(exp, "feat/neck/1", mask_feat.numpy())
     assert all(e <= REL_TOL for e in errs.values()), errs
 
 

@@ -8,46 +8,13 @@ final detections match as sets (label, |dscore| <= 1e-3, box <= 1 px; masks
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from oracle_utils import feature_error, mask_rtdetr_name, oracle_dir, require_oracle, state_shapes
+from oracle_utils import weights_rule as load_weights_rule
 
-ORACLES = Path(__file__).resolve().parents[2] / "shared" / "oracles"
 SIZES = ["S", "M", "L", "X", "H"]
 REL_TOL = 2e-3
-
-
-def _folder(size):
-    return ORACLES / f"Mask-RT-DETR-{size}"
-
-
-def _available(size, files=("state_dict.tsv", "expected.npz", "input.npz")):
-    f = _folder(size)
-    return all((f / n).exists() for n in files) and (ORACLES / "weights_rule.py").exists()
-
-
-def _rows(size):
-    out = []
-    for line in (_folder(size) / "state_dict.tsv").read_text().splitlines()[1:]:
-        k, s, _ = line.split("\t")
-        out.append((k, tuple(int(x) for x in s.split(","))))
-    return out
-
-
-def _compare(exp, name, got):
-    if name in exp.files:
-        e = exp[name]
-        got = got.reshape(e.shape)
-        return float(np.abs(got.astype(np.float64) - e).max()) / float(e.std())
-    shape = tuple(int(v) for v in exp[name + "/shape"])
-    got = got.reshape(shape)
-    std = float(exp[name + "/std"])
-    g = got.astype(np.float64)
-    errs = [abs(g.mean() - float(exp[name + "/mean"])), abs(g.std() - std),
-            float(np.abs(g.reshape(-1)[exp[name + "/idx"]] - exp[name + "/val"]).max())]
-    return max(errs) / std
 
 
 def _match(exp_bbox, exp_mask, got_bbox, got_mask):
@@ -74,14 +41,13 @@ def _match(exp_bbox, exp_mask, got_bbox, got_mask):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_mask_rtdetr_state_dict_parity(size):
-    if not _available(size, ("state_dict.tsv",)):
-        pytest.skip(f"shared/oracles/Mask-RT-DETR-{size} not available")
+    require_oracle(mask_rtdetr_name(size), ("state_dict.tsv",))
     from instseg_core.modeling.mask_rtdetr import MaskRTDETR, mask_rtdetr
 
     model = mask_rtdetr(size)
     assert isinstance(model, MaskRTDETR)
     sd = model.state_dict()
-    rows = _rows(size)
+    rows = list(state_shapes(mask_rtdetr_name(size)).items())
     assert list(sd) == [k for k, _ in rows]
     bad = [(k, tuple(sd[k].shape), s) for k, s in rows if tuple(sd[k].shape) != s]
     assert not bad, bad[:5]
@@ -89,31 +55,28 @@ def test_mask_rtdetr_state_dict_parity(size):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_mask_rtdetr_matches_oracle(size):
-    if not _available(size):
-        pytest.skip(f"shared/oracles/Mask-RT-DETR-{size} not available")
+    require_oracle(mask_rtdetr_name(size))
     import paddle
 
     from instseg_core.modeling.heads.mask_rtdetr import mask_rtdetr_post_process
     from instseg_core.modeling.mask_rtdetr import mask_rtdetr
 
-    if str(ORACLES) not in sys.path:
-        sys.path.insert(0, str(ORACLES))
-    import weights_rule
+    weights_rule = load_weights_rule()
 
     model = mask_rtdetr(size)
     model.eval()
-    shapes = dict(_rows(size))
+    shapes = state_shapes(mask_rtdetr_name(size))
     model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights_rule.fill(shapes).items()})
-    inp = np.load(_folder(size) / "input.npz")
-    exp = np.load(_folder(size) / "expected.npz")
+    inp = np.load(oracle_dir(mask_rtdetr_name(size)) / "input.npz")
+    exp = np.load(oracle_dir(mask_rtdetr_name(size)) / "expected.npz")
     with paddle.no_grad():
         logits, boxes, masks, enc = model.head_outputs(paddle.to_tensor(inp["image"]))
         # same as model.forward(inputs), reusing the head outputs
         out = mask_rtdetr_post_process(logits[-1], boxes[-1], masks[-1], paddle.to_tensor(inp["im_shape"]),
                                        paddle.to_tensor(inp["scale_factor"]), model.num_top_queries)
-    errs = {f"3/{i}": _compare(exp, f"feat/transformer/3/{i}", t.numpy()) for i, t in enumerate(enc)}
+    errs = {f"3/{i}": feature_error(exp, f"feat/transformer/3/{i}", t.numpy(), reshape=True) for i, t in enumerate(enc)}
     for i, t in enumerate((logits, boxes, masks)):
-        errs[str(i)] = _compare(exp, f"feat/transformer/{i}", t.numpy())
+        errs[str(i)] = feature_error(exp, f"feat/transformer/{i}", t.numpy(), reshape=True)
     assert all(e <= REL_TOL for e in errs.values()), errs
 
     bbox, bbox_num, mask = out["bbox"].numpy(), out["bbox_num"].numpy(), out["mask"].numpy()

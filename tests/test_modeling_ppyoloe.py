@@ -6,29 +6,17 @@ of ``shared/oracles/README.md`` (max|got-exp| <= 2e-3 * std(exp), or the summary
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from oracle_utils import feature_error, oracle_dir, state_shapes, weights_rule
 
-ORACLES = Path(__file__).resolve().parents[2] / "shared" / "oracles"
-FOLDER = ORACLES / "PP-YOLOE_seg-S"
+MODEL = "PP-YOLOE_seg-S"
+FOLDER = oracle_dir(MODEL)
 
 pytestmark = pytest.mark.skipif(not (FOLDER / "expected.npz").exists(),
                                 reason="shared/oracles/PP-YOLOE_seg-S not available")
 
 REL_TOL = 2e-3
-
-
-def _shapes(prefixes=("backbone.", "neck.")):
-    lines = (FOLDER / "state_dict.tsv").read_text().splitlines()[1:]
-    out = {}
-    for line in lines:
-        k, s, _ = line.split("\t")
-        if k.startswith(prefixes):
-            out[k] = tuple(int(x) for x in s.split(","))
-    return out
 
 
 def _build():
@@ -50,26 +38,9 @@ def _build():
     return Wrapper()
 
 
-def _compare(exp, name, got):
-    """Return the normalised error max|got-exp|/std(exp) (full) or the max of the summary errors."""
-    if name in exp.files:
-        e = exp[name]
-        assert got.shape == e.shape, (name, got.shape, e.shape)
-        std = float(e.std())
-        return float(np.abs(got.astype(np.float64) - e).max()) / std
-    shape = tuple(exp[name + "/shape"])
-    assert got.shape == shape, (name, got.shape, shape)
-    std = float(exp[name + "/std"])
-    g = got.astype(np.float64)
-    errs = [abs(g.mean() - float(exp[name + "/mean"])),
-            abs(g.std() - std),
-            float(np.abs(g.reshape(-1)[exp[name + "/idx"]] - exp[name + "/val"]).max())]
-    return max(errs) / std
-
-
 @pytest.fixture(scope="module")
 def model_and_shapes():
-    return _build(), _shapes()
+    return _build(), state_shapes(MODEL, ("backbone.", "neck."))
 
 
 def test_state_dict_names_and_shapes(model_and_shapes):
@@ -85,14 +56,8 @@ def test_state_dict_names_and_shapes(model_and_shapes):
 def test_features_match_oracle(model_and_shapes):
     import paddle
 
-    sys.path.insert(0, str(ORACLES))
-    try:
-        import weights_rule
-    finally:
-        sys.path.remove(str(ORACLES))
-
     model, shapes = model_and_shapes
-    weights = weights_rule.fill(shapes)
+    weights = weights_rule().fill(shapes)
     assert set(weights) == set(shapes)
     missing, unexpected = model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
     assert not missing and not unexpected
@@ -106,7 +71,7 @@ def test_features_match_oracle(model_and_shapes):
     for prefix, outs in (("feat/backbone", feats), ("feat/neck", neck)):
         for i, t in enumerate(outs):
             name = f"{prefix}/{i}"
-            errors[name] = _compare(exp, name, t.numpy())
+            errors[name] = feature_error(exp, name, t.numpy())
     print("normalised errors:", {k: f"{v:.2e}" for k, v in errors.items()})
     failed = {k: v for k, v in errors.items() if not v <= REL_TOL}
     assert not failed, f"features beyond {REL_TOL} * std: {failed}"
@@ -119,24 +84,6 @@ BOX_TOL = 1.0
 PROB_ABS_TOL = 1e-3
 
 
-def _all_shapes():
-    lines = (FOLDER / "state_dict.tsv").read_text().splitlines()[1:]
-    out = {}
-    for line in lines:
-        k, s, _ = line.split("\t")
-        out[k] = tuple(int(x) for x in s.split(","))
-    return out
-
-
-def _weights_rule():
-    sys.path.insert(0, str(ORACLES))
-    try:
-        import weights_rule
-    finally:
-        sys.path.remove(str(ORACLES))
-    return weights_rule
-
-
 @pytest.fixture(scope="module")
 def full_run():
     """Build PP-YOLOE_seg-S, check the KEEP constant, fill the oracle weights, run once."""
@@ -144,14 +91,14 @@ def full_run():
 
     from instseg_core.modeling.build import build_model
 
-    weights_rule = _weights_rule()
-    shapes = _all_shapes()
+    rule = weights_rule()
+    shapes = state_shapes(MODEL)
     model = build_model("PP-YOLOE_seg-S")
     model.eval()
     sd = model.state_dict()
     exp = np.load(FOLDER / "expected.npz")
-    keep = {k: sd[k].numpy().copy() for k in weights_rule.KEEP & set(sd)}
-    weights = weights_rule.fill(shapes)
+    keep = {k: sd[k].numpy().copy() for k in rule.KEEP & set(sd)}
+    weights = rule.fill(shapes)
     assert set(weights) | set(keep) == set(shapes)
     model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
     inp = np.load(FOLDER / "input.npz")
@@ -188,7 +135,7 @@ def test_head_features_match_oracle(full_run):
     assert head[0].shape == e0.shape
     err0 = float(np.abs(head[0] - e0).max())
     assert err0 <= PROB_ABS_TOL, err0
-    errors = {f"feat/yolo_head/{i}": _compare(exp, f"feat/yolo_head/{i}", head[i]) for i in range(1, 6)}
+    errors = {f"feat/yolo_head/{i}": feature_error(exp, f"feat/yolo_head/{i}", head[i]) for i in range(1, 6)}
     print("yolo_head/0 abs error", err0, "normalised errors:", {k: f"{v:.2e}" for k, v in errors.items()})
     failed = {k: v for k, v in errors.items() if not v <= REL_TOL}
     assert not failed, f"head features beyond {REL_TOL} * std: {failed}"

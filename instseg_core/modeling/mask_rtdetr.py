@@ -12,7 +12,8 @@ import paddle
 import paddle.nn as nn
 
 from .backbones.hgnetv2 import hgnetv2
-from .heads.mask_rtdetr import MaskRTDETRTransformer, mask_rtdetr_post_process
+from .heads.mask_rtdetr import (MaskRTDETRTransformer, mask_rtdetr_post_process,
+                                 mask_rtdetr_post_process_batch)
 from .necks.mask_hybrid_encoder import MASK_HYBRID_ENCODER_CONFIGS, mask_hybrid_encoder
 
 __all__ = ["MaskRTDETR", "mask_rtdetr"]
@@ -22,7 +23,8 @@ class MaskRTDETR(nn.Layer):
     """``forward({'image', 'im_shape', 'scale_factor'})`` -> ``{'bbox', 'bbox_num', 'mask'}``.
 
     ``bbox`` [100,6] float32 = [class, score, x1, y1, x2, y2] in original-image pixels (not clipped),
-    ``bbox_num`` [1] int32, ``mask`` [100,H0,W0] int32. Batch size 1, eval only.
+    ``bbox_num`` [1] int32, ``mask`` [100,H0,W0] int32. Eval only. A batch of B images gives
+    [B*100,6] / [B] / [B*100,Hmax,Wmax]: each image's masks at its own original size, padded with 0.
     """
 
     def __init__(self, backbone: nn.Layer, transformer: MaskRTDETRTransformer, neck: nn.Layer,
@@ -41,6 +43,9 @@ class MaskRTDETR(nn.Layer):
         if self.training:
             raise NotImplementedError("MaskRTDETR training loss is not implemented; use eval()")
         logits, boxes, masks, _ = self.head_outputs(inputs["image"])
+        if int(inputs["image"].shape[0]) != 1:
+            return mask_rtdetr_post_process_batch(logits[-1], boxes[-1], masks[-1], inputs["im_shape"],
+                                                  inputs["scale_factor"], self.num_top_queries)
         return mask_rtdetr_post_process(logits[-1], boxes[-1], masks[-1], inputs["im_shape"],
                                         inputs["scale_factor"], self.num_top_queries)
 
@@ -52,4 +57,6 @@ def mask_rtdetr(size: str, num_classes: int = 80) -> MaskRTDETR:
     cfg = MASK_HYBRID_ENCODER_CONFIGS[size]
     transformer = MaskRTDETRTransformer(in_channels=cfg["hidden_dim"], hidden_dim=256,
                                         num_classes=num_classes, num_prototypes=cfg["num_prototypes"])
-    return MaskRTDETR(hgnetv2(size), transformer, mask_hybrid_encoder(size))
+    model = MaskRTDETR(hgnetv2(size), transformer, mask_hybrid_encoder(size))
+    model.model_name = f"Mask-RT-DETR-{size}"  # export_model reads it
+    return model

@@ -32,7 +32,8 @@ import paddle.nn.functional as F
 
 from ..necks.mask_hybrid_encoder import _MultiHeadSelfAttention
 
-__all__ = ["MaskRTDETRTransformer", "mask_rtdetr_post_process", "inverse_sigmoid",
+__all__ = ["MaskRTDETRTransformer", "mask_rtdetr_post_process", "mask_rtdetr_post_process_batch",
+           "inverse_sigmoid",
            "generate_anchors", "mask_to_box_cxcywh", "ms_deformable_attention"]
 
 
@@ -89,12 +90,13 @@ def ms_deformable_attention(value, shapes, sampling_locations, attention_weights
     grids = 2 * sampling_locations - 1
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
-        v = values[lvl].transpose([0, 2, 3, 1]).reshape([b * nh, c, h, w])
-        g = grids[:, :, :, lvl].transpose([0, 2, 1, 3, 4]).reshape([b * nh, q, npt, 2])
+        # -1 for the batch dim: the graph is exported with a dynamic batch size
+        v = values[lvl].transpose([0, 2, 3, 1]).reshape([-1, c, h, w])
+        g = grids[:, :, :, lvl].transpose([0, 2, 1, 3, 4]).reshape([-1, q, npt, 2])
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    s = paddle.stack(sampled, axis=-2).reshape([b * nh, c, q, nl * npt])
-    a = attention_weights.transpose([0, 2, 1, 3, 4]).reshape([b * nh, 1, q, nl * npt])
-    out = (s * a).sum(axis=-1).reshape([b, nh * c, q])
+    s = paddle.stack(sampled, axis=-2).reshape([-1, c, q, nl * npt])
+    a = attention_weights.transpose([0, 2, 1, 3, 4]).reshape([-1, 1, q, nl * npt])
+    out = (s * a).sum(axis=-1).reshape([-1, nh * c, q])
     return out.transpose([0, 2, 1])
 
 
@@ -123,16 +125,16 @@ class _MSDeformableAttention(nn.Layer):
 
     def forward(self, query, reference_boxes, value, shapes, value_mask=None):
         """query [B,Q,D]; reference_boxes [B,Q,4] (sigmoid cxcywh); value [B,L,D]."""
-        b, q = query.shape[0], query.shape[1]
         nh, nl, npt = self.num_heads, self.num_levels, self.num_points
         v = self.value_proj(value)
         if value_mask is not None:
             v = v * value_mask
-        v = v.reshape([b, v.shape[1], nh, self.dim // nh])
-        off = self.sampling_offsets(query).reshape([b, q, nh, nl, npt, 2])
-        aw = F.softmax(self.attention_weights(query).reshape([b, q, nh, nl * npt]), axis=-1)
-        aw = aw.reshape([b, q, nh, nl, npt])
-        ref = reference_boxes.reshape([b, q, 1, 1, 1, 4])
+        # 0 = copy that dim (batch / length may be dynamic in an exported graph)
+        v = v.reshape([0, 0, nh, self.dim // nh])
+        off = self.sampling_offsets(query).reshape([0, 0, nh, nl, npt, 2])
+        aw = F.softmax(self.attention_weights(query).reshape([0, 0, nh, nl * npt]), axis=-1)
+        aw = aw.reshape([0, 0, nh, nl, npt])
+        ref = reference_boxes.reshape([0, 0, 1, 1, 1, 4])
         loc = ref[..., :2] + off / npt * ref[..., 2:] * 0.5
         return self.output_proj(ms_deformable_attention(v, shapes, loc, aw))
 
@@ -199,7 +201,7 @@ class MaskRTDETRTransformer(nn.Layer):
         q = self.dec_norm(query)
         coef = self.mask_query_head(q)  # [B, Q, P]
         b, p, h, w = mask_feat.shape
-        masks = paddle.bmm(coef, mask_feat.reshape([b, p, h * w])).reshape([b, -1, h, w])
+        masks = paddle.bmm(coef, mask_feat.reshape([0, p, h * w])).reshape([0, -1, h, w])
         return self.score_head(q), masks
 
     def forward(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor):
@@ -218,7 +220,7 @@ class MaskRTDETRTransformer(nn.Layer):
         enc_logits = self.score_head(out_mem)
         enc_boxes_unact = self.bbox_head(out_mem) + anchors
         _, idx = paddle.topk(enc_logits.max(axis=-1), self.num_queries, axis=1)  # [B, Q]
-        sel = lambda t: paddle.take_along_axis(t, idx.unsqueeze(-1).expand([b, self.num_queries, t.shape[-1]]), axis=1)
+        sel = lambda t: paddle.take_along_axis(t, idx.unsqueeze(-1).expand([-1, self.num_queries, t.shape[-1]]), axis=1)
         target = sel(out_mem).detach()
         enc_sel_boxes = F.sigmoid(sel(enc_boxes_unact))
         enc_sel_logits, enc_sel_masks = self._class_and_mask(target, mask_feat)
@@ -264,3 +266,50 @@ def mask_rtdetr_post_process(logits, boxes, masks, im_shape, scale_factor, num_t
     return {"bbox": bbox.reshape([-1, 6]),
             "bbox_num": paddle.full([bsz], num_top_queries, dtype="int32"),
             "mask": mask}
+
+
+def mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor, num_top_queries: int = 100,
+                                   ) -> Dict[str, paddle.Tensor]:
+    """Batch form of :func:`mask_rtdetr_post_process` (also traceable with a dynamic batch size).
+
+    logits [B,Q,C], boxes [B,Q,4], masks [B,Q,h,w] -> bbox [B*K,6], bbox_num [B] int32 (K each),
+    mask [B*K,Hmax,Wmax] int32: image i's masks are bilinear-resized to its own original size
+    ``floor(im_shape_i / scale_factor_i + 0.5)`` and padded with 0 to the largest size of the batch.
+    The resize is a half-pixel ``grid_sample`` (border padding), which is what
+    ``F.interpolate(..., mode="bilinear", align_corners=False)`` computes.
+    """
+    num_classes = int(logits.shape[-1])
+    k = int(num_top_queries)
+    im_shape = im_shape.astype("float32")
+    scale_factor = scale_factor.astype("float32")
+    origin = paddle.floor(im_shape / scale_factor + 0.5)  # [B, 2] (h, w)
+    oh, ow = origin[:, 0], origin[:, 1]
+    cx, cy, w, h = boxes.unbind(-1)
+    xyxy = paddle.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+    xyxy = xyxy * paddle.stack([ow, oh, ow, oh], axis=-1).unsqueeze(1)
+    scores = F.sigmoid(logits).flatten(1)
+    scores, index = paddle.topk(scores, k, axis=-1)  # [B, K]
+    labels = (index % num_classes).astype("float32")
+    qidx = index // num_classes
+    sel_boxes = paddle.take_along_axis(xyxy, qidx.unsqueeze(-1).expand([-1, k, 4]), axis=1)
+    bbox = paddle.concat([labels.unsqueeze(-1), scores.unsqueeze(-1), sel_boxes], axis=-1)
+
+    mh, mw = int(masks.shape[-2]), int(masks.shape[-1])
+    sel_masks = paddle.take_along_axis(
+        masks, qidx.unsqueeze(-1).unsqueeze(-1).expand([-1, k, mh, mw]), axis=1)  # [B, K, h, w]
+    hmax = origin[:, 0].max().astype("int64")
+    wmax = origin[:, 1].max().astype("int64")
+    ys = paddle.arange(hmax, dtype="float32") + 0.5  # [H]
+    xs = paddle.arange(wmax, dtype="float32") + 0.5  # [W]
+    gy = 2.0 * ys.unsqueeze(0) / oh.unsqueeze(1) - 1.0  # [B, H]
+    gx = 2.0 * xs.unsqueeze(0) / ow.unsqueeze(1) - 1.0  # [B, W]
+    gxx = gx.unsqueeze(1) + gy.unsqueeze(2) * 0.0  # [B, H, W]
+    gyy = gy.unsqueeze(2) + gx.unsqueeze(1) * 0.0
+    grid = paddle.stack([gxx, gyy], axis=-1)
+    m = F.grid_sample(sel_masks, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = (xs.reshape([1, 1, 1, -1]) < ow.reshape([-1, 1, 1, 1])) & \
+             (ys.reshape([1, 1, -1, 1]) < oh.reshape([-1, 1, 1, 1]))
+    mask = ((m > 0) & inside).astype("int32")  # [B, K, H, W]
+    bbox_num = (paddle.ones_like(scores[:, 0]) * k).astype("int32")
+    return {"bbox": bbox.reshape([-1, 6]), "bbox_num": bbox_num,
+            "mask": mask.reshape([-1, mask.shape[-2], mask.shape[-1]])}

@@ -1,0 +1,86 @@
+"""Helpers shared by the tests that compare models against the reference oracles.
+
+The oracles live in ``shared/oracles/<model name>/`` next to the repository: ``state_dict.tsv``
+(official state-dict names and shapes), ``input.npz``, ``expected.npz``, and the synthetic-weight
+rule ``shared/oracles/weights_rule.py``. Tolerances are described in ``shared/oracles/README.md``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+ORACLES = Path(__file__).resolve().parents[2] / "shared" / "oracles"
+ORACLE_FILES = ("state_dict.tsv", "expected.npz", "input.npz")
+
+
+def oracle_dir(model_name: str) -> Path:
+    """Folder of the oracle of ``model_name`` (e.g. ``"Mask-RT-DETR-S"``)."""
+    return ORACLES / model_name
+
+
+def oracle_available(model_name: str, files: tuple[str, ...] = ORACLE_FILES) -> bool:
+    """True when every one of ``files`` exists in the oracle folder and ``weights_rule.py`` exists."""
+    folder = oracle_dir(model_name)
+    return all((folder / n).exists() for n in files) and (ORACLES / "weights_rule.py").exists()
+
+
+def require_oracle(model_name: str, files: tuple[str, ...] = ORACLE_FILES) -> None:
+    """Skip the calling test unless :func:`oracle_available` holds for ``model_name``."""
+    if not oracle_available(model_name, files):
+        pytest.skip(f"shared/oracles/{model_name} not available")
+
+
+def mask_rtdetr_name(size: str) -> str:
+    """Model / oracle folder name of a Mask-RT-DETR size (``"S"`` -> ``"Mask-RT-DETR-S"``)."""
+    return f"Mask-RT-DETR-{size}"
+
+
+def state_shapes(model_name: str, prefixes: str | tuple[str, ...] | None = None) -> dict[str, tuple]:
+    """Names -> shapes of ``state_dict.tsv``, in file order; only keys starting with ``prefixes``
+    (a string or a tuple of strings) when given."""
+    out = {}
+    for line in (oracle_dir(model_name) / "state_dict.tsv").read_text().splitlines()[1:]:
+        k, s, _ = line.split("\t")
+        if prefixes is None or k.startswith(prefixes):
+            out[k] = tuple(int(x) for x in s.split(","))
+    return out
+
+
+def weights_rule() -> ModuleType:
+    """The ``weights_rule`` module of the oracle folder (imported with the folder on ``sys.path``
+    only for the import)."""
+    sys.path.insert(0, str(ORACLES))
+    try:
+        import weights_rule as rule
+    finally:
+        sys.path.remove(str(ORACLES))
+    return rule
+
+
+def feature_error(exp, name: str, got: np.ndarray, reshape: bool = False) -> float:
+    """Normalised error of ``got`` against the oracle feature ``name`` of ``exp`` (an opened
+    ``expected.npz``): max|got-exp|/std(exp) for a full array, else the max of the summary errors
+    (``<name>/mean``, ``<name>/std``, ``<name>/val`` at ``<name>/idx``) over ``<name>/std``.
+
+    The shape of ``got`` must equal the expected one; with ``reshape`` it is reshaped to it
+    instead (same number of elements required)."""
+    if name in exp.files:
+        e = exp[name]
+        if reshape:
+            got = got.reshape(e.shape)
+        assert got.shape == e.shape, (name, got.shape, e.shape)
+        return float(np.abs(got.astype(np.float64) - e).max()) / float(e.std())
+    shape = tuple(int(v) for v in exp[name + "/shape"])
+    if reshape:
+        got = got.reshape(shape)
+    assert got.shape == shape, (name, got.shape, shape)
+    std = float(exp[name + "/std"])
+    g = got.astype(np.float64)
+    errs = [abs(g.mean() - float(exp[name + "/mean"])),
+            abs(g.std() - std),
+            float(np.abs(g.reshape(-1)[exp[name + "/idx"]] - exp[name + "/val"]).max())]
+    return max(errs) / std
