@@ -31,16 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, image_pool  # noqa: E402
 
 MODEL = "MaskRCNN-ResNet50-FPN"
-
-
-def image_pool() -> list[Path]:
-    coco = REPO.parent / "shared" / "data" / "coco_tiny_val2017" / "val2017"
-    pool = sorted(coco.glob("*.jpg")) if coco.is_dir() else []
-    return pool or sorted((REPO / "samples").glob("*.jpg"))
 
 
 def make_input_dir(folder: Path, n: int) -> list[str]:

@@ -84,3 +84,24 @@ def feature_error(exp, name: str, got: np.ndarray, reshape: bool = False) -> flo
             abs(g.std() - std),
             float(np.abs(g.reshape(-1)[exp[name + "/idx"]] - exp[name + "/val"]).max())]
     return max(errs) / std
+
+
+def oracle_model(model_name: str):
+    """``build_model(model_name)`` with the oracle's deterministic weights, in eval mode."""
+    import paddle
+
+    from instseg_core.modeling.build import build_model
+
+    model = build_model(model_name)
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights_rule().fill(state_shapes(model_name)).items()})
+    model.eval()
+    return model
+
+
+def run_dygraph(model, inputs: dict) -> dict:
+    """Eval forward on numpy inputs; the output dict as numpy arrays."""
+    import paddle
+
+    with paddle.no_grad():
+        out = model({k: paddle.to_tensor(v) for k, v in inputs.items()})
+    return {k: v.numpy() for k, v in out.items()}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracle_utils import oracle_dir, state_shapes, weights_rule
+from oracle_utils import oracle_dir, oracle_model, run_dygraph, state_shapes, weights_rule
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "PP-YOLOE_seg-S"
@@ -26,27 +26,12 @@ THRESHOLD = 0.02  # the oracle-rule weights give low scores; keep enough rows to
 SCORE_TOL, BOX_TOL, MIN_IOU = 1e-3, 1.0, 0.99
 
 
-def _oracle_weights():
-    return weights_rule().fill(state_shapes(MODEL))
-
-
 def _build():
-    import paddle
-
-    from instseg_core.modeling.build import build_model
-
-    model = build_model("PP-YOLOE_seg-S")
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in _oracle_weights().items()})
-    model.eval()
-    return model
+    return oracle_model(MODEL)
 
 
 def _dygraph(model, inputs):
-    import paddle
-
-    with paddle.no_grad():
-        out = model({k: paddle.to_tensor(v) for k, v in inputs.items()})
-    return {k: v.numpy() for k, v in out.items()}
+    return run_dygraph(model, inputs)
 
 
 def _match(exp_rows, exp_masks, got_rows, got_masks):
@@ -205,6 +190,6 @@ def test_weights_path_and_bad_input_size(tmp_path):
         export_model("PP-YOLOE_seg-S", None, tmp_path / "x", input_size=100)
     # a .pdparams path is loaded with paddle.load (smoke: the file round-trips)
     path = tmp_path / "w.pdparams"
-    paddle.save({k: paddle.to_tensor(v) for k, v in _oracle_weights().items()}, str(path))
+    paddle.save({k: paddle.to_tensor(v) for k, v in weights_rule().fill(state_shapes(MODEL)).items()}, str(path))
     out = export_model("PP-YOLOE_seg-S", path, tmp_path / "y", input_size=64)
     assert (out / "inference.json").is_file() and (out / "inference.pdiparams").is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracle_utils import state_shapes, weights_rule
+from oracle_utils import oracle_model, run_dygraph
 
 ROOT = Path(__file__).resolve().parents[2]
 ORACLES = ROOT / "shared" / "oracles"
@@ -26,27 +26,12 @@ INPUT_SIZE = 320
 SCORE_TOL, BOX_TOL = 1e-3, 1.0
 
 
-def _oracle_weights():
-    return weights_rule().fill(state_shapes("Mask-RT-DETR-S"))
-
-
 def _build():
-    import paddle
-
-    from instseg_core.modeling.build import build_model
-
-    model = build_model("Mask-RT-DETR-S")
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in _oracle_weights().items()})
-    model.eval()
-    return model
+    return oracle_model("Mask-RT-DETR-S")
 
 
 def _dygraph(model, inputs):
-    import paddle
-
-    with paddle.no_grad():
-        out = model({k: paddle.to_tensor(v) for k, v in inputs.items()})
-    return {k: v.numpy() for k, v in out.items()}
+    return run_dygraph(model, inputs)
 
 
 def _mask_ok(a, b):

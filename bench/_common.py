@@ -1,0 +1,17 @@
+"""Shared by the benchmarks: the repo path and the images they run on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def image_pool() -> list[Path]:
+    """The 80 COCO val2017 photos from ../shared when present, else the bundled samples."""
+    coco = REPO.parent / "shared" / "data" / "coco_tiny_val2017" / "val2017"
+    pool = sorted(coco.glob("*.jpg")) if coco.is_dir() else []
+    return pool or sorted((REPO / "samples").glob("*.jpg"))
