@@ -239,6 +239,23 @@ class MaskRTDETRTransformer(nn.Layer):
         raise RuntimeError("eval_idx out of range")
 
 
+def _top_detections(logits, boxes, im_shape, scale_factor, k: int):
+    """Top-``k`` (query, class) pairs per image: bbox rows [B,K,6] = (class, score, x1, y1, x2, y2)
+    in original pixels (not clipped), the chosen query indices [B,K], and the original sizes [B,2]
+    ``floor(im_shape / scale_factor + 0.5)`` as (h, w)."""
+    num_classes = int(logits.shape[-1])
+    origin = paddle.floor(im_shape / scale_factor + 0.5)
+    oh, ow = origin[:, 0], origin[:, 1]
+    cx, cy, w, h = boxes.unbind(-1)
+    xyxy = paddle.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+    xyxy = xyxy * paddle.stack([ow, oh, ow, oh], axis=-1).unsqueeze(1)
+    scores, index = paddle.topk(F.sigmoid(logits).flatten(1), k, axis=-1)
+    labels = (index % num_classes).astype("float32")
+    qidx = index // num_classes
+    sel_boxes = paddle.take_along_axis(xyxy, qidx.unsqueeze(-1).expand([-1, k, 4]), axis=1)
+    return paddle.concat([labels.unsqueeze(-1), scores.unsqueeze(-1), sel_boxes], axis=-1), qidx, origin
+
+
 def mask_rtdetr_post_process(logits, boxes, masks, im_shape, scale_factor, num_top_queries: int = 100,
                              ) -> Dict[str, paddle.Tensor]:
     """logits [B,Q,C], boxes [B,Q,4] (normalised cxcywh), masks [B,Q,h,w] logits (batch 1).
@@ -246,19 +263,9 @@ def mask_rtdetr_post_process(logits, boxes, masks, im_shape, scale_factor, num_t
     -> bbox [K,6] (class, score, x1, y1, x2, y2 in original pixels, not clipped), bbox_num [B] int32,
     mask [K,H0,W0] int32 (bilinear to the original size, logit > 0).
     """
-    num_classes = logits.shape[-1]
-    origin = paddle.floor(im_shape / scale_factor + 0.5)  # [B, 2] (h, w)
+    bbox, qidx, origin = _top_detections(logits, boxes, im_shape, scale_factor, num_top_queries)
     oh, ow = origin[:, 0], origin[:, 1]
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = paddle.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
-    xyxy = xyxy * paddle.stack([ow, oh, ow, oh], axis=-1).unsqueeze(1)
-    scores = F.sigmoid(logits).flatten(1)
-    scores, index = paddle.topk(scores, num_top_queries, axis=-1)
-    labels = (index % num_classes).astype("float32")
-    qidx = index // num_classes
     bsz = logits.shape[0]
-    sel_boxes = paddle.take_along_axis(xyxy, qidx.unsqueeze(-1).expand([bsz, num_top_queries, 4]), axis=1)
-    bbox = paddle.concat([labels.unsqueeze(-1), scores.unsqueeze(-1), sel_boxes], axis=-1)
     H0, W0 = int(oh[0].item()), int(ow[0].item())
     m = paddle.gather(masks[0], qidx[0], axis=0).unsqueeze(0)
     m = F.interpolate(m, size=[H0, W0], mode="bilinear", align_corners=False)
@@ -278,21 +285,10 @@ def mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor,
     The resize is a half-pixel ``grid_sample`` (border padding), which is what
     ``F.interpolate(..., mode="bilinear", align_corners=False)`` computes.
     """
-    num_classes = int(logits.shape[-1])
     k = int(num_top_queries)
-    im_shape = im_shape.astype("float32")
-    scale_factor = scale_factor.astype("float32")
-    origin = paddle.floor(im_shape / scale_factor + 0.5)  # [B, 2] (h, w)
+    bbox, qidx, origin = _top_detections(logits, boxes, im_shape.astype("float32"),
+                                         scale_factor.astype("float32"), k)
     oh, ow = origin[:, 0], origin[:, 1]
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = paddle.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
-    xyxy = xyxy * paddle.stack([ow, oh, ow, oh], axis=-1).unsqueeze(1)
-    scores = F.sigmoid(logits).flatten(1)
-    scores, index = paddle.topk(scores, k, axis=-1)  # [B, K]
-    labels = (index % num_classes).astype("float32")
-    qidx = index // num_classes
-    sel_boxes = paddle.take_along_axis(xyxy, qidx.unsqueeze(-1).expand([-1, k, 4]), axis=1)
-    bbox = paddle.concat([labels.unsqueeze(-1), scores.unsqueeze(-1), sel_boxes], axis=-1)
 
     mh, mw = int(masks.shape[-2]), int(masks.shape[-1])
     sel_masks = paddle.take_along_axis(
@@ -310,6 +306,6 @@ def mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor,
     inside = (xs.reshape([1, 1, 1, -1]) < ow.reshape([-1, 1, 1, 1])) & \
              (ys.reshape([1, 1, -1, 1]) < oh.reshape([-1, 1, 1, 1]))
     mask = ((m > 0) & inside).astype("int32")  # [B, K, H, W]
-    bbox_num = (paddle.ones_like(scores[:, 0]) * k).astype("int32")
+    bbox_num = (paddle.ones_like(bbox[:, 0, 1]) * k).astype("int32")  # [B]: k rows per image
     return {"bbox": bbox.reshape([-1, 6]), "bbox_num": bbox_num,
             "mask": mask.reshape([-1, mask.shape[-2], mask.shape[-1]])}
