@@ -1,0 +1,1 @@
+"""Training losses, assigners and matchers of the model families."""

@@ -1,0 +1,1 @@
+"""Training: COCO data and targets, losses live with the models (``instseg_core.modeling``)."""
