@@ -131,10 +131,11 @@ def _model_name_of(model: nn.Layer) -> str:
 
 
 def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, labels=None,
-                 draw_threshold: float = 0.5) -> Path:
+                 draw_threshold: float = 0.5, num_classes: int | None = None) -> Path:
     """Export ``model_or_name`` (an official name or a built network) with ``weights``.
 
-    ``weights``: None (keep the model's), a state dict, or a ``.pdparams`` path. The model is
+    ``weights``: None (keep the model's), a state dict, or a ``.pdparams`` path. ``num_classes``
+    sizes a network built by name (default: ``len(labels)``, else the official label count). The model is
     deep-copied before fusing, so a passed-in network is left in its training form. Returns
     ``output_dir``.
     """
@@ -148,7 +149,8 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, l
     if isinstance(model_or_name, str):
         name = model_or_name
         spec = get_spec(name)
-        num_classes = len(labels) if labels is not None else len(spec.labels)
+        if num_classes is None:
+            num_classes = len(labels) if labels is not None else len(spec.labels)
         model = build_model(name, num_classes=num_classes)
     else:
         name = _model_name_of(model_or_name)

@@ -59,20 +59,96 @@ def run_predict(cfg: dict[str, Any]) -> None:
         res.save_all(g.get("output", "output"))
 
 
-def _not_yet(mode: str) -> Callable[[dict[str, Any]], Any]:
-    def run(_: dict[str, Any]) -> Any:
-        raise NotImplementedError(f"Global.mode={mode} is not available yet in this version of instseg "
-                                  "(training, evaluation and export land with the training engine)")
+def run_train(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train on ``Global.dataset_dir``; PaddleX's outputs in ``Global.output`` (see training.engine)."""
+    from instseg_core.training.engine import train
 
-    return run
+    return train(cfg)
+
+
+def _weights_and_classes(model_name: str, weight_path: Any, section: str, fallback: int) -> tuple[dict, int]:
+    from instseg_core.modeling.build import num_classes_in_weights
+    from instseg_core.modeling.weights import read_pdparams
+
+    if not weight_path:
+        raise ValueError(f"{section}.weight_path is not set (a .pdparams path, URL or s3:// URI)")
+    weights = read_pdparams(str(weight_path))
+    return weights, num_classes_in_weights(model_name, weights) or fallback
+
+
+def run_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """COCO mask/box AP of ``Evaluate.weight_path`` on the dataset's val split ->
+    ``<output>/evaluate_result.json`` = ``{"done_flag": true, "metrics": {"AP": mask AP, ...}}``."""
+    from instseg_core.datasets.coco import annotation_path, find_dataset_root
+    from instseg_core.modeling import build_model
+    from instseg_core.modeling.weights import load_weights
+    from instseg_core.training.data import CocoInstanceDataset
+    from instseg_core.training.evaluator import evaluate_model
+    from instseg_core.training.recipes import recipe_for
+    from instseg_core.training.remote import localize_dataset
+
+    g, t, e = _section(cfg, "Global"), _section(cfg, "Train"), _section(cfg, "Evaluate")
+    if not g.get("dataset_dir"):
+        raise ValueError("Global.dataset_dir is not set")
+    root = find_dataset_root(localize_dataset(str(g["dataset_dir"])))
+    val = CocoInstanceDataset(annotation_path(root, "val"), root / "images")
+    weights, num_classes = _weights_and_classes(g["model"], e.get("weight_path"), "Evaluate", val.num_classes)
+    if num_classes != val.num_classes:
+        raise ValueError(f"{e['weight_path']} predicts {num_classes} classes but the val split has "
+                         f"{val.num_classes} categories")
+    import paddle
+
+    paddle.set_device(str(g.get("device") or "cpu").split(",")[0])
+    model = build_model(g["model"], num_classes=num_classes)
+    load_weights(model, weights)
+    recipe = recipe_for(g["model"], t)
+    stats = evaluate_model(model, val, input_size=recipe.input_size, mean=recipe.mean, std=recipe.std)
+    metrics = {"AP": stats["segm"]["AP"], "segm": stats["segm"], "bbox": stats["bbox"]}
+    record = {"done_flag": True, "metrics": metrics}
+    out = Path(g.get("output", "output"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluate_result.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    log.info("mask AP %.4f, box AP %.4f", stats["segm"]["AP"], stats["bbox"]["AP"])
+    return record
+
+
+def run_export(cfg: dict[str, Any]) -> Path:
+    """Export ``Export.weight_path`` as an inference dir written directly in ``Global.output``
+    (as PaddleX does). Labels come from the dataset when ``Global.dataset_dir`` has one, else
+    from the official list (COCO-80) or ``class<i>`` names."""
+    from instseg_core.export import export_model
+    from instseg_core.training.recipes import recipe_for
+
+    g, t, x = _section(cfg, "Global"), _section(cfg, "Train"), _section(cfg, "Export")
+    weights, num_classes = _weights_and_classes(g["model"], x.get("weight_path"), "Export",
+                                                int(t.get("num_classes") or 80))
+    labels = _dataset_labels(g.get("dataset_dir"), num_classes)
+    input_size = int(x.get("input_size") or recipe_for(g["model"], t).input_size)
+    return export_model(g["model"], weights, g.get("output", "output"), input_size=input_size,
+                        labels=labels, num_classes=num_classes)
+
+
+def _dataset_labels(dataset_dir: Any, num_classes: int) -> list[str] | None:
+    """Category names of the dataset (sorted by id) if it is there and has ``num_classes`` of them."""
+    if not dataset_dir:
+        return None
+    from instseg_core.datasets.coco import annotation_path, find_dataset_root
+
+    try:
+        root = find_dataset_root(str(dataset_dir))
+        coco = json.loads(annotation_path(root, "train").read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - no usable dataset: fall back to default names
+        return None
+    names = [c.get("name", str(c["id"])) for c in sorted(coco.get("categories", []), key=lambda c: c["id"])]
+    return names if len(names) == num_classes else None
 
 
 MODE_RUNNERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "check_dataset": run_check_dataset,
     "predict": run_predict,
-    "train": _not_yet("train"),
-    "evaluate": _not_yet("evaluate"),
-    "export": _not_yet("export"),
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "export": run_export,
 }
 
 

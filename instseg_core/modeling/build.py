@@ -37,3 +37,17 @@ def build_model(name: str, num_classes: int = 80) -> nn.Layer:
         raise NotImplementedError(
             f"model {name!r} is not implemented yet (implemented: {', '.join(sorted(_BUILDERS))})")
     return builder(num_classes)
+
+
+# A key whose first dimension is the class count, per implemented model: sizes a network for a
+# weights file before loading it (e.g. exporting a fine-tuned 2-class checkpoint).
+_CLASS_COUNT_KEYS = {"PP-YOLOE_seg-S": "yolo_head.pred_cls.0.bias"}
+_CLASS_COUNT_KEYS.update({f"Mask-RT-DETR-{s}": "transformer.score_head.bias" for s in "SMLXH"})
+
+
+def num_classes_in_weights(name: str, weights) -> int | None:
+    """The class count a state dict of ``name`` was trained with (None when it cannot tell)."""
+    key = _CLASS_COUNT_KEYS.get(name)
+    if key is None or key not in weights:
+        return None
+    return int(weights[key].shape[0])

@@ -73,13 +73,17 @@ class CocoInstanceDataset:
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> TrainSample:
-        info = self.images[index]
-        path = self.image_dir / info["file_name"]
+    def read_image(self, index: int) -> np.ndarray:
+        """RGB uint8 HWC pixels of image ``index``; raises ValueError naming an unreadable file."""
+        path = self.image_dir / self.images[index]["file_name"]
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
             raise ValueError(f"training image {str(path)!r} cannot be read (missing or not an image)")
-        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def __getitem__(self, index: int) -> TrainSample:
+        info = self.images[index]
+        image = self.read_image(index)
         h, w = image.shape[:2]
         labels, boxes, masks = [], [], []
         for ann in self.anns[info["id"]]:

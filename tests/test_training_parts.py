@@ -1,0 +1,148 @@
+"""Training building blocks: data order, LR schedule, EMA, checkpoints (optimizer state by name),
+recipes, the synthetic dataset and COCO training samples."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import paddle
+import pytest
+
+from instseg_core.training.checkpoint import (load_checkpoint, optimizer_state_by_structured_name,
+                                              restore_optimizer, save_checkpoint)
+from instseg_core.training.data import CocoInstanceDataset, load_batch, random_flip, resize, TrainSample
+from instseg_core.training.engine import epoch_order
+from instseg_core.training.recipes import recipe_for
+from instseg_core.training.schedule import ModelEMA, learning_rate
+
+
+@pytest.mark.parametrize("n,world", [(10, 1), (10, 2), (11, 3), (1, 2)])
+def test_epoch_order_covers_every_image_equally(n, world):
+    shards = [epoch_order(n, seed=3, epoch=1, rank=r, world_size=world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # equal step counts on every rank
+    seen = [i for s in shards for i in s]
+    assert set(seen) == set(range(n))
+    assert len(seen) - n < world  # at most world-1 repeats from the padding
+    assert shards == [epoch_order(n, seed=3, epoch=1, rank=r, world_size=world) for r in range(world)]
+    if n > 3:
+        assert epoch_order(n, seed=3, epoch=2) != epoch_order(n, seed=3, epoch=1)
+
+
+def test_learning_rate_warmup_then_cosine_and_constant():
+    kw = dict(base_lr=0.1, total_steps=110, warmup_steps=10)
+    assert learning_rate(0, **kw) == 0.0
+    assert learning_rate(5, **kw) == pytest.approx(0.05)
+    assert learning_rate(10, **kw) == pytest.approx(0.1)
+    assert learning_rate(60, **kw) == pytest.approx(0.05)
+    assert learning_rate(110, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(50, schedule="constant", **kw) == 0.1
+    assert learning_rate(0, warmup_start_factor=0.001, **kw) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate(50, schedule="step", **kw)
+
+
+def test_ema_tracks_the_weights_with_ramped_decay():
+    layer = paddle.nn.Linear(2, 1)
+    ema = ModelEMA(layer, decay=0.9, tau=1.0)
+    start = layer.weight.numpy().copy()
+    layer.weight.set_value(start + 1.0)
+    ema.update(layer)
+    d = 0.9 * (1 - math.exp(-1))
+    np.testing.assert_allclose(ema.state_dict()["weight"].numpy(), start * d + (start + 1.0) * (1 - d), rtol=1e-6)
+
+
+def test_checkpoint_round_trip_survives_a_rebuild_with_other_parameter_names(tmp_path):
+    paddle.seed(0)
+    a = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.Linear(4, 1))
+    opt = paddle.optimizer.AdamW(learning_rate=0.01, parameters=a.parameters())
+    a(paddle.randn([5, 3])).mean().backward()
+    opt.step()
+    saved_opt = optimizer_state_by_structured_name(opt, a)
+    assert any(k.startswith("0.weight::") for k in saved_opt)
+    save_checkpoint(tmp_path / "3", "3", weights=a.state_dict(), optimizer_state=saved_opt,
+                    states={"epoch": 4, "step": 12, "best_ap": 0.25})
+    _ = paddle.nn.Linear(7, 7)  # shifts Paddle's generated names for the rebuilt model
+    b = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.Linear(4, 1))
+    assert b[0].weight.name != a[0].weight.name
+    ck = load_checkpoint(tmp_path / "3")
+    b.set_state_dict({k: paddle.to_tensor(v) for k, v in ck["pdparams"].items()})
+    opt_b = paddle.optimizer.AdamW(learning_rate=0.01, parameters=b.parameters())
+    assert restore_optimizer(opt_b, b, ck["pdopt"]) == len(saved_opt)
+    moment = [k for k in opt_b.state_dict() if k.startswith(b[0].weight.name + "_moment1")][0]
+    ref = [k for k in opt.state_dict() if k.startswith(a[0].weight.name + "_moment1")][0]
+    np.testing.assert_array_equal(opt_b.state_dict()[moment].numpy(), opt.state_dict()[ref].numpy())
+    assert int(ck["pdstates"]["epoch"]) == 4 and float(ck["pdstates"]["best_ap"]) == 0.25
+    assert not (tmp_path / "3.tmp").exists()
+
+
+def test_recipe_overrides_from_the_train_section():
+    r = recipe_for("PP-YOLOE_seg-S", {"learning_rate": 0.02, "warmup_steps": 5, "input_size": 256})
+    assert (r.optimizer, r.base_lr, r.warmup_steps, r.input_size, r.multiscale) == ("momentum", 0.02, 5, 256, ())
+    d = recipe_for("Mask-RT-DETR-L", {})
+    assert d.optimizer == "adamw" and d.grad_clip_norm == 0.1 and d.backbone_lr_mult == 0.1
+    with pytest.raises(ValueError, match="multiple of 32"):
+        recipe_for("PP-YOLOE_seg-S", {"input_size": 250})
+    with pytest.raises(NotImplementedError, match="MaskRCNN"):
+        recipe_for("MaskRCNN-ResNet50", {})
+
+
+def test_synthetic_dataset_is_deterministic_and_checks_clean(tmp_path):
+    from instseg_core.datasets.check import check_dataset
+    from instseg_core.datasets.synthetic import CLASSES, make_dataset
+
+    a = make_dataset(tmp_path / "a", num_train=6, num_val=2, size=128, seed=5)
+    b = make_dataset(tmp_path / "b", num_train=6, num_val=2, size=128, seed=5)
+    ja = json.loads((a / "annotations" / "instance_train.json").read_text())
+    assert ja == json.loads((b / "annotations" / "instance_train.json").read_text())
+    assert [c["name"] for c in ja["categories"]] == list(CLASSES)
+    assert len(ja["images"]) == 6 and len(ja["annotations"]) >= 6
+    result = check_dataset(a, tmp_path / "out")
+    assert result["check_pass"] is True
+    ds = CocoInstanceDataset(a / "annotations" / "instance_train.json", a / "images")
+    s = ds[0]
+    assert s.masks.shape[1:] == (128, 128) and len(s.labels) == len(s.boxes) == len(s.masks) > 0
+
+
+def _sample(h=40, w=60):
+    masks = np.zeros((1, h, w), np.uint8)
+    masks[0, 10:20, 5:15] = 1
+    return TrainSample(np.zeros((h, w, 3), np.uint8), np.array([2]), np.array([[5, 10, 15, 20]], np.float32), masks)
+
+
+def test_flip_and_resize_keep_boxes_on_their_masks():
+    class Always(random.Random):
+        def random(self):
+            return 0.0
+
+    f = random_flip(_sample(), Always())
+    np.testing.assert_array_equal(f.boxes, [[45, 10, 55, 20]])
+    assert f.masks[0, 10:20, 45:55].all() and f.masks.sum() == 100
+    r = resize(f, (80, 120))
+    np.testing.assert_allclose(r.boxes, [[90, 20, 110, 40]])
+    ys, xs = np.nonzero(r.masks[0])
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (90, 110, 20, 40)
+    assert r.scale_factor == (2.0, 2.0)
+
+
+def test_coco_batch_has_targets_at_input_resolution(tiny_coco):
+    ds = CocoInstanceDataset(*tiny_coco)
+    inputs, targets = load_batch(ds, [0, 1], size=160)
+    assert inputs["image"].shape == [2, 3, 160, 160]
+    for t in targets:
+        n = t["labels"].shape[0]
+        assert t["boxes"].shape == [n, 4] and t["masks"].shape == [n, 160, 160]
+        b = t["boxes"].numpy()
+        assert (b[:, 2] > b[:, 0]).all() and (b <= 160).all()
+
+
+@pytest.fixture
+def tiny_coco():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_tiny_val2017"
+    ann = root / "annotations" / "instances_val2017_mini8.json"
+    if not ann.exists():
+        pytest.skip("shared/data/coco_tiny_val2017 not available")
+    return ann, root / "val2017"
