@@ -42,7 +42,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import fsspec
@@ -116,10 +116,13 @@ def _rle(item: Mapping[str, Any]) -> dict[str, Any]:
 class _CategoryMap:
     """class_id -> COCO category_id, checking each class once against the model's label list."""
 
-    def __init__(self, categories: Sequence[str]) -> None:
+    def __init__(self, categories: Sequence[str], category_ids: Sequence[int] | None = None) -> None:
         if len(categories) == 0:
             raise ValueError("categories must be the model's label list (non-empty)")
+        if category_ids is not None and len(category_ids) != len(categories):
+            raise ValueError(f"{len(category_ids)} category ids for {len(categories)} labels")
         self.categories = list(categories)
+        self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
         self._checked: set[int] = set()
 
     def coco_id(self, item: Mapping[str, Any], uri: str) -> int:
@@ -133,7 +136,7 @@ class _CategoryMap:
                 raise ValueError(f"{uri}: class_id {cid} is labelled {label!r} in the rows but "
                                  f"{self.categories[cid]!r} in categories; pass the model's label list")
             self._checked.add(cid)
-        return cid + 1
+        return cid + 1 if self.category_ids is None else self.category_ids[cid]
 
     def coco_categories(self) -> list[dict[str, Any]]:
         return [{"id": k + 1, "name": name, "supercategory": ""} for k, name in enumerate(self.categories)]
@@ -203,23 +206,29 @@ class _JsonArray:
 # ---------------------------------------------------------------------- COCO
 
 
-def write_coco_results(rows: Iterable[dict[str, Any]], out_uri: str, categories: Sequence[str]) -> int:
+def write_coco_results(rows: Iterable[dict[str, Any]], out_uri: str, categories: Sequence[str], *,
+                       category_ids: Sequence[int] | None = None,
+                       image_ids: Callable[[Mapping[str, Any]], Sequence[int]] | None = None) -> int:
     """Write the COCO results JSON (a list of detections) of ``rows`` to ``out_uri``; returns their number.
 
     Each detection is ``{"image_id", "category_id", "segmentation" (RLE), "bbox" [x, y, w, h],
     "score"}``. Every instance of every ok image is kept (no score threshold, empty masks included):
     this is the faithful dump ``COCOeval`` should judge.
+
+    To score against an existing dataset, ``category_ids[class_id]`` replaces ``class_id + 1`` and
+    ``image_ids(row)`` replaces the row's ``image_id`` (the ids the row's image has in that dataset;
+    its detections are written once per id, none for an empty list).
     """
-    cats = _CategoryMap(categories)
+    cats = _CategoryMap(categories, category_ids)
     with _staged_text(out_uri) as (f, _):
         f.write("[")
         arr = _JsonArray(f)
         for row in _unique_ok_rows(rows):
-            image_id = int(row["image_id"])
-            for item in row["instances"] or []:
-                arr.append({"image_id": image_id, "category_id": cats.coco_id(item, row["uri"]),
-                            "segmentation": _rle(item), "bbox": _xywh(item["bbox"]),
-                            "score": _f32(item["score"])})
+            for image_id in ([int(row["image_id"])] if image_ids is None else image_ids(row)):
+                for item in row["instances"] or []:
+                    arr.append({"image_id": image_id, "category_id": cats.coco_id(item, row["uri"]),
+                                "segmentation": _rle(item), "bbox": _xywh(item["bbox"]),
+                                "score": _f32(item["score"])})
         f.write("\n]\n")
     return arr.count
 
