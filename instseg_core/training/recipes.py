@@ -46,7 +46,8 @@ def recipe_for(model_name: str, train_cfg: Mapping[str, Any] | None = None) -> T
 
     Keys read: ``learning_rate``, ``warmup_steps``, ``input_size``, ``multiscale`` (a list of
     sizes, or false to train at ``input_size`` only), ``ema_decay`` (0 disables EMA),
-    ``grad_clip_norm``, ``weight_decay``.
+    ``grad_clip_norm``, ``weight_decay``, ``optimizer`` (``momentum`` or ``adamw``; AdamW trains
+    small models from scratch much faster), ``schedule`` (``cosine`` or ``constant``).
     """
     spec = get_spec(model_name)
     if spec.family not in RECIPES:
@@ -62,6 +63,12 @@ def recipe_for(model_name: str, train_cfg: Mapping[str, Any] | None = None) -> T
     for key in ("ema_decay", "grad_clip_norm", "weight_decay"):
         if t.get(key) is not None:
             changes[key] = float(t[key])
+    for key, allowed in (("optimizer", ("momentum", "adamw")), ("schedule", ("cosine", "constant"))):
+        if t.get(key) is not None:
+            value = str(t[key]).lower()
+            if value not in allowed:
+                raise ValueError(f"Train.{key} must be one of {', '.join(allowed)}, got {t[key]!r}")
+            changes[key] = value
     if t.get("input_size") is not None:
         size = int(t["input_size"])
         if size < 32 or size % 32:
