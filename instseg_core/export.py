@@ -131,11 +131,12 @@ def _model_name_of(model: nn.Layer) -> str:
 
 
 def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, labels=None,
-                 draw_threshold: float = 0.5, num_classes: int | None = None) -> Path:
+                 draw_threshold: float = 0.5, num_classes: int | None = None, arch: dict | None = None) -> Path:
     """Export ``model_or_name`` (an official name or a built network) with ``weights``.
 
     ``weights``: None (keep the model's), a state dict, or a ``.pdparams`` path. ``num_classes``
-    sizes a network built by name (default: ``len(labels)``, else the official label count). The model is
+    sizes a network built by name (default: ``len(labels)``, else the official label count) and ``arch``
+    passes architecture overrides to :func:`~instseg_core.modeling.build_model`. The model is
     deep-copied before fusing, so a passed-in network is left in its training form. Returns
     ``output_dir``.
     """
@@ -151,7 +152,7 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, l
         spec = get_spec(name)
         if num_classes is None:
             num_classes = len(labels) if labels is not None else len(spec.labels)
-        model = build_model(name, num_classes=num_classes)
+        model = build_model(name, num_classes=num_classes, **(arch or {}))
     else:
         name = _model_name_of(model_or_name)
         spec = get_spec(name)

@@ -99,7 +99,7 @@ def run_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     import paddle
 
     paddle.set_device(str(g.get("device") or "cpu").split(",")[0])
-    model = build_model(g["model"], num_classes=num_classes)
+    model = build_model(g["model"], num_classes=num_classes, **dict(t.get("arch") or {}))
     load_weights(model, weights)
     recipe = recipe_for(g["model"], t)
     stats = evaluate_model(model, val, input_size=recipe.input_size, mean=recipe.mean, std=recipe.std)
@@ -125,7 +125,7 @@ def run_export(cfg: dict[str, Any]) -> Path:
     labels = _dataset_labels(g.get("dataset_dir"), num_classes)
     input_size = int(x.get("input_size") or recipe_for(g["model"], t).input_size)
     return export_model(g["model"], weights, g.get("output", "output"), input_size=input_size,
-                        labels=labels, num_classes=num_classes)
+                        labels=labels, num_classes=num_classes, arch=dict(t.get("arch") or {}))
 
 
 def _dataset_labels(dataset_dir: Any, num_classes: int) -> list[str] | None:

@@ -118,3 +118,14 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One private local Ray for the whole session (``address="local"`` never joins a ``ray start``
+    head); the loopback S3 server's AWS_* variables are set first, so every worker inherits them."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+    yield
+    ray.shutdown()

@@ -3,6 +3,9 @@
 Usage: python paddlex_runner.py REQUEST.json   (one request or a list, run in one process)
 REQUEST: {"model_name", "model_dir", "inputs": [...], "threshold", "batch_size", "out_dir",
           "cpu_threads", "run_mode", "bench_rounds": 0}
+"run_mode": null leaves it to PaddleX (its CPU default: "mkldnn" unless the model is on its oneDNN
+blocklist); the mode and threads PaddleX actually ran with go to OUT_DIR/info.json
+{"run_mode", "cpu_threads", "batch_of_one": whether PaddleX runs the graph image by image}.
 Writes OUT_DIR/results.json (boxes per image, exactly as PaddleX's result dict holds them) and
 OUT_DIR/masks.npz (img{i}_mask{j} = PaddleX's cropped masks). With bench_rounds > 0 it only times
 prediction and writes OUT_DIR/bench.json {"images_per_s", "seconds", "images"}.
@@ -14,7 +17,6 @@ import time
 
 import numpy as np
 from paddlex import create_model
-from paddlex.inference import PaddlePredictorOption
 
 
 def _plain(v):
@@ -30,9 +32,19 @@ def main() -> None:
 
 
 def run(req: dict) -> None:
-    opt = PaddlePredictorOption(cpu_threads=int(req.get("cpu_threads", 2)), run_mode=req.get("run_mode", "paddle"))
-    model = create_model(req["model_name"], model_dir=req["model_dir"], device="cpu", pp_option=opt,
+    # engine_config, not pp_option: PaddleX 3.7.2 silently ignores a PaddlePredictorOption's settings
+    # (it reads the option's __dict__, which holds only `_cfg`) and runs with 10 threads and its
+    # default run mode
+    engine_config = {"cpu_threads": int(req.get("cpu_threads", 2))}
+    if req.get("run_mode", "paddle") is not None:
+        engine_config["run_mode"] = req.get("run_mode", "paddle")
+    model = create_model(req["model_name"], model_dir=req["model_dir"], device="cpu", engine_config=engine_config,
                          threshold=req.get("threshold"))
+    predictor = getattr(model, "_predictor", None)
+    cfg = getattr(getattr(predictor, "runner", None), "_config", {})
+    one = getattr(predictor, "model_names_only_supports_batchsize_of_one", ())  # run image by image
+    json.dump({"run_mode": cfg.get("run_mode"), "cpu_threads": cfg.get("cpu_threads"),
+               "batch_of_one": req["model_name"] in one}, open(f"{req['out_dir']}/info.json", "w"))
     inputs = req["inputs"]
     rounds = int(req.get("bench_rounds", 0))
     if rounds:

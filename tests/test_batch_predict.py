@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import REPO
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 from instseg_core import create_model  # noqa: E402
 from instseg_core.masks import decode_rle  # noqa: E402
@@ -27,14 +27,6 @@ from pipelines.sinks import list_parts  # noqa: E402
 
 MODEL = "MaskRCNN-ResNet50-FPN"
 
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    # the loopback S3 server's AWS_* variables must be set before Ray starts its workers
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
-    yield
-    ray.shutdown()
 
 
 def _rows(output: str) -> list[dict]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 from instseg_core.evaluation import evaluate_coco  # noqa: E402
 from instseg_core.structures import Instances  # noqa: E402
@@ -38,12 +38,6 @@ def _make_dataset(root: Path, image_ids=IMAGE_IDS) -> Path:
         (ds / "annotations" / f"instance_{split}.json").write_text(json.dumps(sub))
     return root
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def _direct_results(model_dir: Path, ds_root: Path) -> list[dict]:

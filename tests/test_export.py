@@ -193,3 +193,43 @@ def test_weights_path_and_bad_input_size(tmp_path):
     paddle.save({k: paddle.to_tensor(v) for k, v in weights_rule().fill(state_shapes(MODEL)).items()}, str(path))
     out = export_model("PP-YOLOE_seg-S", path, tmp_path / "y", input_size=64)
     assert (out / "inference.json").is_file() and (out / "inference.pdiparams").is_file()
+
+
+def test_graph_runs_under_onednn_and_with_no_detection(exported, tmp_path):
+    """No *_interp op in the graph (Paddle 3.3's PIR cannot run one under oneDNN, PaddleX's CPU
+    default for this model); and with nothing detected the graph gives one class -1 row per batch
+    (never a 0-size tensor, which oneDNN kernels cannot run), which the predictor drops."""
+    import copy
+
+    import cv2
+
+    from instseg_core.export import export_model
+    from instseg_core.inference.predictor import create_model
+    from instseg_core.inference.preprocess import collate
+
+    model, out = exported
+    assert "_interp\"" not in (out / "inference.json").read_text()
+    img = cv2.imread(str(IMAGE))
+    img2 = np.ascontiguousarray(img[40:400, 100:560])
+    ref = None
+    for onednn in (True, False):
+        pred = create_model(model_dir=out, enable_onednn=onednn)
+        got = pred.infer(pred.preprocess([img]), threshold=THRESHOLD)[0]
+        assert pred.engine.onednn == onednn  # no fallback
+        if ref is None:
+            ref = got
+        else:  # oneDNN and plain kernels agree
+            assert len(got.boxes) == len(ref.boxes) > 0
+            np.testing.assert_allclose(got.boxes, ref.boxes, atol=1e-2)
+    silent = copy.deepcopy(model)
+    silent.yolo_head.score_threshold = 2.0  # sigmoid scores never pass: NMS keeps nothing
+    out2 = export_model(silent, None, tmp_path / "silent", input_size=INPUT_SIZE)
+    for onednn in (True, False):
+        pred = create_model(model_dir=out2, enable_onednn=onednn)
+        samples = pred.preprocess([img, img2])
+        bbox, bbox_num, mask = pred.engine.run(collate(samples))
+        assert pred.engine.onednn == onednn
+        np.testing.assert_array_equal(bbox, [[-1, 0, 0, 0, 0, 0]])
+        assert bbox_num.tolist() == [1, 0] and mask.shape[0] == 1 and not mask.any()
+        assert [len(r.boxes) for r in pred.infer(samples, threshold=0.0)] == [0, 0]
+        assert len(pred.infer(pred.preprocess([img2]), threshold=0.0)[0].boxes) == 0

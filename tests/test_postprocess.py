@@ -48,6 +48,16 @@ def test_masks_sized_from_another_image_are_resized():
     assert inst.dense_masks().shape == (1, 40, 40) and inst.dense_masks().sum() == 400
 
 
+def test_masks_one_pixel_short_are_padded_not_resized():
+    # PP-YOLOE's canvas is floor(im_shape / scale_factor): 599 rows for a 600-row image, same grid
+    masks = _full(9, 12, 3, 2, 9, 6)[None]
+    inst = box_instances(np.array([[0, 0.9, 2, 3, 6, 10]], np.float32), masks, (10, 12), 0.5)
+    dense = inst.dense_masks()
+    assert dense.shape == (1, 10, 12)
+    np.testing.assert_array_equal(dense[0, :9], masks[0] > 0)  # not shifted
+    assert not dense[0, 9].any()
+
+
 def test_split_by_bbox_num_and_format_errors():
     bbox = np.zeros((5, 6), np.float32)
     mask = np.zeros((5, 4, 4), np.int32)

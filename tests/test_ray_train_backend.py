@@ -41,15 +41,6 @@ _PADDLE_ENV = ("PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "PADDLE_TRAINER_ENDPO
 TRUE_W = np.array([1.5, -2.0, 0.5, 3.0], dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    # address="local" starts a private cluster (never a `ray start` head); the loopback S3
-    # server's AWS_* variables are set before Ray starts, so its workers inherit them
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
-    yield
-    ray.shutdown()
-
 
 def _append(path: str, record: dict) -> None:
     with open(path, "a") as f:

@@ -7,20 +7,12 @@ folder is copied there at the end.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
-    yield
-    ray.shutdown()
 
 
 def _upload(fs, local: Path, remote: str) -> None:

@@ -6,19 +6,13 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 from conftest import SHARED  # noqa: E402
 from pipelines.validate import find_remote_root, validate_dataset  # noqa: E402
 
 COCO = SHARED / "data" / "coco_tiny_val2017"
 
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def _dataset(tmp_path: Path) -> Path:

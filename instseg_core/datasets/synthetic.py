@@ -6,7 +6,7 @@ drawn later hides part of an earlier one and the earlier one's annotation is its
 (polygons of the visible mask, several polygons when it is cut in two). Instances left with fewer
 than ``min_visible`` pixels are dropped. Everything is a function of ``seed``.
 
-    python -m instseg_core.datasets.synthetic OUT_DIR --train 400 --val 80 --size 256
+    python -m instseg_core.datasets.synthetic OUT_DIR --train 400 --val 80 --size 160
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def _shape_mask(rng: np.random.Generator, cls: str, size: int) -> np.ndarray:
     """A filled shape of class ``cls`` at a random place, scale and rotation."""
     mask = np.zeros((size, size), np.uint8)
-    r = float(rng.uniform(0.08, 0.22) * size)
+    r = float(rng.uniform(0.12, 0.28) * size)
     cx, cy = (float(v) for v in rng.uniform(r * 0.6, size - r * 0.6, 2))
     angle = float(rng.uniform(0, 2 * math.pi))
     if cls == "circle":
@@ -97,8 +97,8 @@ def _annotations(instances, image_id: int, first_ann_id: int) -> List[Dict]:
     return anns
 
 
-def make_dataset(out_dir: str | Path, *, num_train: int = 400, num_val: int = 80, size: int = 256,
-                 max_objects: int = 4, seed: int = 0) -> Path:
+def make_dataset(out_dir: str | Path, *, num_train: int = 400, num_val: int = 80, size: int = 160,
+                 max_objects: int = 3, seed: int = 0) -> Path:
     """Write the dataset into ``out_dir`` (PaddleX layout); returns ``out_dir``."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -128,8 +128,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--train", type=int, default=400)
     p.add_argument("--val", type=int, default=80)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--max-objects", type=int, default=4)
+    p.add_argument("--size", type=int, default=160)
+    p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     make_dataset(a.out_dir, num_train=a.train, num_val=a.val, size=a.size, max_objects=a.max_objects, seed=a.seed)

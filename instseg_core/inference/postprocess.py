@@ -44,10 +44,19 @@ def split_box_outputs(outputs: Sequence[np.ndarray], num_images: int) -> list[tu
 
 
 def _fit_masks(masks: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Full-image bool masks of exactly (h, w): crop batch padding; resize if the graph sized them
-    from another image of the batch (Mask-RT-DETR's exported post-process does)."""
+    """Full-image bool masks of exactly (h, w): crop batch padding; pad a canvas one pixel short;
+    resize if the graph sized them from another image of the batch (Mask-RT-DETR's exported
+    post-process does)."""
     if masks.shape[1] >= h and masks.shape[2] >= w:
         return masks[:, :h, :w] > 0
+    if masks.shape[1] >= h - 1 and masks.shape[2] >= w - 1:
+        # Same pixel grid, last row/column cut by float truncation (PP-YOLOE's post-process sizes
+        # the canvas floor(im_shape / scale_factor), as the reference, e.g. 599 for 600 rows):
+        # pad with background. Resizing would shift the whole mask by up to a pixel.
+        out = np.zeros((len(masks), h, w), dtype=bool)
+        mh, mw = min(masks.shape[1], h), min(masks.shape[2], w)
+        out[:, :mh, :mw] = masks[:, :mh, :mw] > 0
+        return out
     if len(masks) == 0:
         return np.zeros((0, h, w), dtype=bool)
     src = (masks > 0).astype(np.uint8).transpose(1, 2, 0)

@@ -8,16 +8,18 @@ from ..models import MODEL_NAMES
 _BUILDERS = {}
 
 
-def _ppyoloe_seg_s(num_classes: int) -> nn.Layer:
+def _ppyoloe_seg_s(num_classes: int, **arch) -> nn.Layer:
     from .ppyoloe_seg import ppyoloe_seg_s
 
-    return ppyoloe_seg_s(num_classes=num_classes)
+    return ppyoloe_seg_s(num_classes=num_classes, **arch)
 
 
 def _mask_rtdetr(size: str):
-    def build(num_classes: int) -> nn.Layer:
+    def build(num_classes: int, **arch) -> nn.Layer:
         from .mask_rtdetr import mask_rtdetr
 
+        if arch:
+            raise ValueError(f"Mask-RT-DETR-{size} takes no architecture overrides, got {sorted(arch)}")
         return mask_rtdetr(size, num_classes=num_classes)
 
     return build
@@ -28,15 +30,19 @@ for _size in "SMLXH":
     _BUILDERS[f"Mask-RT-DETR-{_size}"] = _mask_rtdetr(_size)
 
 
-def build_model(name: str, num_classes: int = 80) -> nn.Layer:
-    """The network of ``name``; raises NotImplementedError for names without an implementation yet."""
+def build_model(name: str, num_classes: int = 80, **arch) -> nn.Layer:
+    """The network of ``name``; raises NotImplementedError for names without an implementation yet.
+
+    ``arch``: architecture overrides of a scalable family (PP-YOLOE_seg: ``width_mult``,
+    ``depth_mult``, ``num_protos``) for small custom models; official weights fit only the defaults.
+    """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model name {name!r}; expected one of: {', '.join(MODEL_NAMES)}")
     builder = _BUILDERS.get(name)
     if builder is None:
         raise NotImplementedError(
             f"model {name!r} is not implemented yet (implemented: {', '.join(sorted(_BUILDERS))})")
-    return builder(num_classes)
+    return builder(num_classes, **arch)
 
 
 # A key whose first dimension is the class count, per implemented model: sizes a network for a

@@ -3,10 +3,16 @@
 Sub-layers are registered as ``backbone``, ``transformer``, ``neck`` so that ``state_dict()``
 keys, shapes and order equal the official ``.pdparams`` (the reference ``DETR`` builds them in
 this order; the ``MaskDINOHead`` has no parameters).
+
+Training: ``model.train(); model(inputs, targets)`` -> ``{"loss": total, "loss_class": ...}``
+(batch format: ``instseg_core.training.data``); the criterion is ``losses.detr_loss.MaskDINOLoss``
+with the reference ``MaskDINOHead`` settings (varifocal with mask-IoU targets, weights
+class 4 / bbox 5 / giou 2 / mask 5 / dice 5, mask losses on 12544 uncertainty-sampled points
+per mask; the matcher's mask costs are dense on the stride-4 grid).
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Optional
 
 import paddle
 import paddle.nn as nn
@@ -14,17 +20,20 @@ import paddle.nn as nn
 from .backbones.hgnetv2 import hgnetv2
 from .heads.mask_rtdetr import (MaskRTDETRTransformer, mask_rtdetr_post_process,
                                  mask_rtdetr_post_process_batch)
+from .losses.box_ops import xyxy_to_cxcywh
+from .losses.detr_loss import MaskDINOLoss
 from .necks.mask_hybrid_encoder import MASK_HYBRID_ENCODER_CONFIGS, mask_hybrid_encoder
 
-__all__ = ["MaskRTDETR", "mask_rtdetr"]
+__all__ = ["MaskRTDETR", "mask_rtdetr", "normalize_targets"]
 
 
 class MaskRTDETR(nn.Layer):
     """``forward({'image', 'im_shape', 'scale_factor'})`` -> ``{'bbox', 'bbox_num', 'mask'}``.
 
     ``bbox`` [100,6] float32 = [class, score, x1, y1, x2, y2] in original-image pixels (not clipped),
-    ``bbox_num`` [1] int32, ``mask`` [100,H0,W0] int32. Eval only. A batch of B images gives
+    ``bbox_num`` [1] int32, ``mask`` [100,H0,W0] int32. A batch of B images gives
     [B*100,6] / [B] / [B*100,Hmax,Wmax]: each image's masks at its own original size, padded with 0.
+    In training mode ``forward(inputs, targets)`` returns the loss dict instead.
     """
 
     def __init__(self, backbone: nn.Layer, transformer: MaskRTDETRTransformer, neck: nn.Layer,
@@ -34,20 +43,45 @@ class MaskRTDETR(nn.Layer):
         self.transformer = transformer
         self.neck = neck
         self.num_top_queries = num_top_queries
+        # a plain object, not a sub-layer: it has no parameters and stays out of state_dict()
+        self.criterion = MaskDINOLoss(transformer.num_classes)
 
     def head_outputs(self, image: paddle.Tensor):
         feats, mask_feat = self.neck(self.backbone(image))
         return self.transformer(feats, mask_feat)
 
-    def forward(self, inputs: Dict[str, paddle.Tensor]):
+    def forward(self, inputs: Dict[str, paddle.Tensor],
+                targets: Optional[List[Dict[str, paddle.Tensor]]] = None):
         if self.training:
-            raise NotImplementedError("MaskRTDETR training loss is not implemented; use eval()")
+            if targets is None:
+                raise ValueError("MaskRTDETR in training mode needs targets: model(inputs, targets)")
+            return self.loss(inputs["image"], targets)
         logits, boxes, masks, _ = self.head_outputs(inputs["image"])
         if int(inputs["image"].shape[0]) != 1:
             return mask_rtdetr_post_process_batch(logits[-1], boxes[-1], masks[-1], inputs["im_shape"],
                                                   inputs["scale_factor"], self.num_top_queries)
         return mask_rtdetr_post_process(logits[-1], boxes[-1], masks[-1], inputs["im_shape"],
                                         inputs["scale_factor"], self.num_top_queries)
+
+    def loss(self, image: paddle.Tensor, targets: List[Dict[str, paddle.Tensor]]) -> Dict[str, paddle.Tensor]:
+        """Training losses of a batch; ``targets`` boxes are xyxy input pixels (data module format)."""
+        norm = normalize_targets(targets, int(image.shape[2]), int(image.shape[3]))
+        feats, mask_feat = self.neck(self.backbone(image))
+        out = self.transformer(feats, mask_feat, norm)
+        return self.criterion(out.predictions, norm, out.dn_predictions, out.dn_group)
+
+
+def normalize_targets(targets: List[Dict[str, paddle.Tensor]], height: int, width: int
+                      ) -> List[Dict[str, paddle.Tensor]]:
+    """xyxy input-pixel boxes -> cxcywh normalised by the input size (what the queries predict)."""
+    scale = paddle.to_tensor([width, height, width, height], dtype="float32")
+    out = []
+    for t in targets:
+        boxes = t["boxes"].astype("float32").reshape([-1, 4])
+        out.append({"labels": t["labels"].astype("int64").reshape([-1]),
+                    "boxes": xyxy_to_cxcywh(boxes / scale),
+                    "masks": t["masks"].astype("float32")})
+    return out
 
 
 def mask_rtdetr(size: str, num_classes: int = 80) -> MaskRTDETR:

@@ -65,6 +65,8 @@ class TrainSettings:
     resume_path: Optional[str]
     seed: int
     amp: str
+    draw_threshold: float
+    arch: Dict[str, Any]
     recipe: TrainRecipe
 
     @classmethod
@@ -91,7 +93,8 @@ class TrainSettings:
             batch_size=positive("batch_size", spec.train_batch_size),
             log_interval=positive("log_interval", 10), eval_interval=positive("eval_interval", 1),
             pretrain_weight_path=t.get("pretrain_weight_path") or None, resume_path=t.get("resume_path") or None,
-            seed=int(t.get("seed", 0)), amp=amp, recipe=recipe_for(name, t))
+            seed=int(t.get("seed", 0)), amp=amp, draw_threshold=float(t.get("draw_threshold", 0.5)),
+            arch=dict(t.get("arch") or {}), recipe=recipe_for(name, t))
 
 
 # ------------------------------------------------------------------------------------ data order
@@ -263,7 +266,8 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
                 yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
         train_ds, val_ds = _dataset_splits(s.dataset_dir, s.num_classes)
         _seed_everything(s.seed, -1, 0)  # identical initial weights on every rank
-        model = build_model(s.model_name, num_classes=s.num_classes)
+        model = build_model(s.model_name, num_classes=s.num_classes, **s.arch)
+        _init_priors(model)
         if s.pretrain_weight_path and not (resume_path or s.resume_path):
             rep = load_weights(model, s.pretrain_weight_path, strict_shapes=False)
             log.info("pretrained weights %s: %d loaded, %d missing, %d skipped (shape), %d unexpected",
@@ -364,6 +368,14 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
             handler.close()
 
 
+def _init_priors(model: nn.Layer) -> None:
+    """Detector priors for a fresh head (class bias at p=0.01, zero box/class convs), as the
+    reference initialises before training; pretrained weights loaded afterwards override them."""
+    head = getattr(model, "yolo_head", None)
+    if head is not None and hasattr(head, "init_prediction_priors"):
+        head.init_prediction_priors()
+
+
 def _eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -396,7 +408,8 @@ def _save_best(s: TrainSettings, model: nn.Layer, eval_state, ckpt_dir: Path, na
     (best_dir / "best_model.info.json").write_text(json.dumps({"metric": ap, "epoch": epoch}) + "\n")
     raw = _swap_in(model, eval_state)
     try:
-        export_model(model, None, best_dir / "inference", input_size=s.recipe.input_size, labels=labels)
+        export_model(model, None, best_dir / "inference", input_size=s.recipe.input_size, labels=labels,
+                     draw_threshold=s.draw_threshold)
     finally:
         _swap_back(model, raw)
     return _entry(s.output, best_dir, "best_model", ap, with_inference=True)

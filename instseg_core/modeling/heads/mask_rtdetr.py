@@ -21,19 +21,28 @@ Structure (decoder hidden 256 for every size):
 ``MaskRTDETRTransformer.forward(feats, mask_feat)`` returns the reference nesting:
 ``(logits [1,1,Q,C], boxes [1,1,Q,4], masks [1,1,Q,h,w], (enc_logits, enc_boxes, enc_masks))``.
 ``mask_rtdetr_post_process`` turns the last-layer outputs into ``bbox`` / ``bbox_num`` / ``mask``.
+
+Training (``train()``; ``forward(feats, mask_feat, targets)``) returns :class:`MaskRTDETRTrainOutputs`:
+noised ground-truth queries (``losses.denoising``; label embedding ``denoising_class_embed``) are
+prepended to the matching queries behind an attention mask, every decoder layer predicts classes,
+boxes and masks, reference boxes are detached between layers, and the box a layer reports refines
+the previous layer's *undetached* box ("look forward twice", DINO).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..losses.denoising import DenoisingGroup, build_denoising_group
+from ..losses.detr_loss import SetPrediction
 from ..necks.mask_hybrid_encoder import _MultiHeadSelfAttention
 
-__all__ = ["MaskRTDETRTransformer", "mask_rtdetr_post_process", "mask_rtdetr_post_process_batch",
-           "inverse_sigmoid",
+__all__ = ["MaskRTDETRTransformer", "MaskRTDETRTrainOutputs", "mask_rtdetr_post_process",
+           "mask_rtdetr_post_process_batch", "inverse_sigmoid",
            "generate_anchors", "mask_to_box_cxcywh", "ms_deformable_attention"]
 
 
@@ -151,9 +160,9 @@ class _DecoderLayer(nn.Layer):
         self.linear2 = nn.Linear(dim_feedforward, dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, tgt, ref_boxes, memory, shapes, pos):
+    def forward(self, tgt, ref_boxes, memory, shapes, pos, attn_mask=None):
         qk = tgt + pos
-        tgt = self.norm1(tgt + self.self_attn(qk, qk, tgt))
+        tgt = self.norm1(tgt + self.self_attn(qk, qk, tgt, attn_mask))
         tgt = self.norm2(tgt + self.cross_attn(tgt + pos, ref_boxes, memory, shapes))
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
@@ -174,13 +183,25 @@ class _ConvNorm(nn.Layer):
         return self.norm(self.conv(x))
 
 
+class MaskRTDETRTrainOutputs(NamedTuple):
+    """Training forward of the transformer (input of ``losses.detr_loss.MaskDINOLoss``)."""
+
+    predictions: List[SetPrediction]  # matching queries: encoder top-k, decoder input, layers 1..L
+    dn_predictions: Optional[List[SetPrediction]]  # denoising queries: decoder input, layers 1..L
+    dn_group: Optional[DenoisingGroup]
+
+
 class MaskRTDETRTransformer(nn.Layer):
     def __init__(self, in_channels: int = 256, hidden_dim: int = 256, num_classes: int = 80,
                  num_queries: int = 300, num_levels: int = 3, num_points: int = 4, num_heads: int = 8,
                  num_decoder_layers: int = 6, dim_feedforward: int = 1024, num_prototypes: int = 128,
-                 eval_idx: int = -1):
+                 eval_idx: int = -1, num_denoising: int = 100, label_noise_ratio: float = 0.5,
+                 box_noise_scale: float = 1.0, dn_contrastive: bool = False):
         super().__init__()
         self.hidden_dim, self.num_classes, self.num_queries = hidden_dim, num_classes, num_queries
+        # denoising (training only); Mask-RT-DETR's configs use plain (non-contrastive) groups
+        self.num_denoising, self.label_noise_ratio = num_denoising, label_noise_ratio
+        self.box_noise_scale, self.dn_contrastive = box_noise_scale, dn_contrastive
         self.num_levels = num_levels
         self.num_decoder_layers = num_decoder_layers
         self.eval_idx = eval_idx if eval_idx >= 0 else num_decoder_layers + eval_idx
@@ -188,7 +209,7 @@ class MaskRTDETRTransformer(nn.Layer):
         self.decoder = _Decoder(num_decoder_layers, dim=hidden_dim, num_heads=num_heads,
                                 dim_feedforward=dim_feedforward, num_levels=num_levels,
                                 num_points=num_points)
-        # training-only (denoising queries); kept for state-dict parity
+        # label embedding of the denoising queries (training only)
         self.denoising_class_embed = nn.Embedding(num_classes, hidden_dim)
         self.query_pos_head = _MLP(4, 2 * hidden_dim, hidden_dim, 2)
         self.mask_query_head = _MLP(hidden_dim, hidden_dim, num_prototypes, 3)
@@ -196,6 +217,21 @@ class MaskRTDETRTransformer(nn.Layer):
         self.dec_norm = nn.LayerNorm(hidden_dim)
         self.score_head = nn.Linear(hidden_dim, num_classes)
         self.bbox_head = _MLP(hidden_dim, hidden_dim, 4, 3)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        """The reference initialisation where it differs from Paddle's defaults (Xavier weights,
+        zero biases): class prior 0.01 (few confident queries at the start, as for focal-loss
+        detectors), a zero last box layer (start from the reference box) and N(0, 1) label
+        embeddings. Loaded weights replace all of it."""
+        prior = 0.01
+        bias = self.score_head.bias
+        bias.set_value(paddle.full(bias.shape, -math.log((1 - prior) / prior), bias.dtype))
+        last = self.bbox_head.layers[-1]
+        last.weight.set_value(paddle.zeros(last.weight.shape, last.weight.dtype))
+        last.bias.set_value(paddle.zeros(last.bias.shape, last.bias.dtype))
+        emb = self.denoising_class_embed.weight
+        emb.set_value(paddle.normal(0.0, 1.0, emb.shape).astype(emb.dtype))
 
     def _class_and_mask(self, query, mask_feat):
         q = self.dec_norm(query)
@@ -204,7 +240,9 @@ class MaskRTDETRTransformer(nn.Layer):
         masks = paddle.bmm(coef, mask_feat.reshape([0, p, h * w])).reshape([0, -1, h, w])
         return self.score_head(q), masks
 
-    def forward(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor):
+    def _select_queries(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor):
+        """Encoder part: memory, level shapes, the top-``num_queries`` query contents (detached)
+        and the encoder's predictions for them (logits, sigmoid boxes, mask logits)."""
         shapes: List[Tuple[int, int]] = []
         mem = []
         for proj, f in zip(self.input_proj, feats):
@@ -221,10 +259,23 @@ class MaskRTDETRTransformer(nn.Layer):
         enc_boxes_unact = self.bbox_head(out_mem) + anchors
         _, idx = paddle.topk(enc_logits.max(axis=-1), self.num_queries, axis=1)  # [B, Q]
         sel = lambda t: paddle.take_along_axis(t, idx.unsqueeze(-1).expand([-1, self.num_queries, t.shape[-1]]), axis=1)
-        target = sel(out_mem).detach()
+        selected = sel(out_mem)
         enc_sel_boxes = F.sigmoid(sel(enc_boxes_unact))
-        enc_sel_logits, enc_sel_masks = self._class_and_mask(target, mask_feat)
+        # the encoder's own predictions keep their gradient (they train the query selection);
+        # the decoder starts from a detached copy
+        enc_sel_logits, enc_sel_masks = self._class_and_mask(selected, mask_feat)
+        return memory, shapes, selected.detach(), SetPrediction(enc_sel_logits, enc_sel_boxes, enc_sel_masks)
+
+    def forward(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor,
+                targets: Optional[Sequence[Dict[str, paddle.Tensor]]] = None):
+        """Eval: the reference nesting (module doc). Training: :class:`MaskRTDETRTrainOutputs`;
+        ``targets`` (per image ``labels`` [n], ``boxes`` [n, 4] normalised cxcywh) feed the
+        denoising queries, None trains without them."""
+        memory, shapes, target, enc = self._select_queries(feats, mask_feat)
+        enc_sel_logits, enc_sel_boxes, enc_sel_masks = enc
         ref = mask_to_box_cxcywh(enc_sel_masks > 0)  # mask-enhanced reference boxes
+        if self.training:
+            return self._forward_train(memory, shapes, mask_feat, target, enc, ref, targets)
 
         out = target
         for i, layer in enumerate(self.decoder.layers):
@@ -237,6 +288,40 @@ class MaskRTDETRTransformer(nn.Layer):
                         (enc_sel_logits, enc_sel_boxes, enc_sel_masks))
             ref = new_ref
         raise RuntimeError("eval_idx out of range")
+
+    def _forward_train(self, memory, shapes, mask_feat, target, enc: SetPrediction, mask_ref,
+                       targets) -> MaskRTDETRTrainOutputs:
+        dn = None
+        if targets is not None:
+            dn = build_denoising_group([t["labels"] for t in targets], [t["boxes"] for t in targets],
+                                       self.denoising_class_embed.weight, self.num_queries,
+                                       self.num_denoising, self.label_noise_ratio, self.box_noise_scale,
+                                       self.dn_contrastive)
+        out, ref_unact, attn_mask = target, inverse_sigmoid(mask_ref), None
+        if dn is not None:
+            out = paddle.concat([dn.queries, out], axis=1)
+            ref_unact = paddle.concat([inverse_sigmoid(dn.ref_boxes), ref_unact], axis=1)
+            attn_mask = dn.attn_mask
+        ref = F.sigmoid(ref_unact).detach()
+
+        logits, masks = self._class_and_mask(out, mask_feat)
+        sets = [SetPrediction(logits, ref, masks)]  # decoder input, before any layer
+        prev = ref
+        for i, layer in enumerate(self.decoder.layers):
+            out = layer(out, ref, memory, shapes, self.query_pos_head(ref), attn_mask)
+            delta = self.bbox_head(out)
+            new_ref = F.sigmoid(delta + inverse_sigmoid(ref))
+            # look forward twice: the reported box refines the previous layer's undetached box,
+            # so this layer's box loss also reaches the previous refinement
+            boxes = new_ref if i == 0 else F.sigmoid(delta + inverse_sigmoid(prev))
+            logits, masks = self._class_and_mask(out, mask_feat)
+            sets.append(SetPrediction(logits, boxes, masks))
+            prev, ref = new_ref, new_ref.detach()
+
+        nd = dn.num_queries if dn is not None else 0
+        matching = [enc] + [SetPrediction(*(x[:, nd:] for x in s)) for s in sets]
+        denoising = [SetPrediction(*(x[:, :nd] for x in s)) for s in sets] if dn is not None else None
+        return MaskRTDETRTrainOutputs(matching, denoising, dn)
 
 
 def _top_detections(logits, boxes, im_shape, scale_factor, k: int):

@@ -7,7 +7,7 @@ state-dict contract: ``stem_{cls,reg,ins}.{i}.{fc,conv}``, ``pred_{cls,reg,ins}.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -15,6 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..layers import ActLike, ConvBNLayer, get_activation
+from ..resize import resize_bilinear
 
 
 class ESEAttn(nn.Layer):
@@ -50,6 +51,22 @@ def _nms_multiclass(bboxes, scores, score_threshold, nms_top_k, keep_top_k, nms_
         bboxes, scores, None, score_threshold, nms_top_k, keep_top_k, nms_threshold, normalized,
         nms_eta, background_label)
     return out, index, rois_num
+
+
+class TrainOutputs(NamedTuple):
+    """Training-time head outputs over all A anchors (levels coarsest first).
+
+    Boxes are in stride units: ``anchor_points`` are cell centres ``(i + 0.5, j + 0.5)`` and
+    ``distances`` ltrb distances, both to be multiplied by ``strides`` for input pixels.
+    """
+
+    cls_logits: paddle.Tensor  # [B, A, C] class logits (before sigmoid)
+    reg_logits: paddle.Tensor  # [B, A, 4, R+1] DFL logits per side (l, t, r, b)
+    distances: paddle.Tensor  # [B, A, 4] expectation of the softmaxed DFL bins
+    coefs: paddle.Tensor  # [B, A, M] mask coefficients
+    protos: paddle.Tensor  # [B, M, H/4, W/4] mask prototypes
+    anchor_points: paddle.Tensor  # [A, 2] x, y
+    strides: paddle.Tensor  # [A, 1]
 
 
 class PPYOLOEInsHead(nn.Layer):
@@ -100,6 +117,21 @@ class PPYOLOEInsHead(nn.Layer):
         proj = np.arange(self.reg_max + 1, dtype="float32").reshape([1, self.reg_max + 1, 1, 1])
         self.proj_conv.weight.set_value(proj)
 
+    def init_prediction_priors(self, prior_prob: float = 0.01) -> None:
+        """The reference start for training the prediction convs from scratch (not called by default).
+
+        ``pred_cls``: zero weights and bias ``-log((1 - p) / p)`` so every class starts at
+        probability ``prior_prob`` (the background-heavy prior keeps the first varifocal losses
+        small); ``pred_reg``: zero weights and bias 1 (uniform DFL bins). Call it on a head whose
+        prediction layers are not loaded from a checkpoint, e.g. after changing the class count.
+        """
+        bias_cls = float(-np.log((1.0 - prior_prob) / prior_prob))
+        for cls_conv, reg_conv in zip(self.pred_cls, self.pred_reg):
+            cls_conv.weight.set_value(paddle.zeros_like(cls_conv.weight))
+            cls_conv.bias.set_value(paddle.full_like(cls_conv.bias, bias_cls))
+            reg_conv.weight.set_value(paddle.zeros_like(reg_conv.weight))
+            reg_conv.bias.set_value(paddle.ones_like(reg_conv.bias))
+
     # ---------------------------------------------------------------- anchors
     def generate_anchors(self, feats: Sequence[paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
         points, strides = [], []
@@ -113,6 +145,40 @@ class PPYOLOEInsHead(nn.Layer):
         return paddle.concat(points), paddle.concat(strides)
 
     # ---------------------------------------------------------------- forward
+    def _level_logits(self, i: int, feat: paddle.Tensor):
+        """Raw outputs of level ``i``: class logits [B,C,H,W], DFL logits [B,4(R+1),H,W]
+        (side-major: channel ``side * (R+1) + bin``) and mask coefficients [B,M,H,W]."""
+        avg_feat = F.adaptive_avg_pool2d(feat, (1, 1))
+        cls_logit = self.pred_cls[i](self.stem_cls[i](feat, avg_feat) + feat)
+        reg = self.pred_reg[i](self.stem_reg[i](feat, avg_feat))
+        coef = self.pred_ins[i](self.stem_ins[i](feat, avg_feat) + feat)
+        return cls_logit, reg, coef
+
+    def forward_train(self, feats: Sequence[paddle.Tensor]) -> TrainOutputs:
+        """The head's raw outputs for the training losses (see :class:`TrainOutputs`).
+
+        Same layers as :meth:`forward`, but class logits instead of sigmoid scores and the DFL
+        logits kept next to their expectation, all anchors-major ([B, A, ...]).
+        """
+        feats = list(feats)
+        if len(feats) != len(self.fpn_strides):
+            raise ValueError(f"expected {len(self.fpn_strides)} feature maps, got {len(feats)}")
+        protos = self.proto(feats[-1])
+        anchor_points, stride_tensor = self.generate_anchors(feats)
+        cls_list, reg_list, ins_list = [], [], []
+        for i, feat in enumerate(feats):
+            cls_logit, reg, coef = self._level_logits(i, feat)
+            l = feat.shape[2] * feat.shape[3]
+            cls_list.append(cls_logit.reshape([-1, self.num_classes, l]).transpose([0, 2, 1]))
+            reg_list.append(reg.reshape([-1, 4, self.reg_max + 1, l]).transpose([0, 3, 1, 2]))
+            ins_list.append(coef.reshape([-1, self.num_masks, l]).transpose([0, 2, 1]))
+        reg_logits = paddle.concat(reg_list, axis=1)  # [B, A, 4, R+1]
+        # expectation over the bins with the fixed projection 0..R (the proj_conv weights)
+        proj = self.proj_conv.weight.reshape([self.reg_max + 1, 1])
+        distances = paddle.matmul(F.softmax(reg_logits, axis=-1), proj).squeeze(-1)
+        return TrainOutputs(paddle.concat(cls_list, axis=1), reg_logits, distances,
+                            paddle.concat(ins_list, axis=1), protos, anchor_points, stride_tensor)
+
     def forward(self, feats: Sequence[paddle.Tensor]):
         feats = list(feats)
         if len(feats) != len(self.fpn_strides):
@@ -123,10 +189,7 @@ class PPYOLOEInsHead(nn.Layer):
         for i, feat in enumerate(feats):
             b, _, h, w = feat.shape
             l = h * w
-            avg_feat = F.adaptive_avg_pool2d(feat, (1, 1))
-            cls_logit = self.pred_cls[i](self.stem_cls[i](feat, avg_feat) + feat)
-            reg = self.pred_reg[i](self.stem_reg[i](feat, avg_feat))
-            coef = self.pred_ins[i](self.stem_ins[i](feat, avg_feat) + feat)
+            cls_logit, reg, coef = self._level_logits(i, feat)
             # [B, 4*(R+1), H, W] -> [B, R+1, L, 4]; softmax over bins; project to the expectation
             reg = reg.reshape([-1, 4, self.reg_max + 1, l]).transpose([0, 2, 3, 1])
             reg = self.proj_conv(F.softmax(reg, axis=1)).squeeze(1)  # [B, L, 4]
@@ -194,7 +257,9 @@ class PPYOLOEInsHead(nn.Layer):
         images concatenated (``bbox_num`` [B]), masks laid on a [sum N, Hmax, Wmax] canvas of the
         largest original size, 0 outside each image. Each image is resized to its own
         ``round(input/scale)`` size with half-pixel bilinear sampling (``grid_sample``, border),
-        which is what ``F.interpolate(..., align_corners=False)`` computes.
+        which is what ``F.interpolate(..., align_corners=False)`` computes. With no detection in
+        the whole batch the output is one row ``[-1, 0, 0, 0, 0, 0]`` for image 0 (``bbox_num``
+        ``[1, 0, ...]``) with an empty mask, never a 0-size tensor (which oneDNN cannot run).
         """
         scores, dist, coefs, protos, anchor_points, stride_tensor = head_outs
         lt, rb = paddle.split(dist, 2, axis=-1)
@@ -206,6 +271,14 @@ class PPYOLOEInsHead(nn.Layer):
         num_anchors = int(anchor_points.shape[0])
         m, ph, pw = int(protos.shape[1]), int(protos.shape[2]), int(protos.shape[3])
 
+        # One extra row (class -1, score 0, image 0, empty box) so that no tensor below is ever
+        # empty: oneDNN kernels (reshape, elementwise) fail on 0-size tensors when nothing is
+        # detected. It is output only when there is no detection at all (as image 0's row, the
+        # reference's "no detection" row), and PaddleX and the predictor drop class -1 rows.
+        n_det = paddle.shape(out)[0:1]  # [1]
+        out = paddle.concat([out, paddle.concat([paddle.full([1, 1], -1.0, dtype=out.dtype),
+                                                 paddle.zeros([1, 5], dtype=out.dtype)], axis=1)], axis=0)
+        index = paddle.concat([index, paddle.zeros([1, 1], dtype=index.dtype)], axis=0)
         idx = index.reshape([-1]).astype("int64")  # into the flattened [B*A]
         img = paddle.floor_divide(idx, paddle.full([1], num_anchors, dtype="int64"))  # [N]
         coef = paddle.gather(coefs.transpose([0, 2, 1]).reshape([-1, m]), idx)  # [N, M]
@@ -214,8 +287,9 @@ class PPYOLOEInsHead(nn.Layer):
         onehot = (img.unsqueeze(1) == batch_ids.unsqueeze(0)).astype(logits.dtype)  # [N, B]
         logits = (logits.transpose([1, 0, 2]) * onehot.unsqueeze(-1)).sum(axis=1)  # [N, P]
         masks = F.sigmoid(logits).reshape([-1, ph, pw])
-        masks = F.interpolate(masks.unsqueeze(0), size=[ih, iw], mode="bilinear",
-                              align_corners=False)[0]
+        # = F.interpolate(bilinear, align_corners=False), bit for bit, without a bilinear_interp
+        # op: PIR cannot run that op under oneDNN (PaddleX's CPU default for this model)
+        masks = resize_bilinear(masks.unsqueeze(0), size=[ih, iw])[0]
         masks = _crop_mask(masks, out[:, 2:6])  # [N, ih, iw]
 
         sf = scale_factor.astype("float32")
@@ -230,17 +304,25 @@ class PPYOLOEInsHead(nn.Layer):
         ys = paddle.arange(hmax, dtype="float32") + 0.5  # [H]
         gx = 2.0 * xs.unsqueeze(0) / rw - 1.0  # [N, W]
         gy = 2.0 * ys.unsqueeze(0) / rh - 1.0  # [N, H]
-        gx = gx.unsqueeze(1) + gy.unsqueeze(2) * 0.0  # [N, H, W]
-        gy = gy.unsqueeze(2) + gx * 0.0
-        grid = paddle.stack([gx, gy], axis=-1)
+        # grid [N, H, W, 2] = (gx, 0) + (0, gy), each expanded (exact; oneDNN's broadcasting adds
+        # and its stack are very slow on tensors this size)
+        zx, zy = paddle.zeros_like(gx), paddle.zeros_like(gy)
+        grid = (paddle.expand(paddle.stack([gx, zx], axis=-1).unsqueeze(1), [-1, hmax, -1, -1])
+                + paddle.expand(paddle.stack([zy, gy], axis=-1).unsqueeze(2), [-1, -1, wmax, -1]))
         masks = F.grid_sample(masks.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
                               align_corners=False)[:, 0]  # [N, H, W]
         inside = (xs.reshape([1, 1, -1]) < ow) & (ys.reshape([1, -1, 1]) < oh)
-        masks = ((masks > self.mask_threshold) & inside).astype("float32")
+        masks = (masks > self.mask_threshold) & inside
 
         scale = paddle.gather(paddle.stack([sf[:, 1], sf[:, 0], sf[:, 1], sf[:, 0]], axis=1), img)
         bbox = paddle.concat([out[:, :2], out[:, 2:6] / scale], axis=-1)
-        return {"bbox": bbox, "bbox_num": rois_num.astype("int32").reshape([-1]), "mask": masks}
+        # drop the extra row unless nothing was detected (then it is image 0's only row)
+        none = (n_det == 0).astype("int32")  # [1]
+        keep = n_det.astype("int32") + none
+        bbox_num = rois_num.astype("int32").reshape([-1])
+        first = (paddle.cumsum(paddle.ones_like(bbox_num), axis=0) == 1).astype("int32")
+        return {"bbox": bbox[:keep], "bbox_num": bbox_num + first * none,
+                "mask": masks[:keep].astype("float32")}
 
 
 def _crop_mask(masks: paddle.Tensor, boxes: paddle.Tensor) -> paddle.Tensor:
@@ -249,7 +331,7 @@ def _crop_mask(masks: paddle.Tensor, boxes: paddle.Tensor) -> paddle.Tensor:
     x1, y1, x2, y2 = [b.reshape([-1, 1, 1]) for b in paddle.split(boxes, 4, axis=1)]
     cols = paddle.arange(w, dtype="float32").reshape([1, 1, w])
     rows = paddle.arange(h, dtype="float32").reshape([1, h, 1])
-    keep = (cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2)
+    keep = ((cols >= x1) & (cols < x2)) & ((rows >= y1) & (rows < y2))  # one full-size op
     return masks * keep.astype(masks.dtype)
 
 

@@ -5,9 +5,9 @@ from typing import List, Sequence
 
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 from ..layers import SPP, ActLike, BasicBlock, ConvBNLayer, get_activation
+from ..resize import upsample_nearest2x
 
 
 class CSPStage(nn.Layer):
@@ -100,8 +100,8 @@ class CustomCSPPAN(nn.Layer):
             fpn_feats.append(route)
             if i < self.num_blocks - 1:
                 route = self.fpn_routes[i](route)
-                route = F.interpolate(route, scale_factor=2.0, mode="nearest",
-                                      data_format=self.data_format)
+                # nearest x2 without an interp op (oneDNN-safe graph, same values)
+                route = upsample_nearest2x(route)
 
         pan_feats = [fpn_feats[-1]]
         route = fpn_feats[-1]

@@ -25,6 +25,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..resize import resize_bilinear, upsample_nearest2x
+
 __all__ = ["MaskHybridEncoder", "mask_hybrid_encoder", "MASK_HYBRID_ENCODER_CONFIGS",
            "sincos_pos_embed_2d"]
 
@@ -111,9 +113,13 @@ class _MultiHeadSelfAttention(nn.Layer):
         b, n = y.shape[0], y.shape[1]
         return y.reshape([b, n, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
 
-    def forward(self, query, key, value):
+    def forward(self, query, key, value, attn_mask=None):
+        """``attn_mask``: optional bool [Lq, Lk], True where a query may attend to a key."""
         q, k, v = self._heads(query, 0), self._heads(key, 1), self._heads(value, 2)
         attn = paddle.matmul(q, k, transpose_y=True) * (self.head_dim ** -0.5)
+        if attn_mask is not None:
+            # blocked pairs get a large negative logit, so softmax gives them ~0 weight
+            attn = attn + (attn_mask.astype(attn.dtype) - 1.0) * 1e9
         attn = F.softmax(attn, axis=-1)
         out = paddle.matmul(attn, v).transpose([0, 2, 1, 3])
         b, n = out.shape[0], out.shape[1]
@@ -167,6 +173,14 @@ def sincos_pos_embed_2d(w: int, h: int, dim: int, temperature: float = 10000.0) 
     return paddle.concat([paddle.sin(ow), paddle.cos(ow), paddle.sin(oh), paddle.cos(oh)], axis=1)[None]
 
 
+class _Upsample2x(nn.Layer):
+    """``nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)``, same values, built
+    without a ``bilinear_interp`` op (PIR cannot run that op under oneDNN; see ``..resize``)."""
+
+    def forward(self, x):
+        return resize_bilinear(x, scale_factor=2.0)
+
+
 class _MaskFeatFPN(nn.Layer):
     """Every level (strides 8/16/32) -> ``feat_ch`` at stride 8 (3x3 conv-BN-SiLU, then bilinear x2
     per octave), summed, then ``output_conv`` (3x3) to ``out_ch``."""
@@ -182,7 +196,7 @@ class _MaskFeatFPN(nn.Layer):
             for k in range(n):
                 mods.append(nn.Sequential(_ConvBN(cin if k == 0 else feat_ch, feat_ch, 3)))
                 if s != self.strides[0]:
-                    mods.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                    mods.append(_Upsample2x())
             self.scale_heads.append(nn.Sequential(*mods))
         self.output_conv = _ConvBN(feat_ch, out_ch, 3)
 
@@ -191,7 +205,7 @@ class _MaskFeatFPN(nn.Layer):
         for head, f in zip(self.scale_heads[1:], feats[1:]):
             y = head(f)
             if tuple(y.shape[2:]) != tuple(out.shape[2:]):
-                y = F.interpolate(y, size=out.shape[2:], mode="bilinear", align_corners=False)
+                y = resize_bilinear(y, size=out.shape[2:])
             out = out + y
         return self.output_conv(out)
 
@@ -252,7 +266,7 @@ class MaskHybridEncoder(nn.Layer):
             j = n - 1 - idx
             high = self.lateral_convs[j](inner[0])
             inner[0] = high
-            up = F.interpolate(high, scale_factor=2.0, mode="nearest")
+            up = upsample_nearest2x(high)
             inner.insert(0, self.fpn_blocks[j](paddle.concat([up, proj[idx - 1]], axis=1)))
         # bottom-up
         outs = [inner[0]]
@@ -262,7 +276,7 @@ class MaskHybridEncoder(nn.Layer):
 
         # mask feature at stride 4
         mask_feat = self.mask_feat_head(outs)
-        mask_feat = F.interpolate(mask_feat, scale_factor=2.0, mode="bilinear", align_corners=False)
+        mask_feat = resize_bilinear(mask_feat, scale_factor=2.0)
         mask_feat = mask_feat + self.enc_mask_lateral(x4)
         mask_feat = self.enc_mask_output(mask_feat)
         return outs, mask_feat
