@@ -23,8 +23,7 @@ $(PDX_VENV)/.installed: constraints-paddlex.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m instseg_core.tiny_models --model MaskRCNN-ResNet50-FPN --output .cache/demo_model
-	$(PY) -m jobs.batch_predict --input samples --output demo_output --model-dir .cache/demo_model \
+	$(PY) -m jobs.batch_predict --input samples/shapes --output demo_output --model-dir samples/model \
 		--batch-size 2 --labelme --progress-interval-s 2
 	@echo "demo outputs in demo_output/: parts/*.parquet, coco_results.json, coco_dataset.json, labelme/, summary.json"
 
