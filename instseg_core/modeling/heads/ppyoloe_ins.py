@@ -154,17 +154,21 @@ class PPYOLOEInsHead(nn.Layer):
         coef = self.pred_ins[i](self.stem_ins[i](feat, avg_feat) + feat)
         return cls_logit, reg, coef
 
+    def _protos_and_anchors(self, feats: Sequence[paddle.Tensor]):
+        """``(feats as a list, prototypes of the stride-8 map, anchor points, strides)``."""
+        feats = list(feats)
+        if len(feats) != len(self.fpn_strides):
+            raise ValueError(f"expected {len(self.fpn_strides)} feature maps, got {len(feats)}")
+        anchor_points, stride_tensor = self.generate_anchors(feats)
+        return feats, self.proto(feats[-1]), anchor_points, stride_tensor
+
     def forward_train(self, feats: Sequence[paddle.Tensor]) -> TrainOutputs:
         """The head's raw outputs for the training losses (see :class:`TrainOutputs`).
 
         Same layers as :meth:`forward`, but class logits instead of sigmoid scores and the DFL
         logits kept next to their expectation, all anchors-major ([B, A, ...]).
         """
-        feats = list(feats)
-        if len(feats) != len(self.fpn_strides):
-            raise ValueError(f"expected {len(self.fpn_strides)} feature maps, got {len(feats)}")
-        protos = self.proto(feats[-1])
-        anchor_points, stride_tensor = self.generate_anchors(feats)
+        feats, protos, anchor_points, stride_tensor = self._protos_and_anchors(feats)
         cls_list, reg_list, ins_list = [], [], []
         for i, feat in enumerate(feats):
             cls_logit, reg, coef = self._level_logits(i, feat)
@@ -180,11 +184,7 @@ class PPYOLOEInsHead(nn.Layer):
                             paddle.concat(ins_list, axis=1), protos, anchor_points, stride_tensor)
 
     def forward(self, feats: Sequence[paddle.Tensor]):
-        feats = list(feats)
-        if len(feats) != len(self.fpn_strides):
-            raise ValueError(f"expected {len(self.fpn_strides)} feature maps, got {len(feats)}")
-        protos = self.proto(feats[-1])
-        anchor_points, stride_tensor = self.generate_anchors(feats)
+        feats, protos, anchor_points, stride_tensor = self._protos_and_anchors(feats)
         cls_list, reg_list, ins_list = [], [], []
         for i, feat in enumerate(feats):
             b, _, h, w = feat.shape
