@@ -256,6 +256,9 @@ def main() -> None:
                             pdx[bs].append(r.get("images_per_s"))
                 del model
                 gc.collect()
+                print(f"  {name}: ours " + ", ".join(f"b{bs} {[round(x, 3) for x in v]}" for bs, v in rates.items())
+                      + (" | PaddleX " + ", ".join(f"b{bs} {[None if x is None else round(x, 3) for x in v]}"
+                                                   for bs, v in pdx.items()) if use_pdx else "") + " img/s", flush=True)
                 med = {bs: _median(v) for bs, v in rates.items()}
                 line = (f"{name:16s} ours b1 {med[1]:.2f}  b4 {med[4]:.2f} ({med[4] / med[1]:.2f}x)  "
                         f"b8 {med[8]:.2f} ({med[8] / med[1]:.2f}x)")
