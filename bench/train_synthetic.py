@@ -26,10 +26,11 @@ from instseg_core.config import apply_overrides, load_config
 from instseg_core.datasets.synthetic import make_dataset
 
 
-def _config(dataset: Path, output: Path, epochs: int, batch_size: int) -> dict:
+def _config(dataset: Path, output: Path, epochs: int, batch_size: int, eval_interval: int) -> dict:
     return apply_overrides(load_config("shapes_tiny"), [
         "Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={output}",
-        f"Train.epochs_iters={epochs}", f"Train.batch_size={batch_size}", f"Train.eval_interval={epochs}"])
+        f"Train.epochs_iters={epochs}", f"Train.batch_size={batch_size}",
+        f"Train.eval_interval={eval_interval}"])
 
 
 def _best(output: Path) -> float:
@@ -42,10 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=480)
     p.add_argument("--val", type=int, default=60)
     p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--eval-interval", type=int, default=0,
+                   help="evaluate every N epochs (default: only after the last)")
     p.add_argument("--ray", action="store_true", help="also train on Ray Train with 2 workers")
     p.add_argument("--export-demo", default=None, help="export the single-process model to this dir")
     a = p.parse_args(argv)
 
+    every = a.eval_interval or a.epochs
     work = Path(a.work or tempfile.mkdtemp(prefix="instseg-train-bench-"))
     dataset = make_dataset(work / "shapes", num_train=a.train, num_val=a.val, seed=0)
     print(f"dataset: {a.train} train / {a.val} held-out val images in {dataset}", flush=True)
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out1 = work / "single"
     t0 = time.time()
-    if run_config(_config(dataset, out1, a.epochs, 8)) != 0:
+    if run_config(_config(dataset, out1, a.epochs, 8, every)) != 0:
         print((out1 / "train_result.json").read_text())
         return 1
     minutes1 = (time.time() - t0) / 60
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=4, include_dashboard=False)
         out2 = work / "ray2"
         t0 = time.time()
-        result = fine_tune_on_ray(_config(dataset, out2, a.epochs, 4), num_workers=2,
+        result = fine_tune_on_ray(_config(dataset, out2, a.epochs, 4, every), num_workers=2,
                                   storage_path=str(work / "ray_runs"), name="shapes2")
         minutes2 = (time.time() - t0) / 60
         ray.shutdown()
