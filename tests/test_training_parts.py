@@ -146,3 +146,29 @@ def tiny_coco():
     if not ann.exists():
         pytest.skip("shared/data/coco_tiny_val2017 not available")
     return ann, root / "val2017"
+
+
+def test_augmentation_of_an_image_does_not_depend_on_the_number_of_workers(tiny_coco):
+    """Two ranks with half the batch see each image flipped and resized as one process would."""
+    from instseg_core.training.data import make_train_transform
+    from instseg_core.training.engine import _batches
+
+    ds = CocoInstanceDataset(*tiny_coco)
+    tf = make_train_transform(64, multiscale=(32, 64, 96), flip=True)
+
+    def images_by_index(order, batch_size, seed=5):
+        got = {}
+        for k, (inputs, targets) in _batches(ds, order, batch_size, tf, rng_seed=seed):
+            for j, i in enumerate(order[k * batch_size:(k + 1) * batch_size]):
+                h, w = (int(v) for v in inputs["im_shape"].numpy()[j])
+                got[i] = (inputs["image"].numpy()[j, :, :h, :w], targets[j]["boxes"].numpy())
+        return got
+
+    one = images_by_index([0, 1], 2)
+    two = {**images_by_index([0], 1), **images_by_index([1], 1)}
+    same = lambda a, b: a.shape == b.shape and np.array_equal(a, b)  # noqa: E731
+    for i in (0, 1):
+        assert same(one[i][0], two[i][0]) and same(one[i][1], two[i][1])
+    # another epoch's seed draws other augmentations (for at least one of 2 images: p = 1 - 1/36)
+    other = images_by_index([0, 1], 2, seed=6)
+    assert not all(same(one[i][0], other[i][0]) for i in (0, 1))

@@ -128,8 +128,9 @@ def _batches(dataset: CocoInstanceDataset, order: Sequence[int], batch_size: int
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     def load(k: int):
-        rng = random.Random(rng_seed * 100_003 + k)
-        return collate([transform(dataset[i], rng) for i in chunks[k]])
+        # Augmentation is drawn per image from (seed, epoch, image index), not per batch or rank:
+        # N workers apply the same flips and sizes to an image as one process would.
+        return collate([transform(dataset[i], random.Random(rng_seed * 100_003 + i)) for i in chunks[k]])
 
     pending: Dict[str, Any] = {}
 
@@ -277,6 +278,9 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
         optimizer = build_optimizer(model, r)
         ema = ModelEMA(model, r.ema_decay) if r.ema_decay > 0 else None
         use_amp = s.amp != "OFF" and s.device.startswith("gpu")
+        if s.amp != "OFF" and not use_amp:
+            # float16 autocast is a GPU feature; on CPU it would only slow training down.
+            log.warning("Train.amp=%s ignored on device %s: mixed precision runs on GPUs only", s.amp, s.device)
         scaler = paddle.amp.GradScaler(init_loss_scaling=1024) if use_amp else None
 
         start_epoch, step, best_ap = 0, 0, -1.0
@@ -301,7 +305,7 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
             order = epoch_order(len(train_ds), seed=s.seed, epoch=epoch, rank=rank, world_size=world_size)
             t0 = time.time()
             for k, (inputs, targets) in _batches(train_ds, order, s.batch_size, transform,
-                                                  (s.seed * 7919 + epoch) * 1009 + rank):
+                                                  (s.seed * 7919 + epoch) * 1009):
                 lr = learning_rate(step, base_lr=r.base_lr, total_steps=total_steps, warmup_steps=r.warmup_steps,
                                    warmup_start_factor=r.warmup_start_factor, schedule=r.schedule)
                 optimizer.set_lr(lr)
