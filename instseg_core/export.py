@@ -1,9 +1,14 @@
 """Export a (trained) network as a PaddleX-format inference dir.
 
 Supported: PP-YOLOE_seg-S and Mask-RT-DETR-{S,M,L,X,H} (both with batch-capable graphs, declared
-``batch_inference: true``). ``export_model(model_or_name, weights, output_dir)`` writes ``inference.json`` +
+``batch_inference: true``), and SOLOv2 (one image per call, any input size, outputs ``bbox_num``,
+``cate_label``, ``cate_score``, ``segm``; its ``inference.yml`` keeps the official keep-ratio
+800x1333 preprocessing unless ``input_size`` is given), and the 8 Mask R-CNN / Cascade Mask
+R-CNN models (one image per call, any input size; same ``inference.yml`` rule as SOLOv2, with
+``PadStride`` 32, or none for the C4 ``MaskRCNN-ResNet50``).
+``export_model(model_or_name, weights, output_dir)`` writes ``inference.json`` +
 ``inference.pdiparams`` (PIR, inputs ``im_shape`` / ``image`` / ``scale_factor``, outputs in the
-sorted-key order ``bbox``, ``bbox_num``, ``mask``) and ``inference.yml``. RepVGG blocks are fused
+sorted-key order, e.g. ``bbox``, ``bbox_num``, ``mask``) and ``inference.yml``. RepVGG blocks are fused
 (``convert_to_deploy``) first, as PaddleDetection's ``tools/export_model.py`` does.
 """
 from __future__ import annotations
@@ -51,6 +56,31 @@ class _PPYOLOESegExport(nn.Layer):
                                                        input_hw=self.input_hw)
 
 
+class _SOLOv2Export(nn.Layer):
+    """``forward(im_shape, image, scale_factor)`` over a SOLOv2: image 0 of the batch (as the
+    reference's graph), any input size (a multiple of 32)."""
+
+    def __init__(self, model: nn.Layer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, im_shape, image, scale_factor):
+        cate_maps, kernel_maps, mask_feat = self.model.head_outputs(image)
+        return self.model.post_process(cate_maps, kernel_maps, mask_feat, im_shape, scale_factor)
+
+
+class _MaskRCNNExport(nn.Layer):
+    """``forward(im_shape, image, scale_factor)`` over a MaskRCNN / Cascade Mask R-CNN: one image
+    per call (batch 1, as PaddleX runs them), any input height and width."""
+
+    def __init__(self, model: nn.Layer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, im_shape, image, scale_factor):
+        return self.model({"image": image, "im_shape": im_shape, "scale_factor": scale_factor})
+
+
 class _MaskRTDETRExport(nn.Layer):
     """``forward(im_shape, image, scale_factor)`` over a MaskRTDETR, batch-capable post-process
     (each image's masks at its own original size, zero-padded to the largest of the batch)."""
@@ -96,9 +126,9 @@ def preprocess_for_size(ops: list[dict], input_size: int | None) -> list[dict]:
 
 def write_inference_yml(output_dir: str | os.PathLike, model_name: str, labels: list, *, draw_threshold: float = 0.5,
                         input_size: int | None = None, with_model_name: bool = True,
-                        batch_inference: bool = False) -> Path:
-    """Write ``inference.yml`` with PaddleX's fields (and ``batch_inference`` for graphs that
-    take a batch in one call); returns its path."""
+                        batch_inference: bool | None = None) -> Path:
+    """Write ``inference.yml`` with PaddleX's fields, plus ``batch_inference`` when given (true: the
+    graph takes a batch in one call; false: one image per call); returns its path."""
     spec = get_spec(model_name)
     cfg: dict = {"mode": "paddle", "draw_threshold": float(draw_threshold), "metric": "COCO",
                  "use_dynamic_shape": False}
@@ -111,8 +141,8 @@ def write_inference_yml(output_dir: str | os.PathLike, model_name: str, labels: 
         Preprocess=preprocess_for_size(spec.preprocess, input_size),
         label_list=[str(label) for label in labels],
     )
-    if batch_inference:
-        cfg["batch_inference"] = True
+    if batch_inference is not None:
+        cfg["batch_inference"] = bool(batch_inference)
     path = Path(output_dir) / "inference.yml"
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
@@ -130,23 +160,32 @@ def _model_name_of(model: nn.Layer) -> str:
     raise ValueError(f"cannot tell the model name of {type(model).__name__}; pass the name instead")
 
 
-def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, labels=None,
+def export_model(model_or_name, weights, output_dir, *, input_size: int | None = None, labels=None,
                  draw_threshold: float = 0.5, num_classes: int | None = None, arch: dict | None = None) -> Path:
     """Export ``model_or_name`` (an official name or a built network) with ``weights``.
 
     ``weights``: None (keep the model's), a state dict, or a ``.pdparams`` path. ``num_classes``
     sizes a network built by name (default: ``len(labels)``, else the official label count) and ``arch``
     passes architecture overrides to :func:`~instseg_core.modeling.build_model`. The model is
-    deep-copied before fusing, so a passed-in network is left in its training form. Returns
-    ``output_dir``.
+    deep-copied before fusing, so a passed-in network is left in its training form.
+    ``input_size``: the fixed square input of PP-YOLOE_seg / Mask-RT-DETR (default 640); for
+    SOLOv2 and the R-CNN models (dynamic input) the short side of the ``inference.yml`` Resize (default: the official
+    [800, 1333]). Returns ``output_dir``.
     """
     from .modeling.build import build_model
+    from .modeling.mask_rcnn import MaskRCNN
     from .modeling.mask_rtdetr import MaskRTDETR
     from .modeling.ppyoloe_seg import PPYOLOESeg
+    from .modeling.solov2 import SOLOv2
 
+    yml_input_size = input_size  # None: the model's official Resize target
+    if input_size is None:
+        input_size = 640
     if int(input_size) < 32 or int(input_size) % 32:
         raise ValueError(f"input_size must be a positive multiple of 32, got {input_size}")
     input_size = int(input_size)
+    resize_size: int | None = input_size  # the inference.yml Resize target's size
+    batch_dim = -1  # the graph's batch dimension (-1: any)
     if isinstance(model_or_name, str):
         name = model_or_name
         spec = get_spec(name)
@@ -171,6 +210,19 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, l
         net = _MaskRTDETRExport(model)
         image_spec = InputSpec([-1, 3, input_size, input_size], "float32", "image")
         batch_inference = True
+    elif isinstance(model, SOLOv2):
+        num_classes = int(model.num_classes)
+        net = _SOLOv2Export(model)
+        image_spec = InputSpec([-1, 3, -1, -1], "float32", "image")  # keep-ratio resize: any size
+        batch_inference = False  # the post-process reads image 0 only (PaddleX runs it one at a time)
+        resize_size = yml_input_size
+    elif isinstance(model, MaskRCNN):
+        num_classes = int(model.num_classes)
+        net = _MaskRCNNExport(model)
+        batch_dim = 1  # the R-CNN post-process handles one image per call in a graph
+        image_spec = InputSpec([batch_dim, 3, -1, -1], "float32", "image")  # keep-ratio resize: any size
+        batch_inference = False
+        resize_size = yml_input_size
     else:  # pragma: no cover - PP-YOLOE_seg-S and Mask-RT-DETR-{S,M,L,X,H} are implemented so far
         raise NotImplementedError(f"export of {name!r} is not implemented yet")
     net.eval()
@@ -182,12 +234,12 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int = 640, l
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = [InputSpec([-1, 2], "float32", "im_shape"), image_spec,
-             InputSpec([-1, 2], "float32", "scale_factor")]
+    specs = [InputSpec([batch_dim, 2], "float32", "im_shape"), image_spec,
+             InputSpec([batch_dim, 2], "float32", "scale_factor")]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
         paddle.jit.save(net, str(out / "inference"), input_spec=specs)
 
-    write_inference_yml(out, name, labels, draw_threshold=draw_threshold, input_size=input_size,
+    write_inference_yml(out, name, labels, draw_threshold=draw_threshold, input_size=resize_size,
                         batch_inference=batch_inference)
     return out

@@ -123,9 +123,23 @@ def run_export(cfg: dict[str, Any]) -> Path:
     weights, num_classes = _weights_and_classes(g["model"], x.get("weight_path"), "Export",
                                                 int(t.get("num_classes") or 80))
     labels = _dataset_labels(g.get("dataset_dir"), num_classes)
-    input_size = int(x.get("input_size") or recipe_for(g["model"], t).input_size)
+    input_size = x.get("input_size")
+    if input_size is None and _has_training_recipe(g["model"]):
+        input_size = recipe_for(g["model"], t).input_size
+    # None: the family's official test-time size (R-CNN and SOLOv2 keep-ratio 800x1333)
+    input_size = None if input_size is None else int(input_size)
     return export_model(g["model"], weights, g.get("output", "output"), input_size=input_size,
                         labels=labels, num_classes=num_classes, arch=dict(t.get("arch") or {}))
+
+
+def _has_training_recipe(model_name: str) -> bool:
+    from instseg_core.training.recipes import recipe_for
+
+    try:
+        recipe_for(model_name, {})
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _dataset_labels(dataset_dir: Any, num_classes: int) -> list[str] | None:

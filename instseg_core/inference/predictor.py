@@ -44,10 +44,11 @@ class InstanceSegPredictor:
         self.engine = InferenceEngine(model_dir.model_file, model_dir.params_file, engine_options, self.model_name)
         spec = MODEL_SPECS.get(self.model_name or "")
         # PaddleX runs SOLOv2, PP-YOLOE_seg-S and Cascade one image at a time; their official graphs are
-        # not trusted with batches. Dirs exported by instseg declare `batch_inference: true`. Other
-        # graphs are tried batched and fall back to one at a time if they refuse.
-        batch_ok = bool(model_dir.config.get("batch_inference", False))
-        self._one_at_a_time = model_dir.is_solov2 or bool(spec and spec.batch1_only and not batch_ok)
+        # not trusted with batches. Dirs exported by instseg declare `batch_inference: true|false`.
+        # Other graphs are tried batched and fall back to one at a time if they refuse.
+        declared = model_dir.config.get("batch_inference")
+        self._one_at_a_time = (model_dir.is_solov2 or declared is False
+                               or bool(spec and spec.batch1_only and declared is not True))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instseg-decode")
 
     # -- core: arrays in, Instances out (what the Ray pipeline calls) -----------------------------

@@ -1,0 +1,202 @@
+"""Mask R-CNN and Cascade Mask R-CNN (PaddleDetection's 8 R-CNN instance-segmentation models), eval mode.
+
+``mask_rcnn(name)`` builds one of :data:`MASK_RCNN_CONFIGS` by its PaddleX name. The network is
+the paper's pipeline, one layer per stage:
+
+* ``backbone``: ResNet / ResNeXt (:mod:`.backbones.resnet`), res2..res5, or res4 only for the
+  C4 model ``MaskRCNN-ResNet50``;
+* ``neck``: FPN, P2..P6 (absent in C4);
+* ``rpn_head``: anchors + objectness + proposal generation (:mod:`.heads.rpn`);
+* ``bbox_head``: RoIAlign + box head, one stage or a 3-stage cascade (:mod:`.heads.roi_heads`);
+* ``bbox_post_process``: decode, clip, per-class NMS (no parameters);
+* ``mask_head``: RoIAlign on the detected boxes + mask FCN; the masks are pasted onto the
+  original image.
+
+Eval ``forward({'image', 'im_shape', 'scale_factor'})`` -> ``{'bbox' [N, 6] float32 = [class,
+score, x1, y1, x2, y2] in original-image pixels, 'bbox_num' [B] int32, 'mask' [N, H0, W0] int32
+0/1}``, with H0, W0 = ``floor(im_shape / scale_factor + 0.5)``. An image without detections gets
+one placeholder row ``[0, 0, 0, 0, 1/sx, 1/sy]`` with an empty mask, as in the reference.
+Training (losses, target assignment) is not implemented.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import paddle
+import paddle.nn as nn
+
+from .backbones.resnet import Res5Head, ResNet
+from .heads.roi_heads import (BBoxHead, BBoxPostProcess, CascadeHead, CascadeTwoFCHead, MaskFeat, MaskHead,
+                              RoIAlign, TwoFCHead, paste_masks)
+from .heads.rpn import AnchorGenerator, RPNHead
+from .necks.fpn import FPN
+
+__all__ = ["MaskRCNN", "MaskRCNNConfig", "MASK_RCNN_CONFIGS", "MASK_RCNN_NAMES", "mask_rcnn"]
+
+
+@dataclass(frozen=True)
+class MaskRCNNConfig:
+    """Architecture of one named model (the PaddleDetection config's model section)."""
+
+    depth: int = 50
+    variant: str = "b"
+    groups: int = 1
+    base_width: int = 64
+    fpn: bool = True
+    cascade: bool = False
+
+
+MASK_RCNN_CONFIGS: Dict[str, MaskRCNNConfig] = {
+    "MaskRCNN-ResNet50": MaskRCNNConfig(fpn=False),
+    "MaskRCNN-ResNet50-FPN": MaskRCNNConfig(),
+    "MaskRCNN-ResNet50-vd-FPN": MaskRCNNConfig(variant="d"),
+    "MaskRCNN-ResNet101-FPN": MaskRCNNConfig(depth=101),
+    "MaskRCNN-ResNet101-vd-FPN": MaskRCNNConfig(depth=101, variant="d"),
+    "MaskRCNN-ResNeXt101-vd-FPN": MaskRCNNConfig(depth=101, variant="d", groups=64, base_width=4),
+    "Cascade-MaskRCNN-ResNet50-FPN": MaskRCNNConfig(cascade=True),
+    # SSLDv2 only changes the ImageNet initialisation: the network is the R50-vd one
+    "Cascade-MaskRCNN-ResNet50-vd-SSLDv2-FPN": MaskRCNNConfig(variant="d", cascade=True),
+}
+MASK_RCNN_NAMES = tuple(MASK_RCNN_CONFIGS)
+
+
+class MaskRCNN(nn.Layer):
+    """Backbone (+ FPN) -> RPN -> box head (single or cascade) -> NMS -> mask head -> paste.
+
+    ``predict(inputs)`` also returns the intermediate results (proposals, per-proposal deltas
+    and scores, the boxes before rescaling, the per-box mask probabilities) for checking.
+    """
+
+    def __init__(self, backbone: nn.Layer, neck: Optional[nn.Layer], rpn_head: RPNHead, bbox_head: nn.Layer,
+                 mask_head: MaskHead, bbox_post_process: BBoxPostProcess, mask_threshold: float = 0.5,
+                 model_name: Optional[str] = None):
+        super().__init__()
+        self.backbone = backbone
+        # (the cascade reference registers its neck after the box head: same keys, listed in its order)
+        if not isinstance(bbox_head, CascadeHead):
+            self.neck = neck
+        self.rpn_head = rpn_head
+        self.bbox_head = bbox_head
+        if isinstance(bbox_head, CascadeHead):
+            self.neck = neck
+        self.mask_head = mask_head
+        self.bbox_post_process = bbox_post_process
+        self.mask_threshold = mask_threshold
+        self.model_name = model_name
+        self.num_classes = bbox_post_process.num_classes
+
+    def predict(self, inputs: Dict[str, paddle.Tensor]) -> Dict[str, object]:
+        """The final outputs (``bbox``, ``bbox_num``, ``mask``) plus the intermediate results."""
+        image, im_shape, scale_factor = inputs["image"], inputs["im_shape"], inputs["scale_factor"]
+        body_feats = self.backbone(image)
+        feats = self.neck(body_feats) if self.neck is not None else body_feats
+        rois, rois_num = self.rpn_head(feats, im_shape)
+        if isinstance(self.bbox_head, CascadeHead):
+            deltas, probs, final_rois = self.bbox_head(feats, rois, rois_num, im_shape)
+        else:
+            deltas, probs = self.bbox_head(feats, rois, rois_num)
+            final_rois = rois
+        # detections in input-image pixels, grouped per image
+        bbox, bbox_num = self.bbox_post_process(deltas, probs, final_rois, rois_num, im_shape)
+        # masks are predicted on the final boxes; C4 reuses the box head's res5 on the RoI features
+        feat_func = self.bbox_head.head if self.mask_head.share_bbox_feat else None
+        mask_probs = self.mask_head(feats, bbox, bbox_num, feat_func=feat_func)
+        out = self.to_original_images(bbox, bbox_num, mask_probs, im_shape, scale_factor)
+        out.update(backbone_feats=body_feats, neck_feats=feats if self.neck is not None else None,
+                   rpn_rois=rois, rpn_rois_num=rois_num, bbox_deltas=deltas, bbox_probs=probs,
+                   final_rois=final_rois, nms_bbox=bbox, nms_bbox_num=bbox_num, mask_probs=mask_probs)
+        return out
+
+    def to_original_images(self, bbox: paddle.Tensor, bbox_num: paddle.Tensor, mask_probs: paddle.Tensor,
+                           im_shape: paddle.Tensor, scale_factor: paddle.Tensor) -> Dict[str, paddle.Tensor]:
+        """Per image: boxes to original pixels, masks pasted at the original size and thresholded."""
+        out_bbox, out_mask, out_num = [], [], []
+        batch = int(im_shape.shape[0])
+        counts = bbox_num.numpy().tolist() if batch > 1 else None
+        for i in range(batch):
+            if batch == 1:
+                rows, probs_i, n = bbox, mask_probs, bbox_num[0:1]
+            else:  # dygraph only: the exported graph has batch size 1
+                s = int(sum(counts[:i]))
+                rows, probs_i, n = bbox[s:s + counts[i]], mask_probs[s:s + counts[i]], bbox_num[i:i + 1]
+            rows, probs_i, n = self._placeholder_if_empty(rows, probs_i, n)
+            det, origin_shape = self.bbox_post_process.rescale(rows, im_shape[i], scale_factor[i])
+            origin_hw = origin_shape.astype("int32")
+            pasted = paste_masks(probs_i, det[:, 2:], origin_hw[0], origin_hw[1])
+            out_bbox.append(det)
+            out_mask.append((pasted >= self.mask_threshold).astype("int32"))
+            out_num.append(n)
+        if batch == 1:
+            mask = out_mask[0]
+        else:  # zero-pad every image's masks to the largest original size of the batch
+            h = max(int(m.shape[1]) for m in out_mask)
+            w = max(int(m.shape[2]) for m in out_mask)
+            padded = []
+            for m in out_mask:
+                canvas = paddle.zeros([int(m.shape[0]), h, w], dtype="int32")
+                canvas[:, :int(m.shape[1]), :int(m.shape[2])] = m
+                padded.append(canvas)
+            mask = paddle.concat(padded)
+        return {"bbox": paddle.concat(out_bbox), "bbox_num": paddle.concat(out_num).astype("int32"), "mask": mask}
+
+    @staticmethod
+    def _placeholder_if_empty(rows: paddle.Tensor, probs: paddle.Tensor, n: paddle.Tensor):
+        """Append the reference's placeholder detection (box [0, 0, 1, 1] in input pixels, class 0,
+        score 0, an all-zero mask) and keep it only when the image has no detection. Written without
+        a branch so that it also works inside an exported graph."""
+        fake = paddle.to_tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 1.0]], dtype="float32")
+        fake_probs = paddle.zeros([1, probs.shape[1], probs.shape[2]], dtype=probs.dtype)
+        keep = paddle.maximum(n, paddle.ones_like(n))
+        rows = paddle.slice(paddle.concat([rows, fake]), axes=[0], starts=[0], ends=[keep[0]])
+        probs = paddle.slice(paddle.concat([probs, fake_probs]), axes=[0], starts=[0], ends=[keep[0]])
+        return rows, probs, keep
+
+    def forward(self, inputs: Dict[str, paddle.Tensor], targets=None) -> Dict[str, paddle.Tensor]:
+        if self.training:
+            raise NotImplementedError("Mask R-CNN training (losses, target assignment) is not implemented")
+        out = self.predict(inputs)
+        return {k: out[k] for k in ("bbox", "bbox_num", "mask")}
+
+
+def mask_rcnn(name: str, num_classes: int = 80, roi_align_aligned: bool = True) -> MaskRCNN:
+    """The network of ``name`` (a key of :data:`MASK_RCNN_CONFIGS`) with ``num_classes`` classes.
+
+    ``roi_align_aligned``: the configs (and the official training) use True; PaddleDetection's
+    ``develop`` branch silently runs False since 2024-08.
+    """
+    if name not in MASK_RCNN_CONFIGS:
+        raise ValueError(f"unknown Mask R-CNN model {name!r}; expected one of {', '.join(MASK_RCNN_NAMES)}")
+    cfg = MASK_RCNN_CONFIGS[name]
+    if cfg.fpn:
+        backbone = ResNet(depth=cfg.depth, variant=cfg.variant, groups=cfg.groups, base_width=cfg.base_width,
+                          return_idx=(0, 1, 2, 3))
+        neck = FPN(backbone.out_channels, out_channel=256)
+        scales = [1.0 / s for s in neck.out_strides]
+        # one anchor size per level, 3 ratios: 3 anchors per cell at strides 4..64
+        anchors = AnchorGenerator([[32], [64], [128], [256], [512]], (0.5, 1.0, 2.0), neck.out_strides)
+        rpn = RPNHead(256, anchors, pre_nms_top_n=1000, post_nms_top_n=1000, nms_thresh=0.7, min_size=0.0)
+        box_roi = RoIAlign(7, scales, sampling_ratio=0, aligned=roi_align_aligned)
+        if cfg.cascade:
+            bbox_head = CascadeHead(CascadeTwoFCHead(256, 1024, 7), box_roi, 1024, num_classes)
+            prior_box_var = bbox_head.bbox_weight[-1]  # the final decode uses the last stage's deltas
+        else:
+            bbox_head = BBoxHead(TwoFCHead(256, 1024, 7), box_roi, 1024, num_classes)
+            prior_box_var = bbox_head.bbox_weight
+        mask_head = MaskHead(MaskFeat(256, 256, num_convs=4),
+                             RoIAlign(14, scales, sampling_ratio=0, aligned=roi_align_aligned), num_classes)
+    else:
+        # C4: RPN and RoIAlign on res4 (stride 16); res5 runs per RoI inside the box head
+        backbone = ResNet(depth=cfg.depth, variant=cfg.variant, return_idx=(2,), num_stages=3)
+        neck = None
+        anchors = AnchorGenerator((32, 64, 128, 256, 512), (0.5, 1.0, 2.0), (16,))
+        rpn = RPNHead(1024, anchors, pre_nms_top_n=6000, post_nms_top_n=1000, nms_thresh=0.7, min_size=0.0)
+        # the single-map path passes no sampling ratio: Paddle's default -1 (adaptive)
+        roi = RoIAlign(14, (1.0 / 16,), sampling_ratio=-1, aligned=roi_align_aligned)
+        bbox_head = BBoxHead(Res5Head(1024, 512), roi, 2048, num_classes, with_pool=True)
+        prior_box_var = bbox_head.bbox_weight
+        mask_head = MaskHead(MaskFeat(2048, 256, num_convs=0),
+                             RoIAlign(14, (1.0 / 16,), sampling_ratio=-1, aligned=roi_align_aligned),
+                             num_classes, share_bbox_feat=True)
+    post = BBoxPostProcess(num_classes, prior_box_var, score_threshold=0.05, nms_threshold=0.5, keep_top_k=100)
+    return MaskRCNN(backbone, neck, rpn, bbox_head, mask_head, post, model_name=name)

@@ -1,0 +1,125 @@
+"""``instseg_core.export.export_model`` on MaskRCNN-ResNet50-FPN with the oracle weights.
+
+The exported dir (dynamic input height/width, one image per call) must carry the R-CNN
+preprocessing (keep-ratio resize, normalise, permute, pad to a multiple of 32) in
+``inference.yml``, and the predictor must reproduce the dygraph model on photos of different
+sizes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from oracle_utils import oracle_available, oracle_model, run_dygraph
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "MaskRCNN-ResNet50-FPN"
+PHOTOS = ROOT / "shared" / "data" / "coco_tiny_val2017" / "val2017"
+IMAGES = (PHOTOS / "000000005001.jpg", PHOTOS / "000000020992.jpg")  # 480x640 and 333x500
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (oracle_available(MODEL, ("state_dict.tsv",)) and all(p.exists() for p in IMAGES)),
+                       reason=f"shared/oracles/{MODEL} or the test photos not available"),
+]
+
+INPUT_SIZE = 320    # inference.yml Resize target [320, 533] (keeps the official 800:1333 shape)
+THRESHOLD = 0.05    # the NMS score threshold: keep every detection
+SCORE_TOL, BOX_TOL, MIN_IOU = 1e-3, 1.0, 0.99
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from instseg_core.export import export_model
+
+    model = oracle_model(MODEL)
+    out = export_model(model, None, tmp_path_factory.mktemp("mask_rcnn_r50_fpn") / "infer",
+                       input_size=INPUT_SIZE, draw_threshold=THRESHOLD)
+    return model, out
+
+
+def test_inference_dir_files_and_yml(exported):
+    import yaml
+
+    _, out = exported
+    assert (out / "inference.json").is_file() and (out / "inference.pdiparams").is_file()
+    cfg = yaml.safe_load((out / "inference.yml").read_text())
+    assert cfg["Global"]["model_name"] == MODEL and cfg["arch"] == "RCNN" and cfg["mask"] is True
+    assert cfg["min_subgraph_size"] == 40 and cfg["draw_threshold"] == THRESHOLD
+    assert cfg["batch_inference"] is False  # one image per call: the predictor never tries a batch
+    assert len(cfg["label_list"]) == 80
+    ops = {op["type"]: op for op in cfg["Preprocess"]}
+    assert [op["type"] for op in cfg["Preprocess"]] == ["Resize", "NormalizeImage", "Permute", "PadStride"]
+    assert ops["Resize"]["keep_ratio"] is True and ops["Resize"]["interp"] == 2
+    assert ops["Resize"]["target_size"] == [INPUT_SIZE, int(INPUT_SIZE * 5 / 3)]
+    assert ops["PadStride"]["stride"] == 32
+    assert ops["NormalizeImage"]["mean"] == [0.485, 0.456, 0.406] and ops["NormalizeImage"]["is_scale"] is True
+
+
+def _match(exp_rows, exp_masks, got_rows, got_masks):
+    """Greedy one-to-one matching; returns (unmatched count, worst mask IoU, max dscore, max dbox)."""
+    used, worst_iou, max_ds, max_db, unmatched = set(), 1.0, 0.0, 0.0, 0
+    for i in np.argsort(-exp_rows[:, 1], kind="stable"):
+        best, best_d = None, None
+        for j in range(len(got_rows)):
+            if j in used or int(got_rows[j, 0]) != int(exp_rows[i, 0]):
+                continue
+            ds = abs(float(got_rows[j, 1] - exp_rows[i, 1]))
+            db = float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max())
+            if ds <= SCORE_TOL and db <= BOX_TOL and (best_d is None or db < best_d):
+                best, best_d = j, db
+        if best is None:
+            unmatched += 1
+            continue
+        used.add(best)
+        max_ds = max(max_ds, abs(float(got_rows[best, 1] - exp_rows[i, 1])))
+        max_db = max(max_db, best_d)
+        a, b = exp_masks[i] > 0, got_masks[best] > 0
+        union = int(np.count_nonzero(a | b))
+        worst_iou = min(worst_iou, 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union)
+    return unmatched, worst_iou, max_ds, max_db
+
+
+def test_predictor_matches_dygraph_at_two_input_sizes(exported):
+    """Raw graph outputs equal the dygraph ones on two photos of different sizes (the second has
+    no detection with these weights: both give the reference's placeholder row), and the
+    predictor's instances match the dygraph detections."""
+    import cv2
+
+    from instseg_core.inference.predictor import create_model
+    from instseg_core.inference.preprocess import collate
+
+    model, out = exported
+    pred = create_model(model_dir=out)
+    input_shapes, compared = set(), 0
+    for path in IMAGES:
+        img = cv2.imread(str(path))
+        samples = pred.preprocess([img])
+        batch = collate(samples)
+        input_shapes.add(batch["image"].shape)
+        assert batch["image"].shape[2] % 32 == 0 and batch["image"].shape[3] % 32 == 0
+        ref = run_dygraph(model, batch)
+        assert ref["mask"].shape[1:] == img.shape[:2]
+
+        # the graph itself: outputs in sorted-key order bbox, bbox_num, mask
+        g_bbox, g_num, g_mask = pred.engine.run(batch)
+        assert g_num.tolist() == ref["bbox_num"].tolist() and g_mask.dtype == np.int32
+        assert g_mask.shape == ref["mask"].shape
+        unmatched, worst_iou, max_ds, max_db = _match(ref["bbox"], ref["mask"], g_bbox, g_mask)
+        print(f"{path.name} input {batch['image'].shape}: graph {len(g_bbox)} rows, unmatched {unmatched}, "
+              f"worst IoU {worst_iou:.4f}, max|dscore| {max_ds:.2e}, max|dbox| {max_db:.3f}")
+        assert unmatched == 0 and worst_iou >= MIN_IOU
+
+        # the predictor's instances (rows at or above the threshold; the placeholder has score 0)
+        inst = pred.infer(samples)[0]
+        keep = ref["bbox"][:, 1] >= THRESHOLD
+        exp_rows, exp_masks = ref["bbox"][keep], ref["mask"][keep]
+        got_rows = np.concatenate([inst.class_ids[:, None].astype(np.float32), inst.scores[:, None],
+                                   inst.boxes], axis=1)
+        assert len(got_rows) == len(exp_rows), (path.name, len(got_rows), len(exp_rows))
+        unmatched, worst_iou, _, _ = _match(exp_rows, exp_masks, got_rows, np.asarray(inst.masks))
+        assert unmatched == 0 and worst_iou >= MIN_IOU
+        compared += len(exp_rows)
+    assert len(input_shapes) == 2  # the same graph ran two different input sizes
+    assert compared >= 5, "too few detections to compare"

@@ -1,0 +1,186 @@
+"""Mask R-CNN / Cascade Mask R-CNN (8 models) against the reference oracles.
+
+For each model: state-dict names and shapes equal ``state_dict.tsv``; with the oracle weights
+(``weights_rule.py``) and input, the backbone/FPN features, the RPN proposals (as a set), the
+box-head deltas and scores (rows paired with the proposals), the cascade's refined RoIs, the
+final detections (matched as sets), the masks and the pre-paste mask probabilities agree with
+``expected.npz`` within the tolerances of ``shared/oracles/README.md``. Skips cleanly when the
+oracles are absent. The C4 model (``MaskRCNN-ResNet50``) is slow on CPU (1000 RoIs through res5).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from oracle_utils import feature_error, oracle_available, oracle_dir, require_oracle, state_shapes, weights_rule
+
+MODELS = ("MaskRCNN-ResNet50-FPN", "MaskRCNN-ResNet50-vd-FPN", "MaskRCNN-ResNet101-FPN",
+          "MaskRCNN-ResNet101-vd-FPN", "MaskRCNN-ResNeXt101-vd-FPN", "Cascade-MaskRCNN-ResNet50-FPN",
+          "Cascade-MaskRCNN-ResNet50-vd-SSLDv2-FPN", "MaskRCNN-ResNet50")
+
+REL_TOL = 2e-3      # features: max|got-exp| <= REL_TOL * std(exp)
+PROB_TOL = 1e-3     # softmax scores / mask probabilities, absolute
+ROI_TOL = 0.05      # proposals, px
+SCORE_TOL = 1e-3
+BOX_TOL = 1.0       # px, original image
+
+_RUNS: dict = {}
+
+
+def _run(name: str) -> dict:
+    """Build ``name``, load the oracle weights, run ``predict`` once (cached per model)."""
+    if name not in _RUNS:
+        import paddle
+
+        from instseg_core.modeling.build import build_model
+
+        require_oracle(name)
+        model = build_model(name)
+        model.eval()
+        shapes = state_shapes(name)
+        missing, unexpected = model.set_state_dict(
+            {k: paddle.to_tensor(v) for k, v in weights_rule().fill(shapes).items()})
+        assert not missing and not unexpected
+        inp = np.load(oracle_dir(name) / "input.npz")
+        tensors = {k: paddle.to_tensor(inp[k]) for k in ("image", "im_shape", "scale_factor")}
+        with paddle.no_grad():
+            out = model.predict(tensors)  # forward() returns its "bbox", "bbox_num" and "mask"
+        feats, neck = out.pop("backbone_feats"), out.pop("neck_feats")
+        _RUNS.clear()  # keep at most one model's results in memory
+        _RUNS[name] = dict(
+            exp=np.load(oracle_dir(name) / "expected.npz"),
+            feats=[t.numpy() for t in feats], neck=None if neck is None else [t.numpy() for t in neck],
+            out={k: (v.numpy() if hasattr(v, "numpy") else [t.numpy() for t in v]) for k, v in out.items()})
+    return _RUNS[name]
+
+
+def _row_pairs(got: np.ndarray, exp: np.ndarray, tol: float) -> np.ndarray:
+    """For each expected row, the index of the closest predicted row (max-abs distance);
+    asserts that every expected row has one within ``tol``."""
+    d = np.abs(exp[:, None, :] - got[None, :, :]).max(-1)
+    nearest = d.argmin(1)
+    worst = float(d.min(1).max())
+    assert worst <= tol, f"an expected row has no predicted row within {tol}: {worst}"
+    return nearest
+
+
+def _match_detections(exp_bbox: np.ndarray, got_bbox: np.ndarray) -> list:
+    """Greedy one-to-one matching from the highest expected score; returns [(i_exp, j_got)]."""
+    pairs, used = [], set()
+    for i in np.argsort(-exp_bbox[:, 1], kind="stable"):
+        best, best_d = None, None
+        for j in range(len(got_bbox)):
+            if j in used or got_bbox[j, 0] != exp_bbox[i, 0]:
+                continue
+            ds = abs(float(got_bbox[j, 1] - exp_bbox[i, 1]))
+            db = float(np.abs(got_bbox[j, 2:] - exp_bbox[i, 2:]).max())
+            if ds <= SCORE_TOL and db <= BOX_TOL and (best_d is None or db < best_d):
+                best, best_d = j, db
+        if best is not None:
+            used.add(best)
+            pairs.append((int(i), best))
+    return pairs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_names_and_shapes(name):
+    require_oracle(name, ("state_dict.tsv",))
+    from instseg_core.modeling.build import build_model, num_classes_in_weights
+
+    model = build_model(name)
+    sd = model.state_dict()
+    shapes = state_shapes(name)
+    assert set(sd) == set(shapes), (sorted(set(sd) - set(shapes))[:10], sorted(set(shapes) - set(sd))[:10])
+    assert list(sd) == list(shapes)  # same order as the reference state_dict()
+    bad = {k: (tuple(sd[k].shape), s) for k, s in shapes.items() if tuple(sd[k].shape) != s}
+    assert not bad, bad
+    assert num_classes_in_weights(name, sd) == 80
+
+
+def test_num_classes_changes_only_class_layers():
+    from instseg_core.modeling.build import build_model, num_classes_in_weights
+
+    sd = build_model("MaskRCNN-ResNet50-FPN", num_classes=3).state_dict()
+    assert tuple(sd["bbox_head.bbox_score.weight"].shape) == (1024, 4)
+    assert tuple(sd["bbox_head.bbox_delta.weight"].shape) == (1024, 12)
+    assert tuple(sd["mask_head.mask_fcn_logits.weight"].shape) == (3, 256, 1, 1)
+    assert num_classes_in_weights("MaskRCNN-ResNet50-FPN", sd) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_match_oracle(name):
+    if not oracle_available(name):
+        pytest.skip(f"shared/oracles/{name} not available")
+    run = _run(name)
+    exp, out = run["exp"], run["out"]
+    final = {k: out[k] for k in ("bbox", "bbox_num", "mask")}
+
+    # 1. backbone and FPN features
+    errors = {f"feat/backbone/{i}": feature_error(exp, f"feat/backbone/{i}", f) for i, f in enumerate(run["feats"])}
+    if run["neck"] is not None:
+        errors.update({f"feat/neck/{i}": feature_error(exp, f"feat/neck/{i}", f) for i, f in enumerate(run["neck"])})
+    assert len(run["feats"]) == (1 if run["neck"] is None else 4)
+    failed = {k: v for k, v in errors.items() if not v <= REL_TOL}
+    assert not failed, f"features beyond {REL_TOL} * std: {failed}"
+
+    # 2. proposals, as a set
+    rois = out["rpn_rois"][0]
+    assert rois.shape[0] == int(exp["feat/rpn_head/1"][0]) == int(out["rpn_rois_num"][0])
+    nearest = _row_pairs(rois, exp["feat/rpn_head/0/0"], ROI_TOL)
+
+    # 3. box head, rows paired through the proposals
+    probs = out["bbox_probs"][nearest]
+    assert float(np.abs(probs - exp["feat/bbox_head/0/1"]).max()) <= PROB_TOL
+    deltas = out["bbox_deltas"]
+    delta_err = feature_error(exp, "feat/bbox_head/0/0", deltas[nearest] if "feat/bbox_head/0/0" in exp.files else deltas)
+    assert delta_err <= REL_TOL, delta_err
+    if "feat/bbox_head_refined_rois/0" in exp.files:
+        refined = out["final_rois"][0][nearest]
+        assert float(np.abs(refined - exp["feat/bbox_head_refined_rois/0"]).max()) <= ROI_TOL
+
+    # 4. detections, as sets
+    assert final["bbox"].dtype == np.float32 and final["bbox"].shape[1:] == (6,)
+    assert final["bbox_num"].dtype == np.int32 and final["bbox_num"].shape == (1,)
+    assert final["mask"].dtype == np.int32 and set(np.unique(final["mask"]).tolist()) <= {0, 1}
+    n_exp, n_got = int(exp["bbox_num"][0]), int(final["bbox_num"][0])
+    assert n_got == n_exp, (n_got, n_exp)
+    assert final["bbox"].shape[0] == n_got and final["mask"].shape == (n_got, 480, 640)
+    pairs = _match_detections(exp["bbox"], final["bbox"])
+    assert len(pairs) == n_exp, f"{n_exp - len(pairs)} expected detections unmatched"
+    max_ds = max(abs(float(final["bbox"][j, 1] - exp["bbox"][i, 1])) for i, j in pairs)
+    max_db = max(float(np.abs(final["bbox"][j, 2:] - exp["bbox"][i, 2:]).max()) for i, j in pairs)
+
+    # 5. masks (pasted) and per-box probabilities, through the detection pairs
+    bad, worst, prob_err = [], 0.0, 0.0
+    for i, j in pairs:
+        a, b = exp["mask"][i].astype(bool), final["mask"][j].astype(bool)
+        xor, union = int(np.count_nonzero(a ^ b)), int(np.count_nonzero(a | b))
+        worst = max(worst, xor / max(union, 1))
+        if xor > max(0.01 * union, 64):
+            bad.append((i, xor, union))
+        prob_err = max(prob_err, float(np.abs(out["mask_probs"][j] - exp["feat/mask_head"][i]).max()))
+    print(f"{name}: detections {n_got}/{n_exp}, matched {len(pairs)}, max|dscore| {max_ds:.2e}, "
+          f"max|dbox| {max_db:.3f} px, worst mask xor/union {worst:.2e}, mask prob err {prob_err:.2e}, "
+          f"feature errors max {max(errors.values()):.2e}")
+    assert not bad, bad
+    assert prob_err <= PROB_TOL, prob_err
+
+
+def test_empty_image_gives_placeholder_row():
+    """No detection above the threshold: one placeholder row [0, 0, 0, 0, 1/sx, 1/sy] with an
+    empty mask, bbox_num 1 (the reference's behaviour)."""
+    import paddle
+
+    from instseg_core.modeling.mask_rcnn import mask_rcnn
+
+    paddle.seed(0)
+    model = mask_rcnn("MaskRCNN-ResNet50-FPN", num_classes=2)
+    model.eval()
+    model.bbox_post_process.score_threshold = 2.0  # nothing can pass
+    inputs = {"image": paddle.zeros([1, 3, 64, 96]), "im_shape": paddle.to_tensor([[60.0, 90.0]]),
+              "scale_factor": paddle.to_tensor([[0.5, 0.5]])}
+    with paddle.no_grad():
+        out = {k: v.numpy() for k, v in model(inputs).items()}
+    assert out["bbox_num"].tolist() == [1]
+    np.testing.assert_allclose(out["bbox"], [[0, 0, 0, 0, 2, 2]])
+    assert out["mask"].shape == (1, 120, 180) and out["mask"].dtype == np.int32 and not out["mask"].any()
