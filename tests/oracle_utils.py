@@ -105,3 +105,38 @@ def run_dygraph(model, inputs: dict) -> dict:
     with paddle.no_grad():
         out = model({k: paddle.to_tensor(v) for k, v in inputs.items()})
     return {k: v.numpy() for k, v in out.items()}
+
+
+def match_rows(exp_rows: np.ndarray, got_rows: np.ndarray, *, score_tol: float = 1e-3,
+               box_tol: float = 1.0) -> list[tuple[int, int]]:
+    """Greedy one-to-one matching of detection rows ``[class, score, x1, y1, x2, y2]``, from the
+    highest expected score (the oracle README's rule 1): same class, ``|dscore| <= score_tol``,
+    max ``|dcoordinate| <= box_tol``, the closest box wins. Returns ``[(i_expected, j_got)]``."""
+    pairs, used = [], set()
+    for i in np.argsort(-exp_rows[:, 1], kind="stable"):
+        best, best_d = None, None
+        for j in range(len(got_rows)):
+            if j in used or int(got_rows[j, 0]) != int(exp_rows[i, 0]):
+                continue
+            ds = abs(float(got_rows[j, 1] - exp_rows[i, 1]))
+            db = float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max())
+            if ds <= score_tol and db <= box_tol and (best_d is None or db < best_d):
+                best, best_d = j, db
+        if best is not None:
+            used.add(best)
+            pairs.append((int(i), best))
+    return pairs
+
+
+def match_with_masks(exp_rows, exp_masks, got_rows, got_masks, *, score_tol: float = 1e-3,
+                     box_tol: float = 1.0) -> tuple[int, float, float, float]:
+    """:func:`match_rows`, then (unmatched count, worst mask IoU, max |dscore|, max |dbox|)."""
+    pairs = match_rows(exp_rows, got_rows, score_tol=score_tol, box_tol=box_tol)
+    worst_iou, max_ds, max_db = 1.0, 0.0, 0.0
+    for i, j in pairs:
+        max_ds = max(max_ds, abs(float(got_rows[j, 1] - exp_rows[i, 1])))
+        max_db = max(max_db, float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max()))
+        a, b = exp_masks[i] > 0.5, got_masks[j] > 0.5
+        union = int(np.count_nonzero(a | b))
+        worst_iou = min(worst_iou, 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union)
+    return len(exp_rows) - len(pairs), worst_iou, max_ds, max_db

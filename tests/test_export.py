@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracle_utils import oracle_dir, oracle_model, run_dygraph, state_shapes, weights_rule
+from oracle_utils import match_with_masks, oracle_dir, oracle_model, run_dygraph, state_shapes, weights_rule
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "PP-YOLOE_seg-S"
@@ -32,32 +32,6 @@ def _build():
 
 def _dygraph(model, inputs):
     return run_dygraph(model, inputs)
-
-
-def _match(exp_rows, exp_masks, got_rows, got_masks):
-    """Greedy one-to-one matching; returns (unmatched count, worst mask IoU, max dscore, max dbox)."""
-    used, worst_iou, max_ds, max_db = set(), 1.0, 0.0, 0.0
-    unmatched = 0
-    for i in np.argsort(-exp_rows[:, 1], kind="stable"):
-        best, best_d = None, None
-        for j in range(len(got_rows)):
-            if j in used or int(got_rows[j, 0]) != int(exp_rows[i, 0]):
-                continue
-            ds = abs(float(got_rows[j, 1] - exp_rows[i, 1]))
-            db = float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max())
-            if ds <= SCORE_TOL and db <= BOX_TOL and (best_d is None or db < best_d):
-                best, best_d = j, db
-        if best is None:
-            unmatched += 1
-            continue
-        used.add(best)
-        max_ds = max(max_ds, abs(float(got_rows[best, 1] - exp_rows[i, 1])))
-        max_db = max(max_db, best_d)
-        a, b = exp_masks[i] > 0.5, got_masks[best] > 0.5
-        union = int(np.count_nonzero(a | b))
-        iou = 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
-        worst_iou = min(worst_iou, iou)
-    return unmatched, worst_iou, max_ds, max_db
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +82,8 @@ def test_predictor_matches_dygraph(exported):
     got_masks = np.asarray(inst.masks)
     assert len(exp_rows) >= 5, "too few detections above the threshold to compare"
     assert len(got_rows) == len(exp_rows)
-    unmatched, worst_iou, max_ds, max_db = _match(exp_rows, exp_masks, got_rows, got_masks)
+    unmatched, worst_iou, max_ds, max_db = match_with_masks(exp_rows, exp_masks, got_rows, got_masks,
+                                                          score_tol=SCORE_TOL, box_tol=BOX_TOL)
     print(f"{len(got_rows)} detections, unmatched {unmatched}, worst IoU {worst_iou:.4f}, "
           f"max|dscore| {max_ds:.2e}, max|dbox| {max_db:.3f}")
     assert unmatched == 0 and worst_iou >= MIN_IOU

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracle_utils import oracle_available, oracle_model, run_dygraph
+from oracle_utils import match_with_masks, oracle_available, oracle_model, run_dygraph
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "MaskRCNN-ResNet50-FPN"
@@ -57,30 +57,6 @@ def test_inference_dir_files_and_yml(exported):
     assert ops["NormalizeImage"]["mean"] == [0.485, 0.456, 0.406] and ops["NormalizeImage"]["is_scale"] is True
 
 
-def _match(exp_rows, exp_masks, got_rows, got_masks):
-    """Greedy one-to-one matching; returns (unmatched count, worst mask IoU, max dscore, max dbox)."""
-    used, worst_iou, max_ds, max_db, unmatched = set(), 1.0, 0.0, 0.0, 0
-    for i in np.argsort(-exp_rows[:, 1], kind="stable"):
-        best, best_d = None, None
-        for j in range(len(got_rows)):
-            if j in used or int(got_rows[j, 0]) != int(exp_rows[i, 0]):
-                continue
-            ds = abs(float(got_rows[j, 1] - exp_rows[i, 1]))
-            db = float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max())
-            if ds <= SCORE_TOL and db <= BOX_TOL and (best_d is None or db < best_d):
-                best, best_d = j, db
-        if best is None:
-            unmatched += 1
-            continue
-        used.add(best)
-        max_ds = max(max_ds, abs(float(got_rows[best, 1] - exp_rows[i, 1])))
-        max_db = max(max_db, best_d)
-        a, b = exp_masks[i] > 0, got_masks[best] > 0
-        union = int(np.count_nonzero(a | b))
-        worst_iou = min(worst_iou, 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union)
-    return unmatched, worst_iou, max_ds, max_db
-
-
 def test_predictor_matches_dygraph_at_two_input_sizes(exported):
     """Raw graph outputs equal the dygraph ones on two photos of different sizes (the second has
     no detection with these weights: both give the reference's placeholder row), and the
@@ -106,7 +82,8 @@ def test_predictor_matches_dygraph_at_two_input_sizes(exported):
         g_bbox, g_num, g_mask = pred.engine.run(batch)
         assert g_num.tolist() == ref["bbox_num"].tolist() and g_mask.dtype == np.int32
         assert g_mask.shape == ref["mask"].shape
-        unmatched, worst_iou, max_ds, max_db = _match(ref["bbox"], ref["mask"], g_bbox, g_mask)
+        unmatched, worst_iou, max_ds, max_db = match_with_masks(ref["bbox"], ref["mask"], g_bbox, g_mask,
+                                                              score_tol=SCORE_TOL, box_tol=BOX_TOL)
         print(f"{path.name} input {batch['image'].shape}: graph {len(g_bbox)} rows, unmatched {unmatched}, "
               f"worst IoU {worst_iou:.4f}, max|dscore| {max_ds:.2e}, max|dbox| {max_db:.3f}")
         assert unmatched == 0 and worst_iou >= MIN_IOU
@@ -118,7 +95,8 @@ def test_predictor_matches_dygraph_at_two_input_sizes(exported):
         got_rows = np.concatenate([inst.class_ids[:, None].astype(np.float32), inst.scores[:, None],
                                    inst.boxes], axis=1)
         assert len(got_rows) == len(exp_rows), (path.name, len(got_rows), len(exp_rows))
-        unmatched, worst_iou, _, _ = _match(exp_rows, exp_masks, got_rows, np.asarray(inst.masks))
+        unmatched, worst_iou, _, _ = match_with_masks(exp_rows, exp_masks, got_rows, np.asarray(inst.masks),
+                                                   score_tol=SCORE_TOL, box_tol=BOX_TOL)
         assert unmatched == 0 and worst_iou >= MIN_IOU
         compared += len(exp_rows)
     assert len(input_shapes) == 2  # the same graph ran two different input sizes

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracle_utils import feature_error, oracle_available, oracle_dir, require_oracle, state_shapes, weights_rule
+from oracle_utils import (feature_error, match_rows, oracle_available, oracle_dir, require_oracle,
+                          state_shapes, weights_rule)
 
 MODELS = ("MaskRCNN-ResNet50-FPN", "MaskRCNN-ResNet50-vd-FPN", "MaskRCNN-ResNet101-FPN",
           "MaskRCNN-ResNet101-vd-FPN", "MaskRCNN-ResNeXt101-vd-FPN", "Cascade-MaskRCNN-ResNet50-FPN",
@@ -61,24 +62,6 @@ def _row_pairs(got: np.ndarray, exp: np.ndarray, tol: float) -> np.ndarray:
     worst = float(d.min(1).max())
     assert worst <= tol, f"an expected row has no predicted row within {tol}: {worst}"
     return nearest
-
-
-def _match_detections(exp_bbox: np.ndarray, got_bbox: np.ndarray) -> list:
-    """Greedy one-to-one matching from the highest expected score; returns [(i_exp, j_got)]."""
-    pairs, used = [], set()
-    for i in np.argsort(-exp_bbox[:, 1], kind="stable"):
-        best, best_d = None, None
-        for j in range(len(got_bbox)):
-            if j in used or got_bbox[j, 0] != exp_bbox[i, 0]:
-                continue
-            ds = abs(float(got_bbox[j, 1] - exp_bbox[i, 1]))
-            db = float(np.abs(got_bbox[j, 2:] - exp_bbox[i, 2:]).max())
-            if ds <= SCORE_TOL and db <= BOX_TOL and (best_d is None or db < best_d):
-                best, best_d = j, db
-        if best is not None:
-            used.add(best)
-            pairs.append((int(i), best))
-    return pairs
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -145,7 +128,7 @@ def test_outputs_match_oracle(name):
     n_exp, n_got = int(exp["bbox_num"][0]), int(final["bbox_num"][0])
     assert n_got == n_exp, (n_got, n_exp)
     assert final["bbox"].shape[0] == n_got and final["mask"].shape == (n_got, 480, 640)
-    pairs = _match_detections(exp["bbox"], final["bbox"])
+    pairs = match_rows(exp["bbox"], final["bbox"], score_tol=SCORE_TOL, box_tol=BOX_TOL)
     assert len(pairs) == n_exp, f"{n_exp - len(pairs)} expected detections unmatched"
     max_ds = max(abs(float(final["bbox"][j, 1] - exp["bbox"][i, 1])) for i, j in pairs)
     max_db = max(float(np.abs(final["bbox"][j, 2:] - exp["bbox"][i, 2:]).max()) for i, j in pairs)

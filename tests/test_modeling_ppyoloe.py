@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracle_utils import feature_error, oracle_dir, state_shapes, weights_rule
+from oracle_utils import feature_error, match_rows, oracle_dir, state_shapes, weights_rule
 
 MODEL = "PP-YOLOE_seg-S"
 FOLDER = oracle_dir(MODEL)
@@ -141,24 +141,6 @@ def test_head_features_match_oracle(full_run):
     assert not failed, f"head features beyond {REL_TOL} * std: {failed}"
 
 
-def _match_detections(exp_bbox, got_bbox):
-    """Greedy one-to-one matching from the highest expected score; returns [(i_exp, j_got)]."""
-    pairs, used = [], set()
-    for i in np.argsort(-exp_bbox[:, 1], kind="stable"):
-        best, best_d = None, None
-        for j in range(len(got_bbox)):
-            if j in used or got_bbox[j, 0] != exp_bbox[i, 0]:
-                continue
-            ds = abs(float(got_bbox[j, 1] - exp_bbox[i, 1]))
-            db = float(np.abs(got_bbox[j, 2:] - exp_bbox[i, 2:]).max())
-            if ds <= SCORE_TOL and db <= BOX_TOL and (best_d is None or db < best_d):
-                best, best_d = j, db
-        if best is not None:
-            used.add(best)
-            pairs.append((int(i), best))
-    return pairs
-
-
 def test_final_outputs_match_oracle(full_run):
     exp, out = full_run["exp"], full_run["out"]
     assert set(out) == {"bbox", "bbox_num", "mask"}
@@ -170,7 +152,7 @@ def test_final_outputs_match_oracle(full_run):
     assert out["bbox"].shape[0] == n_got and out["mask"].shape == (n_got, 480, 640)
     assert abs(n_got - n_exp) <= 2, (n_got, n_exp)
 
-    pairs = _match_detections(exp["bbox"], out["bbox"])
+    pairs = match_rows(exp["bbox"], out["bbox"], score_tol=SCORE_TOL, box_tol=BOX_TOL)
     unmatched = n_exp - len(pairs)
     assert unmatched <= 2, f"{unmatched} expected detections unmatched"
     max_ds = max(abs(float(out["bbox"][j, 1] - exp["bbox"][i, 1])) for i, j in pairs)
