@@ -62,7 +62,13 @@ def run_predict(cfg: dict[str, Any]) -> None:
 def run_train(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train on ``Global.dataset_dir``; PaddleX's outputs in ``Global.output`` (see training.engine)."""
     from instseg_core.training.engine import train
+    from instseg_core.training.recipes import recipe_for
 
+    model_name = _section(cfg, "Global")["model"]
+    try:  # checked first (before dataset checks, output files): the one line the user needs
+        recipe_for(model_name, {})
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{e}; Global.mode=evaluate, export and predict work for {model_name}") from None
     return train(cfg)
 
 
@@ -78,10 +84,19 @@ def _weights_and_classes(model_name: str, weight_path: Any, section: str, fallba
 
 def run_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     """COCO mask/box AP of ``Evaluate.weight_path`` on the dataset's val split ->
-    ``<output>/evaluate_result.json`` = ``{"done_flag": true, "metrics": {"AP": mask AP, ...}}``."""
+    ``<output>/evaluate_result.json`` = ``{"done_flag": true, "metrics": {"AP": mask AP, ...}}``.
+
+    Test-time inputs: the training recipe's square resize for the trainable families
+    (PP-YOLOE_seg, Mask-RT-DETR; ``Train.input_size`` or the recipe's size); for the others (R-CNN,
+    SOLOv2) the model's ``inference.yml`` preprocessing, run as the exported predictor runs it
+    (keep-ratio resize to [800, 1333], normalise, pad to a stride). ``Evaluate.input_size`` (a
+    multiple of 32) overrides the size: the square side, or the short side of a keep-ratio
+    [s, 5s/3] target as ``Export.input_size`` writes it (e.g. a quick evaluation at 320)."""
     from instseg_core.datasets.coco import annotation_path, find_dataset_root
+    from instseg_core.export import preprocess_for_size
     from instseg_core.modeling import build_model
     from instseg_core.modeling.weights import load_weights
+    from instseg_core.models import get_spec
     from instseg_core.training.data import CocoInstanceDataset
     from instseg_core.training.evaluator import evaluate_model
     from instseg_core.training.recipes import recipe_for
@@ -90,6 +105,11 @@ def run_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     g, t, e = _section(cfg, "Global"), _section(cfg, "Train"), _section(cfg, "Evaluate")
     if not g.get("dataset_dir"):
         raise ValueError("Global.dataset_dir is not set")
+    input_size = e.get("input_size")
+    if input_size is not None:
+        # the sizes an exported graph accepts (a stride-32 network), so evaluate == export at that size
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 32 or input_size % 32:
+            raise ValueError(f"Evaluate.input_size must be a positive multiple of 32, got {input_size!r}")
     root = find_dataset_root(localize_dataset(str(g["dataset_dir"])))
     val = CocoInstanceDataset(annotation_path(root, "val"), root / "images")
     weights, num_classes = _weights_and_classes(g["model"], e.get("weight_path"), "Evaluate", val.num_classes)
@@ -101,8 +121,14 @@ def run_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     paddle.set_device(str(g.get("device") or "cpu").split(",")[0])
     model = build_model(g["model"], num_classes=num_classes, **dict(t.get("arch") or {}))
     load_weights(model, weights)
-    recipe = recipe_for(g["model"], t)
-    stats = evaluate_model(model, val, input_size=recipe.input_size, mean=recipe.mean, std=recipe.std)
+    if _has_training_recipe(g["model"]):
+        recipe = recipe_for(g["model"], t)
+        size = recipe.input_size if input_size is None else input_size
+        stats = evaluate_model(model, val, input_size=size, mean=recipe.mean, std=recipe.std)
+    else:
+        # no training transform to mirror: evaluate through the predictor's own preprocessing
+        stats = evaluate_model(model, val, preprocess=preprocess_for_size(get_spec(g["model"]).preprocess,
+                                                                          input_size))
     metrics = {"AP": stats["segm"]["AP"], "segm": stats["segm"], "bbox": stats["bbox"]}
     record = {"done_flag": True, "metrics": metrics}
     out = Path(g.get("output", "output"))
