@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-interval", type=int, default=0,
                    help="evaluate every N epochs (default: only after the last)")
     p.add_argument("--ray", action="store_true", help="also train on Ray Train with 2 workers")
+    p.add_argument("--reuse-single", action="store_true",
+                   help="take the single-process result already in --work/single instead of training it again")
     p.add_argument("--export-demo", default=None, help="export the single-process model to this dir")
     a = p.parse_args(argv)
 
@@ -58,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out1 = work / "single"
     t0 = time.time()
-    if run_config(_config(dataset, out1, a.epochs, 8, every)) != 0:
-        print((out1 / "train_result.json").read_text())
-        return 1
+    if not (a.reuse_single and (out1 / "train_result.json").is_file()):
+        if run_config(_config(dataset, out1, a.epochs, 8, every)) != 0:
+            print((out1 / "train_result.json").read_text())
+            return 1
     minutes1 = (time.time() - t0) / 60
     ap1 = _best(out1)
     print(f"single process: held-out mask AP {ap1:.4f} after {a.epochs} epochs, {minutes1:.1f} min "

@@ -15,10 +15,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import paddle
 import pytest
 
 ray = pytest.importorskip("ray")
 
+from instseg_core.modeling.losses.distributed import mean_over_ranks  # noqa: E402
 from pipelines.train import (  # noqa: E402
     PaddleBackendConfig,
     _gpu_indices,
@@ -78,6 +80,8 @@ def _linreg_loop(config: dict) -> None:
     summed = paddle.to_tensor([float(rank + 1)])
     if world > 1:
         dist.all_reduce(summed)
+    # the losses' global normaliser: the mean over ranks, the value itself in one process
+    loss_norm = float(mean_over_ranks(paddle.to_tensor(float(rank + 1))))
     dp = paddle.DataParallel(model) if world > 1 else model
 
     rng = np.random.default_rng(0)
@@ -107,7 +111,7 @@ def _linreg_loop(config: dict) -> None:
                 with open(os.path.join(d, "state.json"), "w") as f:
                     json.dump({"epoch": epoch}, f)
                 _append(os.path.join(log_dir, "epochs.jsonl"), {"epoch": epoch, "loss": mean_loss})
-            report_checkpoint({"epoch": epoch, "loss": mean_loss, "summed": summed.item(), "world": world,
+            report_checkpoint({"epoch": epoch, "loss": mean_loss, "summed": summed.item(), "loss_norm": loss_norm, "world": world,
                                "rank": rank}, d, wait=config.get("wait", False))
 
 
@@ -188,6 +192,7 @@ def test_two_workers_gloo(ray_local, tmp_path):
     assert result.error is None
     assert result.metrics["epoch"] == 3 and result.metrics["world"] == 2
     assert result.metrics["summed"] == 3.0  # all_reduce of rank+1 over 2 ranks
+    assert result.metrics["loss_norm"] == 1.5  # mean_over_ranks of rank+1
     starts = _records(log / "starts.jsonl")
     assert sorted(s["rank"] for s in starts) == [0, 1] and all(s["pg"] and s["start_epoch"] == 0 for s in starts)
     env = {s["rank"]: s["env"] for s in starts}
@@ -265,3 +270,4 @@ def test_helpers_outside_ray():
     """The same loop helpers work in a plain process: rank 0 of 1, no process group."""
     assert init_paddle_distributed() == (0, 1)
     assert all_reduce_mean(2.5) == 2.5
+    assert float(mean_over_ranks(2.5)) == 2.5 and float(mean_over_ranks(paddle.to_tensor(4.0))) == 4.0

@@ -30,6 +30,7 @@ import paddle.nn.functional as F
 
 from .box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from .denoising import DenoisingGroup
+from .distributed import mean_over_ranks
 from .hungarian_matcher import HungarianMatcher, MatchIndices
 from .point_sample import point_sample, uncertain_points
 
@@ -117,10 +118,11 @@ class MaskDINOLoss:
     def __call__(self, predictions: Sequence[SetPrediction], targets: Sequence[Dict[str, paddle.Tensor]],
                  dn_predictions: Optional[Sequence[SetPrediction]] = None,
                  dn_group: Optional[DenoisingGroup] = None) -> Dict[str, paddle.Tensor]:
-        num_objects = max(sum(int(t["labels"].shape[0]) for t in targets), 1)
-        losses = self._over_sets(predictions, targets, float(num_objects), None, "")
+        # objects per batch, averaged over data-parallel ranks (N workers train as one process)
+        num_objects = max(float(mean_over_ranks(float(sum(int(t["labels"].shape[0]) for t in targets)))), 1.0)
+        losses = self._over_sets(predictions, targets, num_objects, None, "")
         if dn_group is not None and dn_predictions is not None:
-            losses.update(self._over_sets(dn_predictions, targets, float(num_objects * dn_group.num_groups),
+            losses.update(self._over_sets(dn_predictions, targets, num_objects * dn_group.num_groups,
                                           dn_group.match_indices(), "_dn"))
         else:  # nothing to denoise (no object in the batch): keep the keys stable
             losses.update({f"{k}_dn": _zero() for k in list(losses)})

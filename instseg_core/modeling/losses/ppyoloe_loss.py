@@ -18,6 +18,7 @@ import paddle
 import paddle.nn.functional as F
 
 from .box_ops import generalized_box_iou
+from .distributed import mean_over_ranks
 from .task_aligned_assigner import Assignment, TaskAlignedAssigner
 
 DEFAULT_WEIGHTS = {"cls": 1.0, "iou": 2.5, "dfl": 0.5, "mask": 2.5}
@@ -169,18 +170,20 @@ class PPYOLOESegLoss:
 
         onehot = F.one_hot(assign.labels, c + 1)[..., :c].astype(cls_logits.dtype)
         loss_cls = varifocal_loss(cls_logits, assign.scores, onehot, self.vfl_alpha, self.vfl_gamma)
-        # one normaliser for every term: the total soft-target mass (>= 1 so empty batches work)
-        norm = assign.scores.sum().clip(min=1.0)
+        # one normaliser for every term: the total soft-target mass (>= 1 so empty batches work),
+        # averaged over data-parallel ranks so N workers train as one process with N x the batch
+        norm = mean_over_ranks(assign.scores.sum()).clip(min=1.0)
+        num_pos = mean_over_ranks(assign.positive.astype("float32").sum()).clip(min=1.0)
         terms = {"loss_cls": loss_cls / norm}
         terms.update(self._positive_terms(assign, reg_logits, pred_boxes, coefs, protos, points,
-                                          strides, targets, input_hw, norm))
+                                          strides, targets, input_hw, norm, num_pos))
         w = self.weights
         terms["loss"] = (w["cls"] * terms["loss_cls"] + w["iou"] * terms["loss_iou"]
                          + w["dfl"] * terms["loss_dfl"] + w["mask"] * terms["loss_mask"])
         return terms
 
     def _positive_terms(self, assign: Assignment, reg_logits, pred_boxes, coefs, protos, points,
-                        strides, targets, input_hw, norm) -> Dict[str, paddle.Tensor]:
+                        strides, targets, input_hw, norm, num_pos) -> Dict[str, paddle.Tensor]:
         """Box (GIoU, DFL, L1) and mask terms, which only positive anchors have."""
         b, a = assign.positive.shape
         pos = paddle.nonzero(assign.positive.reshape([-1])).reshape([-1])
@@ -203,7 +206,7 @@ class PPYOLOESegLoss:
 
         # mean over positives, not / norm: early in training the soft targets sum to ~0 and
         # dividing the (unweighted) mask sum by them blew the loss up (observed: 1e6 by step 8)
-        loss_mask = self._mask_term(assign, coefs, protos, targets, input_hw) / float(pos.shape[0])
+        loss_mask = self._mask_term(assign, coefs, protos, targets, input_hw).sum() / num_pos
         return {"loss_iou": loss_iou, "loss_dfl": loss_dfl, "loss_mask": loss_mask,
                 "loss_l1": loss_l1}
 
