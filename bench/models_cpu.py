@@ -43,11 +43,19 @@ sys.path.insert(0, str(REPO / "tests"))
 
 MODELS = ["PP-YOLOE_seg-S", "Mask-RT-DETR-S", "Mask-RT-DETR-M", "Mask-RT-DETR-L", "Mask-RT-DETR-X",
           "Mask-RT-DETR-H"]
+# (a) counts every model; (b) and (c) time the fixed-size 640x640 ones above
+PARAM_MODELS = MODELS + ["SOLOv2", "MaskRCNN-ResNet50", "MaskRCNN-ResNet50-FPN", "MaskRCNN-ResNet50-vd-FPN",
+                         "MaskRCNN-ResNet101-FPN", "MaskRCNN-ResNet101-vd-FPN", "MaskRCNN-ResNeXt101-vd-FPN",
+                         "Cascade-MaskRCNN-ResNet50-FPN", "Cascade-MaskRCNN-ResNet50-vd-SSLDv2-FPN"]
 QUICK_MODELS = ["PP-YOLOE_seg-S", "Mask-RT-DETR-S", "Mask-RT-DETR-L"]
 BATCH_MODELS = ["PP-YOLOE_seg-S", "Mask-RT-DETR-S"]
 # ../shared/reference/ppdet_models.md §8, millions
 REFERENCE_PARAMS_M = {"Mask-RT-DETR-S": 14.63, "Mask-RT-DETR-M": 18.78, "Mask-RT-DETR-L": 32.82,
-                      "Mask-RT-DETR-X": 68.65, "Mask-RT-DETR-H": 129.81, "PP-YOLOE_seg-S": 9.00}
+                      "Mask-RT-DETR-X": 68.65, "Mask-RT-DETR-H": 129.81, "PP-YOLOE_seg-S": 9.00,
+                      "SOLOv2": 46.59, "MaskRCNN-ResNet50": 35.96, "MaskRCNN-ResNet50-FPN": 44.40,
+                      "MaskRCNN-ResNet50-vd-FPN": 44.42, "MaskRCNN-ResNet101-FPN": 63.39,
+                      "MaskRCNN-ResNet101-vd-FPN": 63.41, "MaskRCNN-ResNeXt101-vd-FPN": 102.31,
+                      "Cascade-MaskRCNN-ResNet50-FPN": 72.04, "Cascade-MaskRCNN-ResNet50-vd-SSLDv2-FPN": 72.06}
 # draw_threshold written to inference.yml (both predictors use it): the oracle-rule weights score
 # low, so these keep a few detections per photo for the post-processing to work on
 THRESHOLD = {"PP-YOLOE_seg-S": 0.02}
@@ -60,8 +68,9 @@ def param_count(name: str) -> int:
     from instseg_core.modeling.build import build_model
 
     model = build_model(name)
-    n = sum(int(v.numel()) for k, v in model.state_dict().items()
-            if not (k.endswith("_mean") or k.endswith("_variance")))
+    unique = {id(v): v for k, v in model.state_dict().items()  # SOLOv2 names 7 tensors twice
+              if not (k.endswith("_mean") or k.endswith("_variance"))}
+    n = sum(int(v.numel()) for v in unique.values())
     del model
     gc.collect()
     return n
@@ -72,10 +81,12 @@ def oracle_param_count(name: str) -> int | None:
     tsv = REPO.parent / "shared" / "oracles" / name / "state_dict.tsv"
     if not tsv.exists():
         return None
+    meta = tsv.with_name("meta.json")
+    aliases = {pair[1] for pair in json.loads(meta.read_text()).get("aliases", [])} if meta.exists() else set()
     n = 0
     for line in tsv.read_text().splitlines()[1:]:
         key, shape = line.split("\t")[:2]
-        if not (key.endswith("_mean") or key.endswith("_variance")):
+        if not (key.endswith("_mean") or key.endswith("_variance") or key in aliases):
             size = 1
             for v in shape.split(","):
                 size *= int(v) if v else 1
@@ -154,7 +165,7 @@ def _fmt(x, spec=".1f", none="-"):
 # ------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=None, help=f"default: all six ({', '.join(MODELS)})")
+    ap.add_argument("--models", nargs="+", default=None, help="default: all 15 for (a), the six fixed-size ones for (b) and (c)")
     ap.add_argument("--quick", action="store_true",
                     help="PP-YOLOE_seg-S, Mask-RT-DETR-S/L only (unless --models), 4 images, 1 trial")
     ap.add_argument("--threads", type=int, default=2)
@@ -168,10 +179,11 @@ def main() -> None:
     if args.quick:
         args.images = min(args.images, 4)
         args.trials = 1
-    models = args.models or (QUICK_MODELS if args.quick else MODELS)
-    unknown = [m for m in models if m not in MODELS]
+    unknown = [m for m in args.models or [] if m not in PARAM_MODELS]
     if unknown:
-        ap.error(f"unknown model(s) {unknown}; choose from {MODELS}")
+        ap.error(f"unknown model(s) {unknown}; choose from {PARAM_MODELS}")
+    param_models = args.models or (QUICK_MODELS if args.quick else PARAM_MODELS)
+    models = [m for m in param_models if m in MODELS]  # timed in (b) and (c)
     py = os.environ.get("INSTSEG_PADDLEX_PYTHON", str(REPO / ".venv-paddlex" / "bin" / "python"))
     use_pdx = not args.no_paddlex and Path(py).exists()
     if not args.no_paddlex and not use_pdx:
@@ -190,12 +202,12 @@ def main() -> None:
 
     if "a" in args.sections:
         print("\n(a) parameters: state_dict numel without BN _mean/_variance (ppdet_models.md §8)")
-        print(f"{'model':16s} {'ours (M)':>9s} {'§8 (M)':>8s} {'ours-§8':>9s} {'ours':>12s} {'oracle tsv':>12s}")
-        for name in models:
+        print(f"{'model':40s} {'ours (M)':>9s} {'§8 (M)':>8s} {'ours-§8':>9s} {'ours':>12s} {'oracle tsv':>12s}")
+        for name in param_models:
             n = param_count(name)
             ref = REFERENCE_PARAMS_M[name]
             exact = oracle_param_count(name)
-            print(f"{name:16s} {n / 1e6:9.3f} {ref:8.2f} {n / 1e6 - ref:+9.3f} {n:12,d} "
+            print(f"{name:40s} {n / 1e6:9.3f} {ref:8.2f} {n / 1e6 - ref:+9.3f} {n:12,d} "
                   f"{'-' if exact is None else format(exact, ',d'):>12s}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp_s:
