@@ -3,9 +3,9 @@
 It is ``instseg_core/configs/shapes_tiny.yaml`` trained on the synthetic shapes dataset
 (``bench/train_synthetic.py --export-demo samples/model``). Here it runs through the real
 predictor on a held-out set generated with a seed never used for training. The shipped model
-(60 epochs, ~63 CPU-minutes, validation mask AP 0.475) must keep a held-out mask AP >= 0.45: the
-proof that the losses, the training engine, the export and the predictor fit together. (The
-issue's target is 0.5; the model reaches 0.475, see bench/train_synthetic.py.)
+(80 epochs, ~136 CPU-minutes on a shared 2-core VM, validation mask AP 0.550) must keep a held-out
+mask and box AP >= 0.5 (the issue's target; measured here: mask 0.569, box 0.609): the proof that
+the losses, the training engine, the export and the predictor fit together.
 """
 from __future__ import annotations
 
@@ -46,5 +46,6 @@ def test_demo_model_reaches_mask_ap_on_held_out_shapes(tmp_path):
             results.append({"image_id": im["id"], "category_id": int(cls) + 1, "score": float(score),
                             "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": rle})
     stats = evaluate_coco(gt, results)
-    assert stats["segm"]["AP"] >= 0.45, stats
-    assert stats["bbox"]["AP"] >= 0.45, stats
+    print(f"held-out mask AP {stats['segm']['AP']:.4f}, box AP {stats['bbox']['AP']:.4f}")
+    assert stats["segm"]["AP"] >= 0.5, stats
+    assert stats["bbox"]["AP"] >= 0.5, stats
