@@ -9,7 +9,8 @@
     best_model/best_model.{pdparams,pdopt,pdstates,pdema}  best_model.info.json  best_model/inference/
 
 Distributed: ``rank``/``world_size`` shard every epoch's image order (see :func:`epoch_order`), the
-model is wrapped in ``paddle.DataParallel`` when ``world_size > 1``, and only rank 0 evaluates and
+model is wrapped in ``paddle.DataParallel`` when ``world_size > 1`` (its BatchNorms made
+cross-rank unless ``Train.sync_bn: false``), and only rank 0 evaluates and
 writes files. ``on_epoch_end(epoch, metrics, checkpoint_dir_or_None)`` is called on every rank after
 each epoch (Ray Train reports through it).
 
@@ -38,6 +39,7 @@ import yaml
 from ..models import get_spec
 from .checkpoint import (load_checkpoint, optimizer_state_by_structured_name, restore_optimizer,
                          save_checkpoint)
+from .cross_rank_bn import convert_to_cross_rank_bn
 from .data import CocoInstanceDataset, collate, make_train_transform
 from .recipes import TrainRecipe, recipe_for
 from .schedule import ModelEMA, learning_rate
@@ -65,6 +67,7 @@ class TrainSettings:
     resume_path: Optional[str]
     seed: int
     amp: str
+    sync_bn: bool
     draw_threshold: float
     arch: Dict[str, Any]
     recipe: TrainRecipe
@@ -93,7 +96,8 @@ class TrainSettings:
             batch_size=positive("batch_size", spec.train_batch_size),
             log_interval=positive("log_interval", 10), eval_interval=positive("eval_interval", 1),
             pretrain_weight_path=t.get("pretrain_weight_path") or None, resume_path=t.get("resume_path") or None,
-            seed=int(t.get("seed", 0)), amp=amp, draw_threshold=float(t.get("draw_threshold", 0.5)),
+            seed=int(t.get("seed", 0)), amp=amp, sync_bn=bool(t.get("sync_bn", True)),
+            draw_threshold=float(t.get("draw_threshold", 0.5)),
             arch=dict(t.get("arch") or {}), recipe=recipe_for(name, t))
 
 
@@ -274,6 +278,12 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
             log.info("pretrained weights %s: %d loaded, %d missing, %d skipped (shape), %d unexpected",
                      s.pretrain_weight_path, rep.loaded, len(rep.missing), len(rep.skipped), len(rep.unexpected))
         model.train()
+        if world_size > 1 and s.sync_bn:
+            # batch statistics over all ranks' images: N workers of batch b train like one process
+            # of batch N*b (Paddle's SyncBatchNorm has no CPU kernel; this one runs on gloo and NCCL)
+            n_bn = convert_to_cross_rank_bn(model)
+            if is_main:
+                log.info("BatchNorm statistics synchronised across %d ranks (%d layers)", world_size, n_bn)
         net = paddle.DataParallel(model) if world_size > 1 else model
         optimizer = build_optimizer(model, r)
         ema = ModelEMA(model, r.ema_decay) if r.ema_decay > 0 else None
