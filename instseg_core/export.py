@@ -178,13 +178,12 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
     from .modeling.ppyoloe_seg import PPYOLOESeg
     from .modeling.solov2 import SOLOv2
 
-    yml_input_size = input_size  # None: the model's official Resize target
-    if input_size is None:
-        input_size = 640
-    if int(input_size) < 32 or int(input_size) % 32:
+    size = int(input_size) if input_size is not None else None
+    if size is not None and (size < 32 or size % 32):
         raise ValueError(f"input_size must be a positive multiple of 32, got {input_size}")
-    input_size = int(input_size)
-    resize_size: int | None = input_size  # the inference.yml Resize target's size
+    # fixed-square families: the graph's H = W and the yml Resize target (default 640);
+    # keep-ratio families: the graph takes any size, the yml Resize short side (None: official 800)
+    square = size or 640
     batch_dim = -1  # the graph's batch dimension (-1: any)
     if isinstance(model_or_name, str):
         name = model_or_name
@@ -202,28 +201,28 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
 
     if isinstance(model, PPYOLOESeg):
         num_classes = int(model.yolo_head.num_classes)
-        net = _PPYOLOESegExport(model, (input_size, input_size))
-        image_spec = InputSpec([-1, 3, input_size, input_size], "float32", "image")
-        batch_inference = True
+        net = _PPYOLOESegExport(model, (square, square))
+        image_spec = InputSpec([-1, 3, square, square], "float32", "image")
+        batch_inference, resize_size = True, square
     elif isinstance(model, MaskRTDETR):
         num_classes = int(model.transformer.num_classes)
         net = _MaskRTDETRExport(model)
-        image_spec = InputSpec([-1, 3, input_size, input_size], "float32", "image")
-        batch_inference = True
+        image_spec = InputSpec([-1, 3, square, square], "float32", "image")
+        batch_inference, resize_size = True, square
     elif isinstance(model, SOLOv2):
         num_classes = int(model.num_classes)
         net = _SOLOv2Export(model)
         image_spec = InputSpec([-1, 3, -1, -1], "float32", "image")  # keep-ratio resize: any size
         batch_inference = False  # the post-process reads image 0 only (PaddleX runs it one at a time)
-        resize_size = yml_input_size
+        resize_size = size
     elif isinstance(model, MaskRCNN):
         num_classes = int(model.num_classes)
         net = _MaskRCNNExport(model)
         batch_dim = 1  # the R-CNN post-process handles one image per call in a graph
         image_spec = InputSpec([batch_dim, 3, -1, -1], "float32", "image")  # keep-ratio resize: any size
         batch_inference = False
-        resize_size = yml_input_size
-    else:  # pragma: no cover - PP-YOLOE_seg-S and Mask-RT-DETR-{S,M,L,X,H} are implemented so far
+        resize_size = size
+    else:  # pragma: no cover - every network build_model makes is one of the four above
         raise NotImplementedError(f"export of {name!r} is not implemented yet")
     net.eval()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -111,7 +112,9 @@ def match_rows(exp_rows: np.ndarray, got_rows: np.ndarray, *, score_tol: float =
                box_tol: float = 1.0) -> list[tuple[int, int]]:
     """Greedy one-to-one matching of detection rows ``[class, score, x1, y1, x2, y2]``, from the
     highest expected score (the oracle README's rule 1): same class, ``|dscore| <= score_tol``,
-    max ``|dcoordinate| <= box_tol``, the closest box wins. Returns ``[(i_expected, j_got)]``."""
+    max ``|dcoordinate| <= box_tol``, the closest (box, else score) wins. Rows of only
+    ``[class, score]`` (SOLOv2) match on class and score. Returns ``[(i_expected, j_got)]``."""
+    exp_rows, got_rows = np.asarray(exp_rows, np.float64), np.asarray(got_rows, np.float64)
     pairs, used = [], set()
     for i in np.argsort(-exp_rows[:, 1], kind="stable"):
         best, best_d = None, None
@@ -119,24 +122,47 @@ def match_rows(exp_rows: np.ndarray, got_rows: np.ndarray, *, score_tol: float =
             if j in used or int(got_rows[j, 0]) != int(exp_rows[i, 0]):
                 continue
             ds = abs(float(got_rows[j, 1] - exp_rows[i, 1]))
-            db = float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max())
-            if ds <= score_tol and db <= box_tol and (best_d is None or db < best_d):
-                best, best_d = j, db
+            db = float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max()) if exp_rows.shape[1] > 2 else 0.0
+            d = db if exp_rows.shape[1] > 2 else ds
+            if ds <= score_tol and db <= box_tol and (best_d is None or d < best_d):
+                best, best_d = j, d
         if best is not None:
             used.add(best)
             pairs.append((int(i), best))
     return pairs
 
 
+def mask_agrees(a: np.ndarray, b: np.ndarray) -> bool:
+    """The oracle README's mask rule: the masks differ in at most max(1% of their union, 64) pixels."""
+    a, b = np.asarray(a).astype(bool), np.asarray(b).astype(bool)
+    return int(np.count_nonzero(a ^ b)) <= max(0.01 * int(np.count_nonzero(a | b)), 64)
+
+
+def instance_rows(inst) -> np.ndarray:
+    """``[class, score, x1, y1, x2, y2]`` rows of an :class:`~instseg_core.structures.Instances`."""
+    return np.concatenate([inst.class_ids[:, None].astype(np.float32), inst.scores[:, None].astype(np.float32),
+                           np.asarray(inst.boxes, np.float32)], axis=1)
+
+
+class DetectionMatch(NamedTuple):
+    unmatched: int  # expected rows without a partner
+    mask_failures: int  # matched pairs whose masks break :func:`mask_agrees`
+    worst_iou: float  # lowest mask IoU over matched pairs
+    max_dscore: float
+    max_dbox: float
+
+
 def match_with_masks(exp_rows, exp_masks, got_rows, got_masks, *, score_tol: float = 1e-3,
-                     box_tol: float = 1.0) -> tuple[int, float, float, float]:
-    """:func:`match_rows`, then (unmatched count, worst mask IoU, max |dscore|, max |dbox|)."""
+                     box_tol: float = 1.0) -> DetectionMatch:
+    """:func:`match_rows` (rows of 2 or 6 columns), then the masks and score/box differences of the pairs."""
     pairs = match_rows(exp_rows, got_rows, score_tol=score_tol, box_tol=box_tol)
-    worst_iou, max_ds, max_db = 1.0, 0.0, 0.0
+    worst_iou, max_ds, max_db, failures = 1.0, 0.0, 0.0, 0
     for i, j in pairs:
-        max_ds = max(max_ds, abs(float(got_rows[j, 1] - exp_rows[i, 1])))
-        max_db = max(max_db, float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max()))
-        a, b = exp_masks[i] > 0.5, got_masks[j] > 0.5
+        max_ds = max(max_ds, abs(float(got_rows[j, 1]) - float(exp_rows[i, 1])))
+        if np.shape(exp_rows)[1] > 2:
+            max_db = max(max_db, float(np.abs(np.asarray(got_rows[j, 2:6], np.float64) - exp_rows[i, 2:6]).max()))
+        a, b = np.asarray(exp_masks[i]) > 0.5, np.asarray(got_masks[j]) > 0.5
         union = int(np.count_nonzero(a | b))
         worst_iou = min(worst_iou, 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union)
-    return len(exp_rows) - len(pairs), worst_iou, max_ds, max_db
+        failures += not mask_agrees(a, b)
+    return DetectionMatch(len(exp_rows) - len(pairs), failures, worst_iou, max_ds, max_db)

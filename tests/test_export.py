@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracle_utils import match_with_masks, oracle_dir, oracle_model, run_dygraph, state_shapes, weights_rule
+from export_utils import export_to_tmp, read_inference_yml
+from oracle_utils import (instance_rows, match_with_masks, oracle_dir, oracle_model, run_dygraph, state_shapes,
+                          weights_rule)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "PP-YOLOE_seg-S"
@@ -36,25 +38,14 @@ def _dygraph(model, inputs):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from instseg_core.export import export_model
-
-    model = _build()
-    out = export_model(model, None, tmp_path_factory.mktemp("ppyoloe_seg_s") / "infer",
-                       input_size=INPUT_SIZE, draw_threshold=THRESHOLD)
-    return model, out
+    return export_to_tmp(tmp_path_factory, _build(), "ppyoloe_seg_s", input_size=INPUT_SIZE,
+                         draw_threshold=THRESHOLD)
 
 
 def test_inference_dir_files_and_yml(exported):
-    import yaml
-
-    _, out = exported
-    assert (out / "inference.json").is_file() and (out / "inference.pdiparams").is_file()
-    cfg = yaml.safe_load((out / "inference.yml").read_text())
-    assert cfg["mode"] == "paddle" and cfg["metric"] == "COCO" and cfg["mask"] is True
-    assert cfg["Global"]["model_name"] == "PP-YOLOE_seg-S" and cfg["arch"] == "PPYOLOE"
+    cfg = read_inference_yml(exported[1], "PP-YOLOE_seg-S", "PPYOLOE")
     assert cfg["draw_threshold"] == THRESHOLD and cfg["batch_inference"] is True
     assert cfg["use_dynamic_shape"] is False and cfg["min_subgraph_size"] == 3
-    assert len(cfg["label_list"]) == 80 and cfg["label_list"][0] == "person"
     resize = [op for op in cfg["Preprocess"] if op["type"] == "Resize"][0]
     assert resize["target_size"] == [INPUT_SIZE, INPUT_SIZE]
 
@@ -77,16 +68,13 @@ def test_predictor_matches_dygraph(exported):
     # the predictor clips boxes to the image: do the same to the dygraph rows
     exp_rows = exp_rows.copy()
     exp_rows[:, 2:6] = np.clip(exp_rows[:, 2:6], 0, [w, h, w, h])
-    got_rows = np.concatenate([inst.class_ids[:, None].astype(np.float32), inst.scores[:, None],
-                               inst.boxes], axis=1)
+    got_rows = instance_rows(inst)
     got_masks = np.asarray(inst.masks)
     assert len(exp_rows) >= 5, "too few detections above the threshold to compare"
     assert len(got_rows) == len(exp_rows)
-    unmatched, worst_iou, max_ds, max_db = match_with_masks(exp_rows, exp_masks, got_rows, got_masks,
-                                                          score_tol=SCORE_TOL, box_tol=BOX_TOL)
-    print(f"{len(got_rows)} detections, unmatched {unmatched}, worst IoU {worst_iou:.4f}, "
-          f"max|dscore| {max_ds:.2e}, max|dbox| {max_db:.3f}")
-    assert unmatched == 0 and worst_iou >= MIN_IOU
+    m = match_with_masks(exp_rows, exp_masks, got_rows, got_masks, score_tol=SCORE_TOL, box_tol=BOX_TOL)
+    print(f"{len(got_rows)} detections: {m}")
+    assert m.unmatched == 0 and m.worst_iou >= MIN_IOU
 
 
 def test_fused_equals_unfused():

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracle_utils import match_with_masks, oracle_available, oracle_model, run_dygraph
+from export_utils import export_to_tmp, read_inference_yml
+from oracle_utils import instance_rows, match_with_masks, oracle_available, oracle_model, run_dygraph
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "MaskRCNN-ResNet50-FPN"
@@ -31,24 +32,14 @@ SCORE_TOL, BOX_TOL, MIN_IOU = 1e-3, 1.0, 0.99
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from instseg_core.export import export_model
-
-    model = oracle_model(MODEL)
-    out = export_model(model, None, tmp_path_factory.mktemp("mask_rcnn_r50_fpn") / "infer",
-                       input_size=INPUT_SIZE, draw_threshold=THRESHOLD)
-    return model, out
+    return export_to_tmp(tmp_path_factory, oracle_model(MODEL), "mask_rcnn_r50_fpn", input_size=INPUT_SIZE,
+                         draw_threshold=THRESHOLD)
 
 
 def test_inference_dir_files_and_yml(exported):
-    import yaml
-
-    _, out = exported
-    assert (out / "inference.json").is_file() and (out / "inference.pdiparams").is_file()
-    cfg = yaml.safe_load((out / "inference.yml").read_text())
-    assert cfg["Global"]["model_name"] == MODEL and cfg["arch"] == "RCNN" and cfg["mask"] is True
+    cfg = read_inference_yml(exported[1], MODEL, "RCNN")
     assert cfg["min_subgraph_size"] == 40 and cfg["draw_threshold"] == THRESHOLD
     assert cfg["batch_inference"] is False  # one image per call: the predictor never tries a batch
-    assert len(cfg["label_list"]) == 80
     ops = {op["type"]: op for op in cfg["Preprocess"]}
     assert [op["type"] for op in cfg["Preprocess"]] == ["Resize", "NormalizeImage", "Permute", "PadStride"]
     assert ops["Resize"]["keep_ratio"] is True and ops["Resize"]["interp"] == 2
@@ -82,22 +73,19 @@ def test_predictor_matches_dygraph_at_two_input_sizes(exported):
         g_bbox, g_num, g_mask = pred.engine.run(batch)
         assert g_num.tolist() == ref["bbox_num"].tolist() and g_mask.dtype == np.int32
         assert g_mask.shape == ref["mask"].shape
-        unmatched, worst_iou, max_ds, max_db = match_with_masks(ref["bbox"], ref["mask"], g_bbox, g_mask,
-                                                              score_tol=SCORE_TOL, box_tol=BOX_TOL)
-        print(f"{path.name} input {batch['image'].shape}: graph {len(g_bbox)} rows, unmatched {unmatched}, "
-              f"worst IoU {worst_iou:.4f}, max|dscore| {max_ds:.2e}, max|dbox| {max_db:.3f}")
-        assert unmatched == 0 and worst_iou >= MIN_IOU
+        m = match_with_masks(ref["bbox"], ref["mask"], g_bbox, g_mask, score_tol=SCORE_TOL, box_tol=BOX_TOL)
+        print(f"{path.name} input {batch['image'].shape}: graph {len(g_bbox)} rows, {m}")
+        assert m.unmatched == 0 and m.worst_iou >= MIN_IOU
 
         # the predictor's instances (rows at or above the threshold; the placeholder has score 0)
         inst = pred.infer(samples)[0]
         keep = ref["bbox"][:, 1] >= THRESHOLD
         exp_rows, exp_masks = ref["bbox"][keep], ref["mask"][keep]
-        got_rows = np.concatenate([inst.class_ids[:, None].astype(np.float32), inst.scores[:, None],
-                                   inst.boxes], axis=1)
+        got_rows = instance_rows(inst)
         assert len(got_rows) == len(exp_rows), (path.name, len(got_rows), len(exp_rows))
-        unmatched, worst_iou, _, _ = match_with_masks(exp_rows, exp_masks, got_rows, np.asarray(inst.masks),
-                                                   score_tol=SCORE_TOL, box_tol=BOX_TOL)
-        assert unmatched == 0 and worst_iou >= MIN_IOU
+        m = match_with_masks(exp_rows, exp_masks, got_rows, np.asarray(inst.masks), score_tol=SCORE_TOL,
+                             box_tol=BOX_TOL)
+        assert m.unmatched == 0 and m.worst_iou >= MIN_IOU
         compared += len(exp_rows)
     assert len(input_shapes) == 2  # the same graph ran two different input sizes
     assert compared >= 5, "too few detections to compare"

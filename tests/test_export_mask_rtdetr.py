@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracle_utils import oracle_model, run_dygraph
+from export_utils import export_to_tmp, read_inference_yml
+from oracle_utils import instance_rows, match_with_masks, oracle_model, run_dygraph
 
 ROOT = Path(__file__).resolve().parents[2]
 ORACLES = ROOT / "shared" / "oracles"
@@ -34,49 +35,13 @@ def _dygraph(model, inputs):
     return run_dygraph(model, inputs)
 
 
-def _mask_ok(a, b):
-    a, b = np.asarray(a).astype(bool), np.asarray(b).astype(bool)
-    return int(np.count_nonzero(a ^ b)) <= max(0.01 * int(np.count_nonzero(a | b)), 64)
-
-
 def _match(exp_rows, exp_masks, got_rows, got_masks):
-    """Greedy one-to-one matching from the highest expected score.
-
-    Rows are [class, score, x1, y1, x2, y2]; returns (matched, mask failures, max dscore, max dbox).
-    """
-    used, matched, mask_fail, max_ds, max_db = set(), 0, 0, 0.0, 0.0
-    for i in np.argsort(-exp_rows[:, 1], kind="stable"):
-        best = None
-        for j in range(len(got_rows)):
-            if j in used or int(got_rows[j, 0]) != int(exp_rows[i, 0]):
-                continue
-            ds = abs(float(got_rows[j, 1]) - float(exp_rows[i, 1]))
-            db = float(np.abs(got_rows[j, 2:6] - exp_rows[i, 2:6]).max())
-            if ds <= SCORE_TOL and db <= BOX_TOL and (best is None or ds + db < best[0]):
-                best = (ds + db, j, ds, db)
-        if best is None:
-            continue
-        used.add(best[1])
-        matched += 1
-        max_ds, max_db = max(max_ds, best[2]), max(max_db, best[3])
-        if not _mask_ok(exp_masks[i], got_masks[best[1]]):
-            mask_fail += 1
-    return matched, mask_fail, max_ds, max_db
-
-
-def _rows(inst):
-    return np.concatenate([inst.class_ids[:, None].astype(np.float32), inst.scores[:, None].astype(np.float32),
-                           inst.boxes.astype(np.float32)], axis=1)
+    return match_with_masks(exp_rows, exp_masks, got_rows, got_masks, score_tol=SCORE_TOL, box_tol=BOX_TOL)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from instseg_core.export import export_model
-
-    model = _build()
-    out = export_model(model, None, tmp_path_factory.mktemp("mask_rtdetr_s") / "infer",
-                       input_size=INPUT_SIZE, draw_threshold=0.0)
-    return model, out
+    return export_to_tmp(tmp_path_factory, _build(), "mask_rtdetr_s", input_size=INPUT_SIZE, draw_threshold=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +63,9 @@ def images():
 
 
 def test_inference_dir_files_and_yml(exported):
-    import yaml
-
-    _, out = exported
-    assert (out / "inference.json").is_file() and (out / "inference.pdiparams").is_file()
-    cfg = yaml.safe_load((out / "inference.yml").read_text())
-    assert cfg["mode"] == "paddle" and cfg["metric"] == "COCO" and cfg["mask"] is True
-    assert cfg["Global"]["model_name"] == "Mask-RT-DETR-S" and cfg["arch"] == "DETR"
+    cfg = read_inference_yml(exported[1], "Mask-RT-DETR-S", "DETR")
     assert cfg["draw_threshold"] == 0.0 and cfg["batch_inference"] is True
     assert cfg["use_dynamic_shape"] is False and cfg["min_subgraph_size"] == 3
-    assert len(cfg["label_list"]) == 80 and cfg["label_list"][0] == "person"
     assert [op["type"] for op in cfg["Preprocess"]] == ["Resize", "NormalizeImage", "Permute"]
     resize, norm = cfg["Preprocess"][0], cfg["Preprocess"][1]
     assert resize["target_size"] == [INPUT_SIZE, INPUT_SIZE] and resize["keep_ratio"] is False
@@ -150,11 +108,9 @@ def test_predictor_matches_dygraph(exported, predictor, images):
     exp = box_instances(ref["bbox"], ref["mask"], img.shape[:2], 0.0)
     assert len(exp.boxes) >= 20, "too few detections with score > 0 to compare"
     assert len(inst.boxes) == len(exp.boxes)
-    matched, mask_fail, max_ds, max_db = _match(_rows(exp), np.asarray(exp.masks), _rows(inst),
-                                                np.asarray(inst.masks))
-    print(f"{len(exp.boxes)} detections, matched {matched}, mask failures {mask_fail}, "
-          f"max|dscore| {max_ds:.2e}, max|dbox| {max_db:.3f}")
-    assert matched == len(exp.boxes) and mask_fail == 0
+    m = _match(instance_rows(exp), np.asarray(exp.masks), instance_rows(inst), np.asarray(inst.masks))
+    print(f"{len(exp.boxes)} detections: {m}")
+    assert m.unmatched == 0 and m.mask_failures == 0
 
 
 def test_batch_of_two_equals_single(exported, predictor, images):
@@ -182,19 +138,17 @@ def test_batch_of_two_equals_single(exported, predictor, images):
         h, w = img.shape[:2]
         assert single[2].shape == (100, h, w)
         rows, masks = bbox[100 * k:100 * (k + 1)], mask[100 * k:100 * (k + 1)]
-        matched, mask_fail, _, _ = _match(single[0], single[2], rows,
-                                          masks[:, :h, :w])
-        assert matched == 100 and mask_fail == 0, (k, matched, mask_fail)
-        matched, mask_fail, _, _ = _match(rows, masks, ref["bbox"][100 * k:100 * (k + 1)],
-                                          ref["mask"][100 * k:100 * (k + 1)])
-        assert matched == 100 and mask_fail == 0, (k, matched, mask_fail)
+        m = _match(single[0], single[2], rows, masks[:, :h, :w])
+        assert m.unmatched == 0 and m.mask_failures == 0, (k, m)
+        m = _match(rows, masks, ref["bbox"][100 * k:100 * (k + 1)], ref["mask"][100 * k:100 * (k + 1)])
+        assert m.unmatched == 0 and m.mask_failures == 0, (k, m)
     # and the predictor, which batches dirs that declare batch_inference, agrees with one at a time
     both = predictor.infer(samples, threshold=0.0)
     for s, single, got in zip(samples, singles, both):
         one = box_instances(single[0], single[2], s.orig_hw, 0.0)
         assert len(one.boxes) == len(got.boxes) > 0
-        matched, mask_fail, _, _ = _match(_rows(one), np.asarray(one.masks), _rows(got), np.asarray(got.masks))
-        assert matched == len(one.boxes) and mask_fail == 0
+        m = _match(instance_rows(one), np.asarray(one.masks), instance_rows(got), np.asarray(got.masks))
+        assert m.unmatched == 0 and m.mask_failures == 0
 
 
 def test_every_size_has_an_export_name():

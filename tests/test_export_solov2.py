@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from oracle_utils import oracle_available, oracle_model, run_dygraph
+from export_utils import export_to_tmp, read_inference_yml
+from oracle_utils import match_with_masks, oracle_available, oracle_model, run_dygraph
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = ROOT / "shared" / "data" / "coco_tiny_val2017" / "val2017" / "000000005001.jpg"
@@ -29,12 +30,8 @@ SCORE_TOL = 1e-3
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from instseg_core.export import export_model
-
-    model = oracle_model("SOLOv2")
-    out = export_model(model, None, tmp_path_factory.mktemp("solov2") / "infer", input_size=INPUT_SIZE,
-                       draw_threshold=0.0)
-    return model, out
+    return export_to_tmp(tmp_path_factory, oracle_model("SOLOv2"), "solov2", input_size=INPUT_SIZE,
+                         draw_threshold=0.0)
 
 
 def _preprocess_ops(cfg):
@@ -42,16 +39,10 @@ def _preprocess_ops(cfg):
 
 
 def test_inference_dir_files_and_yml(exported):
-    import yaml
-
     _, out = exported
-    assert (out / "inference.json").is_file() and (out / "inference.pdiparams").is_file()
-    cfg = yaml.safe_load((out / "inference.yml").read_text())
-    assert cfg["mode"] == "paddle" and cfg["metric"] == "COCO" and cfg["mask"] is True
-    assert cfg["Global"]["model_name"] == "SOLOv2" and cfg["arch"] == "SOLOv2"
+    cfg = read_inference_yml(out, "SOLOv2", "SOLOv2")
     assert cfg["min_subgraph_size"] == 60 and cfg["draw_threshold"] == 0.0
     assert cfg["batch_inference"] is False  # the graph reads image 0 only; PaddleX runs it one at a time
-    assert len(cfg["label_list"]) == 80 and cfg["label_list"][0] == "person"
     # normalise before resizing, bilinear keep-ratio resize, pad to 32
     assert _preprocess_ops(cfg) == ["NormalizeImage", "Resize", "Permute", "PadStride"]
     norm, resize, _, pad = cfg["Preprocess"]
@@ -89,26 +80,6 @@ def _to_image_size(segm, h, w):
     return out
 
 
-def _match(exp, inst):
-    """Greedy one-to-one matching of the dygraph rows (highest score first) to the predictor's
-    instances; returns (unmatched, mask failures, max |dscore|)."""
-    used, unmatched, mask_fail, max_ds = set(), 0, 0, 0.0
-    for i in np.argsort(-exp["cate_score"], kind="stable"):
-        cands = [j for j in range(len(inst.scores)) if j not in used
-                 and int(inst.class_ids[j]) == int(exp["cate_label"][i])
-                 and abs(float(inst.scores[j]) - float(exp["cate_score"][i])) <= SCORE_TOL]
-        if not cands:
-            unmatched += 1
-            continue
-        j = min(cands, key=lambda j: abs(float(inst.scores[j]) - float(exp["cate_score"][i])))
-        used.add(j)
-        max_ds = max(max_ds, abs(float(inst.scores[j]) - float(exp["cate_score"][i])))
-        a, b = exp["segm"][i].astype(bool), np.asarray(inst.masks[j]).astype(bool)
-        if int(np.count_nonzero(a ^ b)) > max(0.01 * int(np.count_nonzero(a | b)), 64):
-            mask_fail += 1
-    return unmatched, mask_fail, max_ds
-
-
 def test_predictor_matches_dygraph(exported):
     import cv2
 
@@ -133,10 +104,11 @@ def test_predictor_matches_dygraph(exported):
         assert abs(ref["segm"].shape[1] - h) <= 1 and abs(ref["segm"].shape[2] - w) <= 1
         ref["segm"] = _to_image_size(ref["segm"], h, w)
         assert len(inst.scores) == n and np.asarray(inst.masks).shape == (n, h, w)
-        unmatched, mask_fail, max_ds = _match(ref, inst)
-        print(f"{img.shape[:2]} -> input {inputs['image'].shape[2:]}: {n} rows, unmatched {unmatched}, "
-              f"mask failures {mask_fail}, max|dscore| {max_ds:.2e}")
-        assert unmatched == 0 and mask_fail == 0
+        # rows of [label, score] (SOLOv2 has no boxes)
+        m = match_with_masks(np.stack([ref["cate_label"], ref["cate_score"]], 1), ref["segm"],
+                             np.stack([inst.class_ids, inst.scores], 1), np.asarray(inst.masks), score_tol=SCORE_TOL)
+        print(f"{img.shape[:2]} -> input {inputs['image'].shape[2:]}: {n} rows, {m}")
+        assert m.unmatched == 0 and m.mask_failures == 0
         # the raw graph outputs, in the reference's sorted-key order
         bbox_num, labels, scores, segm = pred.engine.run(inputs)
         assert labels.dtype == np.int64 and scores.dtype == np.float32 and segm.dtype == np.uint8

@@ -10,33 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracle_utils import feature_error, mask_rtdetr_name, oracle_dir, require_oracle, state_shapes
+from oracle_utils import feature_error, mask_rtdetr_name, match_with_masks, oracle_dir, require_oracle, state_shapes
 from oracle_utils import weights_rule as load_weights_rule
 
 SIZES = ["S", "M", "L", "X", "H"]
 REL_TOL = 2e-3
-
-
-def _match(exp_bbox, exp_mask, got_bbox, got_mask):
-    """Greedy one-to-one matching from the highest expected score; returns (matched, mask_fail)."""
-    used, matched, mask_fail = set(), 0, 0
-    for i in np.argsort(-exp_bbox[:, 1], kind="stable"):
-        best = None
-        for j in range(len(got_bbox)):
-            if j in used or got_bbox[j, 0] != exp_bbox[i, 0]:
-                continue
-            ds = abs(float(got_bbox[j, 1]) - float(exp_bbox[i, 1]))
-            db = float(np.abs(got_bbox[j, 2:] - exp_bbox[i, 2:]).max())
-            if ds <= 1e-3 and db <= 1.0 and (best is None or ds + db < best[0]):
-                best = (ds + db, j)
-        if best is None:
-            continue
-        used.add(best[1])
-        matched += 1
-        a, b = exp_mask[i].astype(bool), got_mask[best[1]].astype(bool)
-        if (a ^ b).sum() > max(0.01 * (a | b).sum(), 64):
-            mask_fail += 1
-    return matched, mask_fail
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -83,8 +61,8 @@ def test_mask_rtdetr_matches_oracle(size):
     assert bbox.dtype == np.float32 and bbox.shape == (100, 6)
     assert bbox_num.dtype == np.int32 and bbox_num.tolist() == exp["bbox_num"].tolist() == [100]
     assert mask.dtype == np.int32 and mask.shape == exp["mask"].shape == (100, 480, 640)
-    matched, mask_fail = _match(exp["bbox"], exp["mask"], bbox, mask)
-    assert matched == 100 and mask_fail == 0, (matched, mask_fail)
+    m = match_with_masks(exp["bbox"], exp["mask"], bbox, mask)
+    assert m.unmatched == 0 and m.mask_failures == 0, m
 
 
 def test_mask_rtdetr_forward_other_input_size():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracle_utils import feature_error, oracle_available, oracle_dir, state_shapes, weights_rule
+from oracle_utils import feature_error, match_with_masks, oracle_available, oracle_dir, state_shapes, weights_rule
 
 MODEL = "SOLOv2"
 FOLDER = oracle_dir(MODEL)
@@ -139,20 +139,6 @@ def test_features_match_oracle(run):
         assert np.all((g[far] == 0) | (e[far] == 0))
 
 
-def _match(exp_labels, exp_scores, got_labels, got_scores):
-    """Greedy one-to-one matching from the highest expected score on the same label and
-    |dscore| <= SCORE_TOL (closest score first); returns [(i_exp, j_got)]."""
-    pairs, used = [], set()
-    for i in np.argsort(-exp_scores, kind="stable"):
-        cands = [j for j in range(len(got_labels)) if j not in used and got_labels[j] == exp_labels[i]
-                 and abs(float(got_scores[j] - exp_scores[i])) <= SCORE_TOL]
-        if cands:
-            j = min(cands, key=lambda j: abs(float(got_scores[j] - exp_scores[i])))
-            used.add(j)
-            pairs.append((int(i), j))
-    return pairs
-
-
 @needs_oracle
 def test_outputs_match_oracle(run):
     exp, out = run["exp"], run["out"]
@@ -170,18 +156,11 @@ def test_outputs_match_oracle(run):
     assert np.all(np.diff(out["cate_score"]) <= 0)
     assert int(out["cate_label"][-1]) == 0 and float(out["cate_score"][-1]) == 0.0
 
-    pairs = _match(exp["cate_label"], exp["cate_score"], out["cate_label"], out["cate_score"])
-    assert len(pairs) == n_exp, f"{n_exp - len(pairs)} expected rows unmatched"
-    max_ds = max(abs(float(out["cate_score"][j] - exp["cate_score"][i])) for i, j in pairs)
-    bad, worst = [], 0
-    for i, j in pairs:
-        a, b = exp["segm"][i].astype(bool), out["segm"][j].astype(bool)
-        xor, union = int(np.count_nonzero(a ^ b)), int(np.count_nonzero(a | b))
-        worst = max(worst, xor)
-        if xor > max(0.01 * union, 64):
-            bad.append((i, xor, union))
-    print(f"rows {n_got}/{n_exp}, matched {len(pairs)}, max|dscore| {max_ds:.2e}, worst xor {worst} px")
-    assert not bad, bad
+    # rows of [label, score] (SOLOv2 has no boxes)
+    m = match_with_masks(np.stack([exp["cate_label"], exp["cate_score"]], 1), exp["segm"],
+                         np.stack([out["cate_label"], out["cate_score"]], 1), out["segm"], score_tol=SCORE_TOL)
+    print(f"rows {n_got}/{n_exp}: {m}")
+    assert m.unmatched == 0 and m.mask_failures == 0, m
 
 
 def test_padding_row_and_y_scale_output_size():

@@ -76,3 +76,6 @@ def test_solov2_threshold_inclusive_and_boxes_from_masks():
     assert inst.class_ids.tolist() == [5] and inst.boxes_from_masks
     np.testing.assert_array_equal(inst.boxes, [[2, 1, 6, 4]])
     assert len(solov2_instances(out, (10, 10), 0.0)) == 2
+    # strict (the evaluator's rule, as the box models): score 0 padding rows go, 0.5 > 0.5 is false
+    assert solov2_instances(out, (10, 10), 0.0, strict=True).class_ids.tolist() == [5]
+    assert len(solov2_instances(out, (10, 10), 0.5, strict=True)) == 0

@@ -84,8 +84,11 @@ def box_instances(rows: np.ndarray, masks: np.ndarray, image_hw: tuple[int, int]
     )
 
 
-def solov2_instances(outputs: Sequence[np.ndarray], image_hw: tuple[int, int], threshold: float) -> Instances:
-    """One image of SOLOv2 (batch 1): keep ``score >= threshold``; boxes are the masks' extents."""
+def solov2_instances(outputs: Sequence[np.ndarray], image_hw: tuple[int, int], threshold: float, *,
+                     strict: bool = False) -> Instances:
+    """One image of SOLOv2 (batch 1): keep ``score >= threshold`` (PaddleX's rule) or, with
+    ``strict``, ``score > threshold`` (as the box models; 0 then drops the zero-score padding row);
+    boxes are the masks' extents."""
     if len(outputs) != 4:
         raise OutputFormatError(f"SOLOv2 should give 4 outputs (bbox_num, cate_label, cate_score, segm), "
                                 f"got {len(outputs)}")
@@ -94,7 +97,7 @@ def solov2_instances(outputs: Sequence[np.ndarray], image_hw: tuple[int, int], t
     if segm.ndim != 3 or len(segm) != len(labels) or len(scores) != len(labels):
         raise OutputFormatError(f"unexpected SOLOv2 output shapes: cate_label {labels.shape}, "
                                 f"cate_score {scores.shape}, segm {segm.shape}")
-    keep = scores >= threshold
+    keep = scores > threshold if strict else scores >= threshold
     h, w = image_hw
     masks = _fit_masks(segm[keep], h, w)
     return Instances(boxes=masks_to_xyxy(masks), scores=scores[keep], class_ids=labels[keep].astype(np.int64),

@@ -67,10 +67,7 @@ def _preprocess_predictor(model: nn.Layer, preprocess: Sequence[Dict[str, Any]],
         # the graph's outputs are the sorted keys of this dict; the postprocess reads them in that order
         outputs = [out[k].numpy() for k in sorted(out)]
         if "segm" in out:  # SOLOv2: bbox_num, cate_label, cate_score, segm; boxes = the masks' extents
-            # scores > threshold (0: drops the zero-score padding row the post-process always appends)
-            keep = outputs[2].reshape(-1) > score_threshold
-            outputs = [outputs[0], outputs[1].reshape(-1)[keep], outputs[2].reshape(-1)[keep], outputs[3][keep]]
-            return solov2_instances(outputs, sample.orig_hw, score_threshold)
+            return solov2_instances(outputs, sample.orig_hw, score_threshold, strict=True)
         (rows, masks), = split_box_outputs(outputs, 1)
         return box_instances(rows, masks, sample.orig_hw, score_threshold)
 
