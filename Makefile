@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 	@echo "demo outputs in demo_output/: parts/*.parquet, coco_results.json, coco_dataset.json, labelme/, summary.json"
 
 test: $(VENV)/.installed $(PDX_VENV)/.installed
-	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python $(PY) -m pytest -q
+	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python $(PY) -m pytest -q --durations=25
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not paddlex"

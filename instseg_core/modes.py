@@ -62,13 +62,7 @@ def run_predict(cfg: dict[str, Any]) -> None:
 def run_train(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train on ``Global.dataset_dir``; PaddleX's outputs in ``Global.output`` (see training.engine)."""
     from instseg_core.training.engine import train
-    from instseg_core.training.recipes import recipe_for
 
-    model_name = _section(cfg, "Global")["model"]
-    try:  # checked first (before dataset checks, output files): the one line the user needs
-        recipe_for(model_name, {})
-    except NotImplementedError as e:
-        raise NotImplementedError(f"{e}; Global.mode=evaluate, export and predict work for {model_name}") from None
     return train(cfg)
 
 
@@ -93,13 +87,11 @@ def run_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     multiple of 32) overrides the size: the square side, or the short side of a keep-ratio
     [s, 5s/3] target as ``Export.input_size`` writes it (e.g. a quick evaluation at 320)."""
     from instseg_core.datasets.coco import annotation_path, find_dataset_root
-    from instseg_core.export import preprocess_for_size
     from instseg_core.modeling import build_model
     from instseg_core.modeling.weights import load_weights
-    from instseg_core.models import get_spec
     from instseg_core.training.data import CocoInstanceDataset
     from instseg_core.training.evaluator import evaluate_model
-    from instseg_core.training.recipes import recipe_for
+    from instseg_core.training.recipes import evaluation_inputs, recipe_for
     from instseg_core.training.remote import localize_dataset
 
     g, t, e = _section(cfg, "Global"), _section(cfg, "Train"), _section(cfg, "Evaluate")
@@ -121,14 +113,9 @@ def run_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     paddle.set_device(str(g.get("device") or "cpu").split(",")[0])
     model = build_model(g["model"], num_classes=num_classes, **dict(t.get("arch") or {}))
     load_weights(model, weights)
-    if _has_training_recipe(g["model"]):
-        recipe = recipe_for(g["model"], t)
-        size = recipe.input_size if input_size is None else input_size
-        stats = evaluate_model(model, val, input_size=size, mean=recipe.mean, std=recipe.std)
-    else:
-        # no training transform to mirror: evaluate through the predictor's own preprocessing
-        stats = evaluate_model(model, val, preprocess=preprocess_for_size(get_spec(g["model"]).preprocess,
-                                                                          input_size))
+    # as validated during training: square resize (DETR/YOLOE), the exported keep-ratio
+    # preprocessing (R-CNN/SOLOv2)
+    stats = evaluate_model(model, val, **evaluation_inputs(g["model"], recipe_for(g["model"], t), input_size))
     metrics = {"AP": stats["segm"]["AP"], "segm": stats["segm"], "bbox": stats["bbox"]}
     record = {"done_flag": True, "metrics": metrics}
     out = Path(g.get("output", "output"))
@@ -149,23 +136,10 @@ def run_export(cfg: dict[str, Any]) -> Path:
     weights, num_classes = _weights_and_classes(g["model"], x.get("weight_path"), "Export",
                                                 int(t.get("num_classes") or 80))
     labels = _dataset_labels(g.get("dataset_dir"), num_classes)
-    input_size = x.get("input_size")
-    if input_size is None and _has_training_recipe(g["model"]):
-        input_size = recipe_for(g["model"], t).input_size
-    # None: the family's official test-time size (R-CNN and SOLOv2 keep-ratio 800x1333)
-    input_size = None if input_size is None else int(input_size)
+    # default: the trained size (square side; R-CNN/SOLOv2: keep-ratio short side, official 800)
+    input_size = int(x.get("input_size") or recipe_for(g["model"], t).input_size)
     return export_model(g["model"], weights, g.get("output", "output"), input_size=input_size,
                         labels=labels, num_classes=num_classes, arch=dict(t.get("arch") or {}))
-
-
-def _has_training_recipe(model_name: str) -> bool:
-    from instseg_core.training.recipes import recipe_for
-
-    try:
-        recipe_for(model_name, {})
-    except NotImplementedError:
-        return False
-    return True
 
 
 def _dataset_labels(dataset_dir: Any, num_classes: int) -> list[str] | None:

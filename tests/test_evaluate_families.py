@@ -1,5 +1,4 @@
-"""``instseg run -o Global.mode=evaluate`` for the eval-only families (R-CNN, SOLOv2), and a clear
-error for ``Global.mode=train`` on them.
+"""``instseg run -o Global.mode=evaluate`` for the keep-ratio families (R-CNN, SOLOv2).
 
 MaskRCNN-ResNet50-FPN and SOLOv2 with the oracle-filled (synthetic) weights are evaluated on the
 3 real COCO images of ``instances_val2017_mini8.json`` at ``Evaluate.input_size=320`` (AP is near
@@ -13,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,26 +154,3 @@ def test_evaluate_rejects_a_bad_input_size(coco8, tmp_path):
     assert run_config(cfg) == 1
     err = json.loads((out / "evaluate_result.json").read_text())
     assert err["done_flag"] is False and "Evaluate.input_size must be a positive multiple of 32" in err["err_msg"]
-
-
-@pytest.mark.parametrize("model", ["MaskRCNN-ResNet50-FPN", "Cascade-MaskRCNN-ResNet50-FPN"])
-def test_train_of_an_eval_only_family_is_a_clear_error(model, tmp_path):
-    out = tmp_path / "out"
-    cfg = _cfg(model, ["Global.mode=train", f"Global.dataset_dir={tmp_path / 'nowhere'}", f"Global.output={out}"])
-    assert run_config(cfg) == 1
-    err = json.loads((out / "train_result.json").read_text())
-    assert err["done_flag"] is False and "NotImplementedError" in err["err_type"]
-    assert f"training {model!r}" in err["err_msg"] and "not implemented" in err["err_msg"]
-    assert "Global.mode=evaluate" in err["err_msg"]
-
-
-def test_train_of_solov2_through_the_cli_prints_one_line_and_fails(tmp_path):
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "instseg_core", "run", "-c", "SOLOv2", "-o", "Global.mode=train",
-                        "-o", f"Global.dataset_dir={tmp_path}", "-o", f"Global.output={out}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
-    lines = [ln for ln in r.stderr.splitlines() if "not implemented" in ln]
-    assert len(lines) == 1 and "train failed: NotImplementedError: training 'SOLOv2'" in lines[0], r.stderr[-2000:]
-    assert json.loads((out / "train_result.json").read_text())["done_flag"] is False

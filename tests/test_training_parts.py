@@ -41,6 +41,10 @@ def test_learning_rate_warmup_then_cosine_and_constant():
     assert learning_rate(0, warmup_start_factor=0.001, **kw) == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="schedule"):
         learning_rate(50, schedule="step", **kw)
+    # piecewise: x0.1 at 8/12 and 11/12 of the run (steps 73 and 101 of 110), warm-up on top
+    pw = dict(kw, schedule="piecewise", milestones=(8 / 12, 11 / 12))
+    assert [learning_rate(s, **pw) for s in (5, 10, 72)] == pytest.approx([0.05, 0.1, 0.1])
+    assert [learning_rate(s, **pw) for s in (73, 100, 101, 109)] == pytest.approx([0.01, 0.01, 0.001, 0.001])
 
 
 def test_ema_tracks_the_weights_with_ramped_decay():
@@ -84,8 +88,14 @@ def test_recipe_overrides_from_the_train_section():
     assert d.optimizer == "adamw" and d.grad_clip_norm == 0.1 and d.backbone_lr_mult == 0.1
     with pytest.raises(ValueError, match="multiple of 32"):
         recipe_for("PP-YOLOE_seg-S", {"input_size": 250})
-    with pytest.raises(NotImplementedError, match="MaskRCNN"):
-        recipe_for("MaskRCNN-ResNet50", {})
+    # the R-CNN / SOLOv2 1x recipes: Momentum 0.01, piecewise decay, keep-ratio sizes (short sides)
+    m = recipe_for("MaskRCNN-ResNet50", {})
+    assert (m.optimizer, m.base_lr, m.schedule, m.ema_decay) == ("momentum", 0.01, "piecewise", 0)
+    assert m.keep_ratio_max == 1333 and m.mean == (0.485, 0.456, 0.406)
+    assert m.milestones == pytest.approx((8 / 12, 11 / 12)) and m.multiscale == tuple(range(640, 801, 32))
+    assert recipe_for("Cascade-MaskRCNN-ResNet50-FPN", {}).grad_clip_norm == 35.0
+    s = recipe_for("SOLOv2", {"input_size": 512})
+    assert (s.warmup_start_factor, s.input_size, s.multiscale, s.keep_ratio) == (0.0, 512, (), True)
 
 
 def test_synthetic_dataset_is_deterministic_and_checks_clean(tmp_path):
@@ -172,3 +182,43 @@ def test_augmentation_of_an_image_does_not_depend_on_the_number_of_workers(tiny_
     # another epoch's seed draws other augmentations (for at least one of 2 images: p = 1 - 1/36)
     other = images_by_index([0, 1], 2, seed=6)
     assert not all(same(one[i][0], other[i][0]) for i in (0, 1))
+
+
+def test_keep_ratio_training_resize():
+    from instseg_core.training.data import TrainSample, keep_ratio_size, make_train_transform
+
+    assert keep_ratio_size((480, 640), 800, 1333) == (800, 1067)
+    assert keep_ratio_size((400, 1600), 800, 1333) == (333, 1333)  # the long side caps the scale
+    img = np.zeros((60, 120, 3), np.uint8)
+    masks = np.zeros((1, 60, 120), np.uint8)
+    masks[0, 10:30, 20:60] = 1
+    sample = TrainSample(img, np.array([0]), np.array([[20, 10, 60, 30]], np.float32), masks, orig_hw=(60, 120))
+    tf = make_train_transform(96, (64, 96), flip=False, keep_ratio_max=160)
+    sizes = set()
+    for seed in range(12):
+        out = tf(sample, random.Random(seed))
+        h, w = out.image.shape[1:]
+        sizes.add((h, w))
+        assert w == 2 * h and out.masks.shape[1:] == (h, w)
+        np.testing.assert_allclose(out.boxes[0], np.array([20, 10, 60, 30]) * h / 60, rtol=1e-5)
+    assert sizes == {(64, 128), (80, 160)}  # short side 96 is capped by the long side 160
+
+
+def test_optimizer_keeps_per_parameter_lr_multipliers():
+    from instseg_core.training.engine import build_optimizer
+
+    class Net(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.backbone = paddle.nn.Sequential(paddle.nn.Linear(2, 2), paddle.nn.Linear(2, 2))
+            self.head = paddle.nn.Linear(2, 1)
+
+    net = Net()
+    for name, mult in (("MaskRCNN-ResNet50-FPN", 1.0), ("Mask-RT-DETR-S", 0.1)):
+        for p in net.parameters():  # backbone[1] as ResNet.set_stage_lr_mult marks an SSLDv2 stage
+            p.optimize_attr["learning_rate"] = 0.5 if any(p is q for q in net.backbone[1].parameters()) else 1.0
+        build_optimizer(net, recipe_for(name, {}))
+        # the multiplier Paddle applies to each parameter, after it built the groups
+        lr = [[p.optimize_attr["learning_rate"] for p in part.parameters()]
+              for part in (net.backbone[0], net.backbone[1], net.head)]
+        assert lr == [pytest.approx([mult] * 2), pytest.approx([0.5 * mult] * 2), pytest.approx([1.0] * 2)]

@@ -43,8 +43,7 @@ def _mask_rcnn(name: str) -> Callable[..., nn.Layer]:
 def _solov2(num_classes: int, **arch) -> nn.Layer:
     from .solov2 import solov2
 
-    _no_arch("SOLOv2", arch)
-    return solov2(num_classes=num_classes)
+    return solov2(num_classes=num_classes, **arch)
 
 
 _BUILDERS: Dict[str, Callable[..., nn.Layer]] = {"PP-YOLOE_seg-S": _ppyoloe_seg_s, "SOLOv2": _solov2}
@@ -67,7 +66,9 @@ def build_model(name: str, num_classes: int = 80, **arch) -> nn.Layer:
     """The network of ``name`` (an official PaddleX model name) with ``num_classes`` classes.
 
     ``arch``: architecture overrides of a scalable family (PP-YOLOE_seg: ``width_mult``,
-    ``depth_mult``, ``num_protos``) for small custom models; official weights fit only the defaults.
+    ``depth_mult``, ``num_protos``; SOLOv2: ``seg_feat_channels``, ``stacked_convs``, ``num_grids``,
+    ``kernel_out_channels``, ``mask_mid_channels``, ``fpn_channels``) for small custom models;
+    official weights fit only the defaults.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model name {name!r}; expected one of: {', '.join(MODEL_NAMES)}")

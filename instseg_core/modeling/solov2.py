@@ -1,7 +1,9 @@
 """SOLOv2 (solov2_r50_fpn_1x): ResNet50-b + FPN, SOLOv2 heads and the matrix-NMS post-process.
 
-Eval only (training is not implemented). Written from the reference notes
-(``shared/reference/ppdet_models.md`` section 2.3) and checked against the oracle outputs.
+Written from the reference notes (``shared/reference/ppdet_models.md`` section 2.3) and checked
+against the oracle outputs. Training (``model.train()``; ``model(inputs, targets)``) builds the
+grid targets from the instance masks and returns the dice + focal losses: see
+:mod:`.losses.solov2_loss`.
 
 Inference, per image (batch size 1, like the reference):
 
@@ -25,7 +27,7 @@ Reference quirks kept on purpose:
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import paddle
 import paddle.nn as nn
@@ -33,6 +35,7 @@ import paddle.nn.functional as F
 
 from .backbones.resnet import ResNet
 from .heads.solov2_head import SOLOv2Head, SOLOv2MaskHead
+from .losses.solov2_loss import SOLOv2Loss
 from .necks.fpn import FPN
 
 __all__ = ["SOLOv2", "mask_matrix_nms", "solov2"]
@@ -95,6 +98,10 @@ class SOLOv2(nn.Layer):
 
     ``segm`` [N,H0,W0] uint8 0/1 at the original image size, ``cate_label`` [N] int64,
     ``cate_score`` [N] float32 (highest first), ``bbox_num`` [1] int64 = N. Batch size 1.
+
+    Train: ``forward({'image', ...}, targets)`` -> ``{'loss', 'loss_ins', 'loss_cate'}`` (see
+    :class:`~.losses.solov2_loss.SOLOv2Loss` and the batch format of ``instseg_core.training.data``);
+    any batch size, any input size that is a multiple of 32.
     """
 
     model_name = "SOLOv2"  # the official name (export looks it up)
@@ -111,6 +118,8 @@ class SOLOv2(nn.Layer):
         self.pre_nms_top_n = pre_nms_top_n
         self.post_nms_top_n = post_nms_top_n
         self.nms_sigma = nms_sigma
+        # a plain object, not a sub-layer: the criterion holds no state and adds no state-dict keys
+        self.criterion = SOLOv2Loss(num_classes=solov2_head.num_classes, num_grids=solov2_head.num_grids)
 
     @property
     def num_classes(self) -> int:
@@ -123,9 +132,14 @@ class SOLOv2(nn.Layer):
         cate_maps, kernel_maps = self.solov2_head(feats)
         return cate_maps, kernel_maps, mask_feat
 
-    def forward(self, inputs: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
+    def forward(self, inputs: Dict[str, paddle.Tensor],
+                targets: Optional[List[Dict[str, paddle.Tensor]]] = None) -> Dict[str, paddle.Tensor]:
         if self.training:
-            raise NotImplementedError("SOLOv2 training is not implemented; call model.eval() first")
+            if targets is None:
+                raise ValueError("training forward needs targets: model(inputs, targets)")
+            # in training mode the head returns raw category logits [B, C, S, S]
+            cate_logits, kernel_maps, mask_feat = self.head_outputs(inputs["image"])
+            return self.criterion(cate_logits, kernel_maps, mask_feat, targets)
         cate_maps, kernel_maps, mask_feat = self.head_outputs(inputs["image"])
         return self.post_process(cate_maps, kernel_maps, mask_feat, inputs["im_shape"],
                                  inputs["scale_factor"])
@@ -198,11 +212,21 @@ class SOLOv2(nn.Layer):
         }
 
 
-def solov2(num_classes: int = 80) -> SOLOv2:
-    """SOLOv2 R50-FPN (solov2_r50_fpn_1x): ResNet50-b (res2..res5) + 5-level FPN + SOLOv2 heads."""
+def solov2(num_classes: int = 80, *, fpn_channels: int = 256, seg_feat_channels: int = 512,
+           stacked_convs: int = 4, num_grids: Sequence[int] = (40, 36, 24, 16, 12),
+           kernel_out_channels: int = 256, mask_mid_channels: int = 128) -> SOLOv2:
+    """SOLOv2 R50-FPN (solov2_r50_fpn_1x): ResNet50-b (res2..res5) + 5-level FPN + SOLOv2 heads.
+
+    The keyword arguments give slimmer variants (tests, experiments); the defaults are the official
+    architecture, the only one its weights fit. The mask feature has ``kernel_out_channels``
+    channels (each dynamic kernel is a 1x1 conv over it); GroupNorm(32) needs every width except
+    ``fpn_channels`` to be a multiple of 32.
+    """
     backbone = ResNet(depth=50, variant="b", return_idx=(0, 1, 2, 3))
-    neck = FPN(in_channels=backbone.out_channels, out_channel=256, extra_stage=1)
-    head = SOLOv2Head(num_classes=num_classes, in_channels=256, seg_feat_channels=512, stacked_convs=4,
-                      num_grids=(40, 36, 24, 16, 12), kernel_out_channels=256)
-    mask_head = SOLOv2MaskHead(in_channels=256, mid_channels=128, out_channels=256, start_level=0, end_level=3)
+    neck = FPN(in_channels=backbone.out_channels, out_channel=fpn_channels, extra_stage=1)
+    head = SOLOv2Head(num_classes=num_classes, in_channels=fpn_channels, seg_feat_channels=seg_feat_channels,
+                      stacked_convs=stacked_convs, num_grids=num_grids, kernel_out_channels=kernel_out_channels)
+    mask_head = SOLOv2MaskHead(in_channels=fpn_channels, mid_channels=mask_mid_channels,
+                               out_channels=kernel_out_channels, start_level=0, end_level=3)
+    backbone.freeze_stages(0)  # training as solov2_r50_fpn.yml: stem + res2 frozen (freeze_at 0)
     return SOLOv2(backbone, neck, head, mask_head)

@@ -139,6 +139,14 @@ def resize(sample: TrainSample, size_hw: Tuple[int, int], interp: int = cv2.INTE
                        (sample.scale_factor[0] * sy, sample.scale_factor[1] * sx))
 
 
+def keep_ratio_size(hw: Tuple[int, int], short: int, max_size: int) -> Tuple[int, int]:
+    """Output size of a keep-ratio resize: the short side to ``short`` unless the long side would
+    exceed ``max_size`` (PaddleDetection's ``Resize(keep_ratio=True)`` scale, rounded)."""
+    h, w = hw
+    scale = min(short / min(h, w), max_size / max(h, w))
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
 def random_resize(sample: TrainSample, rng: random.Random, sizes: Sequence[int]) -> TrainSample:
     """Multi-scale training: resize to a square side drawn from ``sizes``."""
     s = int(rng.choice(list(sizes)))
@@ -185,13 +193,22 @@ def collate(samples: Sequence[TrainSample], pad_stride: int = 32):
 
 
 def make_train_transform(size: int = 640, multiscale: Sequence[int] = (), flip: bool = True,
-                         mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)
-                         ) -> Callable[[TrainSample, random.Random], TrainSample]:
-    """The DETR/YOLOE training transform: flip, (multi-scale) square resize, normalise."""
+                         mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+                         keep_ratio_max: int = 0) -> Callable[[TrainSample, random.Random], TrainSample]:
+    """The training transform: flip, (multi-scale) resize, normalise.
+
+    Square resize to ``size`` (or a side drawn from ``multiscale``) for DETR/YOLOE; with
+    ``keep_ratio_max`` > 0 a keep-ratio resize whose short side is ``size`` (or drawn from
+    ``multiscale``) and long side at most ``keep_ratio_max`` (R-CNN, SOLOv2).
+    """
     def transform(sample: TrainSample, rng: random.Random) -> TrainSample:
         if flip:
             sample = random_flip(sample, rng)
-        sample = random_resize(sample, rng, multiscale) if multiscale else resize(sample, (size, size))
+        if keep_ratio_max > 0:
+            short = int(rng.choice(list(multiscale))) if multiscale else size
+            sample = resize(sample, keep_ratio_size(sample.image.shape[:2], short, keep_ratio_max))
+        else:
+            sample = random_resize(sample, rng, multiscale) if multiscale else resize(sample, (size, size))
         return normalize(sample, mean, std)
     return transform
 

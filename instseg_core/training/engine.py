@@ -41,7 +41,7 @@ from .checkpoint import (load_checkpoint, optimizer_state_by_structured_name, re
                          save_checkpoint)
 from .cross_rank_bn import convert_to_cross_rank_bn
 from .data import CocoInstanceDataset, collate, make_train_transform
-from .recipes import TrainRecipe, recipe_for
+from .recipes import TrainRecipe, evaluation_inputs, recipe_for
 from .schedule import ModelEMA, learning_rate
 
 log = logging.getLogger("instseg.train")
@@ -164,17 +164,21 @@ def _batches(dataset: CocoInstanceDataset, order: Sequence[int], batch_size: int
 
 def build_optimizer(model: nn.Layer, recipe: TrainRecipe) -> paddle.optimizer.Optimizer:
     """The family's optimizer: backbone parameters get ``backbone_lr_mult``; AdamW's decay skips
-    norms and biases (1-D parameters); Momentum uses L2 decay on everything, as the configs do."""
+    norms and biases (1-D parameters); Momentum uses L2 decay on everything, as the configs do.
+
+    Parameters carrying their own LR multiplier (``optimize_attr["learning_rate"]``, e.g. the
+    SSLDv2 backbone's per-stage ``lr_mult_list``) get a group of their own: Paddle replaces that
+    attribute with the group's learning rate when an optimizer is built from groups.
+    """
     backbone_ids = {id(p) for p in model.backbone.parameters()} if hasattr(model, "backbone") else set()
     trainable = [p for p in model.parameters() if not p.stop_gradient]
-    groups = []
-    backbone = [p for p in trainable if id(p) in backbone_ids]
-    rest = [p for p in trainable if id(p) not in backbone_ids]
-    if backbone and recipe.backbone_lr_mult != 1.0:
-        groups.append({"params": backbone, "learning_rate": recipe.backbone_lr_mult})
-        groups.append({"params": rest})
-    else:
-        groups.append({"params": trainable})
+    by_mult: Dict[float, List[Any]] = {}
+    for p in trainable:
+        mult = float(p.optimize_attr.get("learning_rate", 1.0))
+        if id(p) in backbone_ids:
+            mult *= recipe.backbone_lr_mult
+        by_mult.setdefault(mult, []).append(p)
+    groups = [{"params": ps, "learning_rate": m} if m != 1.0 else {"params": ps} for m, ps in by_mult.items()]
     clip = nn.ClipGradByGlobalNorm(recipe.grad_clip_norm) if recipe.grad_clip_norm > 0 else None
     if recipe.optimizer == "adamw":
         decay_names = {p.name for p in trainable if len(p.shape) > 1}
@@ -302,7 +306,7 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
         steps_per_epoch = math.ceil(len(epoch_order(len(train_ds), seed=0, epoch=0, rank=0,
                                                     world_size=world_size)) / s.batch_size)
         total_steps = int(s.epochs * steps_per_epoch * r.cosine_epochs_factor)
-        transform = make_train_transform(r.input_size, r.multiscale, True, r.mean, r.std)
+        transform = make_train_transform(r.input_size, r.multiscale, True, r.mean, r.std, r.keep_ratio_max)
         last: List[Dict[str, Any]] = _previous_entries(s.output) if resume and is_main else []
         best: Dict[str, Any] = _previous_best(s.output) if resume and is_main else {}
         if is_main:
@@ -317,7 +321,8 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
             for k, (inputs, targets) in _batches(train_ds, order, s.batch_size, transform,
                                                   (s.seed * 7919 + epoch) * 1009):
                 lr = learning_rate(step, base_lr=r.base_lr, total_steps=total_steps, warmup_steps=r.warmup_steps,
-                                   warmup_start_factor=r.warmup_start_factor, schedule=r.schedule)
+                                   warmup_start_factor=r.warmup_start_factor, schedule=r.schedule,
+                                   milestones=r.milestones)
                 optimizer.set_lr(lr)
                 if use_amp:
                     with paddle.amp.auto_cast(level=s.amp):
@@ -349,7 +354,7 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
                 eval_state = ema.state_dict() if ema is not None else None
                 raw = _swap_in(model, eval_state)
                 try:
-                    stats = evaluate_model(model, val_ds, input_size=r.input_size, mean=r.mean, std=r.std)
+                    stats = evaluate_model(model, val_ds, **evaluation_inputs(s.model_name, r))
                 finally:
                     _swap_back(model, raw)
                 ap = float(stats["segm"]["AP"])

@@ -2,26 +2,35 @@
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Sequence
 
 import paddle
 import paddle.nn as nn
 
 
 def learning_rate(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
-                  warmup_start_factor: float = 0.0, schedule: str = "cosine", min_factor: float = 0.0) -> float:
-    """Learning rate at ``step`` (0-based): linear warm-up, then ``cosine`` decay or ``constant``.
+                  warmup_start_factor: float = 0.0, schedule: str = "cosine", min_factor: float = 0.0,
+                  milestones: Sequence[float] = (), gamma: float = 0.1) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up, then ``cosine`` decay, ``constant``, or
+    ``piecewise`` (times ``gamma`` at each of ``milestones``, fractions of ``total_steps``).
 
-    Warm-up goes linearly from ``base_lr * warmup_start_factor`` to ``base_lr`` over ``warmup_steps``;
+    Warm-up goes linearly from ``base_lr * warmup_start_factor`` to ``base_lr`` over ``warmup_steps``
+    (for piecewise: to the current piecewise value, should a milestone fall inside the warm-up);
     cosine decay then goes from ``base_lr`` to ``base_lr * min_factor`` at ``total_steps``.
     """
+    if schedule == "piecewise":
+        drops = sum(step >= int(round(m * total_steps)) for m in milestones)
+        lr = base_lr * gamma ** drops
+        if warmup_steps > 0 and step < warmup_steps:
+            lr *= warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps
+        return lr
     if warmup_steps > 0 and step < warmup_steps:
         alpha = step / warmup_steps
         return base_lr * (warmup_start_factor + (1.0 - warmup_start_factor) * alpha)
     if schedule == "constant":
         return base_lr
     if schedule != "cosine":
-        raise ValueError(f"unknown LR schedule {schedule!r}; expected 'cosine' or 'constant'")
+        raise ValueError(f"unknown LR schedule {schedule!r}; expected 'cosine', 'constant' or 'piecewise'")
     span = max(1, total_steps - warmup_steps)
     t = min(1.0, (step - warmup_steps) / span)
     return base_lr * (min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t)))

@@ -154,6 +154,23 @@ class ResNet(nn.Layer):
             self.stages.append(stage)
             ch_in = self._all_channels[i]
 
+    def freeze_stages(self, freeze_at: int = 0) -> None:
+        """Training only: stop gradients into the stem and the stages up to index ``freeze_at``
+        (PaddleDetection's ``freeze_at``: 0 = stem + res2, -1 = nothing). The BatchNorm
+        parameters are frozen in every stage already."""
+        if freeze_at < 0:
+            return
+        for layer in [self.conv1] + self.stages[:freeze_at + 1]:
+            for p in layer.parameters():
+                p.stop_gradient = True
+
+    def set_stage_lr_mult(self, lr_mult: Sequence[float]) -> None:
+        """Training only: per-stage learning-rate multipliers for res2..res5 (PaddleDetection's
+        ``lr_mult_list``), kept on each parameter where Paddle's optimizers read it."""
+        for stage, mult in zip(self.stages, lr_mult):
+            for p in stage.parameters():
+                p.optimize_attr["learning_rate"] = float(mult)
+
     @property
     def out_channels(self) -> List[int]:
         return [self._all_channels[i] for i in self.return_idx]

@@ -1,4 +1,4 @@
-"""RoI heads of Mask R-CNN (He et al. 2017) and Cascade Mask R-CNN (Cai & Vasconcelos 2018), eval mode.
+"""RoI heads of Mask R-CNN (He et al. 2017) and Cascade Mask R-CNN (Cai & Vasconcelos 2018).
 
 Pipeline after the RPN:
 
@@ -13,6 +13,12 @@ Pipeline after the RPN:
 4. :class:`MaskHead` pools features again on the *final* boxes, predicts an M x M mask per class
    and keeps the detected class; :func:`paste_masks` resamples them onto the original image.
 
+Training uses the same layers on sampled RoIs: :meth:`BBoxHead.head_outputs` (raw logits),
+:meth:`CascadeHead.stage_outputs` / :meth:`CascadeHead.refine`, :meth:`MaskHead.forward_train`;
+targets and losses are in :mod:`..losses.rcnn_targets` / :mod:`..losses.rcnn_loss`. The
+initialisers are PaddleDetection's except the mask logits' (see :class:`MaskHead`); they only
+matter for layers that start untrained.
+
 State-dict keys follow PaddleDetection (``bbox_head.head.fc6``, ``bbox_head.bbox_score``,
 ``bbox_head.bbox_delta_stage2``, ``mask_head.head.upsample.conv5_mask``, ...).
 """
@@ -24,6 +30,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.nn.initializer import KaimingNormal, Normal, XavierUniform
 from paddle.vision.ops import distribute_fpn_proposals, roi_align
 
 __all__ = ["RoIAlign", "TwoFCHead", "CascadeTwoFCHead", "BBoxHead", "CascadeHead", "BBoxPostProcess",
@@ -31,6 +38,10 @@ __all__ = ["RoIAlign", "TwoFCHead", "CascadeTwoFCHead", "BBoxHead", "CascadeHead
 
 # largest log-scale change of a box side in one decode (a factor of 1000/16), avoids exp overflow
 BBOX_CLIP = math.log(1000.0 / 16)
+
+
+def _normal(std: float) -> paddle.ParamAttr:
+    return paddle.ParamAttr(initializer=Normal(0.0, std))
 
 
 class RoIAlign(nn.Layer):
@@ -79,8 +90,9 @@ class TwoFCHead(nn.Layer):
 
     def __init__(self, in_channel: int = 256, out_channel: int = 1024, resolution: int = 7):
         super().__init__()
-        self.fc6 = nn.Linear(in_channel * resolution * resolution, out_channel)
-        self.fc7 = nn.Linear(out_channel, out_channel)
+        fan = in_channel * resolution * resolution
+        self.fc6 = nn.Linear(fan, out_channel, weight_attr=paddle.ParamAttr(initializer=XavierUniform(fan_out=fan)))
+        self.fc7 = nn.Linear(out_channel, out_channel, weight_attr=paddle.ParamAttr(initializer=XavierUniform()))
         self.out_channels = out_channel
 
     def forward(self, rois_feat: paddle.Tensor) -> paddle.Tensor:
@@ -150,15 +162,23 @@ class BBoxHead(nn.Layer):
         self.num_classes = num_classes
         self.bbox_weight = list(bbox_weight)
         self.with_pool = with_pool
-        self.bbox_score = nn.Linear(in_channel, num_classes + 1)
-        self.bbox_delta = nn.Linear(in_channel, 4 * num_classes)
+        self.bbox_score = nn.Linear(in_channel, num_classes + 1, weight_attr=_normal(0.01))
+        self.bbox_delta = nn.Linear(in_channel, 4 * num_classes, weight_attr=_normal(0.001))
 
     def forward(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor],
                 rois_num: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        feat = self.head(self.roi_extractor(feats, rois, rois_num))
+        _, logits, deltas = self.head_outputs(feats, rois, rois_num)
+        return deltas, F.softmax(logits)
+
+    def head_outputs(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor], rois_num: paddle.Tensor
+                     ) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        """``(head features, class logits [R, C+1], deltas [R, 4C])``; the head features are the
+        Res5Head's 7x7 maps for C4 (its mask head reuses them in training)."""
+        head_feat = self.head(self.roi_extractor(feats, rois, rois_num))
+        feat = head_feat
         if self.with_pool:
             feat = F.adaptive_avg_pool2d(feat, output_size=1).flatten(start_axis=1)
-        return self.bbox_delta(feat), F.softmax(self.bbox_score(feat))
+        return head_feat, self.bbox_score(feat), self.bbox_delta(feat)
 
 
 class CascadeHead(nn.Layer):
@@ -183,9 +203,10 @@ class CascadeHead(nn.Layer):
         self.bbox_score_list: List[nn.Linear] = []
         self.bbox_delta_list: List[nn.Linear] = []
         for i in range(self.num_stages):
-            self.bbox_score_list.append(self.add_sublayer(f"bbox_score_stage{i}",
-                                                          nn.Linear(in_channel, num_classes + 1)))
-            self.bbox_delta_list.append(self.add_sublayer(f"bbox_delta_stage{i}", nn.Linear(in_channel, 4)))
+            self.bbox_score_list.append(self.add_sublayer(
+                f"bbox_score_stage{i}", nn.Linear(in_channel, num_classes + 1, weight_attr=_normal(0.01))))
+            self.bbox_delta_list.append(self.add_sublayer(
+                f"bbox_delta_stage{i}", nn.Linear(in_channel, 4, weight_attr=_normal(0.001))))
 
     def forward(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor], rois_num: paddle.Tensor,
                 im_shape: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor, List[paddle.Tensor]]:
@@ -194,15 +215,25 @@ class CascadeHead(nn.Layer):
         for stage in range(self.num_stages):
             if stage > 0:
                 # the previous stage's decoded boxes, clipped to the image, become this stage's RoIs
-                boxes = delta2bbox(deltas, paddle.concat(rois) if len(rois) > 1 else rois[0],
-                                   self.bbox_weight[stage - 1]).reshape([-1, 4])
-                rois = self._split(boxes, rois_num)
-                rois = [clip_boxes(r, im_shape[i, 0], im_shape[i, 1]) for i, r in enumerate(rois)]
-            feat = self.head(self.roi_extractor(feats, rois, rois_num), stage)
-            deltas = self.bbox_delta_list[stage](feat)
-            probs = F.softmax(self.bbox_score_list[stage](feat))
+                rois = self.refine(deltas, rois, rois_num, im_shape, stage - 1)
+            logits, deltas = self.stage_outputs(feats, rois, rois_num, stage)
+            probs = F.softmax(logits)
             probs_sum = probs if probs_sum is None else probs_sum + probs
         return deltas, probs_sum / self.num_stages, rois
+
+    def stage_outputs(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor], rois_num: paddle.Tensor,
+                      stage: int) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """Class logits [R, C+1] and class-agnostic deltas [R, 4] of stage ``stage`` on ``rois``."""
+        feat = self.head(self.roi_extractor(feats, rois, rois_num), stage)
+        return self.bbox_score_list[stage](feat), self.bbox_delta_list[stage](feat)
+
+    def refine(self, deltas: paddle.Tensor, rois: List[paddle.Tensor], rois_num: paddle.Tensor,
+               im_shape: paddle.Tensor, stage: int) -> List[paddle.Tensor]:
+        """Per image: ``rois`` moved by stage ``stage``'s ``deltas`` and clipped to the image."""
+        boxes = delta2bbox(deltas, paddle.concat(rois) if len(rois) > 1 else rois[0],
+                           self.bbox_weight[stage]).reshape([-1, 4])
+        rois = self._split(boxes, rois_num)
+        return [clip_boxes(r, im_shape[i, 0], im_shape[i, 1]) for i, r in enumerate(rois)]
 
     @staticmethod
     def _split(boxes: paddle.Tensor, rois_num: paddle.Tensor) -> List[paddle.Tensor]:
@@ -278,13 +309,15 @@ class MaskFeat(nn.Layer):
     def __init__(self, in_channel: int = 256, out_channel: int = 256, num_convs: int = 4):
         super().__init__()
         self.upsample = nn.Sequential()
+        conv_init = paddle.ParamAttr(initializer=KaimingNormal(fan_in=out_channel * 3 * 3))
         for i in range(num_convs):
             name = f"mask_inter_feat_{i + 1}"
             self.upsample.add_sublayer(name, nn.Conv2D(in_channel if i == 0 else out_channel, out_channel,
-                                                       kernel_size=3, padding=1))
+                                                       kernel_size=3, padding=1, weight_attr=conv_init))
             self.upsample.add_sublayer(name + "act", nn.ReLU())
-        self.upsample.add_sublayer("conv5_mask", nn.Conv2DTranspose(out_channel if num_convs > 0 else in_channel,
-                                                                   out_channel, kernel_size=2, stride=2))
+        self.upsample.add_sublayer("conv5_mask", nn.Conv2DTranspose(
+            out_channel if num_convs > 0 else in_channel, out_channel, kernel_size=2, stride=2,
+            weight_attr=paddle.ParamAttr(initializer=KaimingNormal(fan_in=out_channel * 2 * 2))))
         self.upsample.add_sublayer("conv5_maskact", nn.ReLU())
         self.out_channels = out_channel
 
@@ -307,7 +340,10 @@ class MaskHead(nn.Layer):
         self.head = head
         self.num_classes = num_classes
         self.share_bbox_feat = share_bbox_feat
-        self.mask_fcn_logits = nn.Conv2D(head.out_channels, num_classes, kernel_size=1)
+        # He init over the real fan-in (PaddleDetection passes fan_in=num_classes, which gives weights of
+        # std 1 for a 2-class model: logits of tens and a diverging first step without a long warmup)
+        self.mask_fcn_logits = nn.Conv2D(head.out_channels, num_classes, kernel_size=1,
+                                         weight_attr=paddle.ParamAttr(initializer=KaimingNormal()))
 
     def forward(self, feats: Sequence[paddle.Tensor], bbox: paddle.Tensor, bbox_num: paddle.Tensor,
                 feat_func: Optional[Callable[[paddle.Tensor], paddle.Tensor]] = None) -> paddle.Tensor:
@@ -320,6 +356,17 @@ class MaskHead(nn.Layer):
         labels = bbox[:, 0].astype("int64")
         index = paddle.stack([paddle.arange(paddle.shape(labels)[0], dtype="int64"), labels], axis=1)
         return F.sigmoid(paddle.gather_nd(logits, index))
+
+    def forward_train(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor], rois_num: paddle.Tensor,
+                      shared_feat: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+        """Mask logits [P, C, M, M] of the foreground RoIs ``rois`` (one tensor per image). With
+        ``share_bbox_feat`` (C4) ``shared_feat`` holds their box-head features (the Res5Head's
+        7x7 maps) and no new RoIAlign runs."""
+        if self.share_bbox_feat:
+            rois_feat = shared_feat
+        else:
+            rois_feat = self.roi_extractor(feats, rois, rois_num)
+        return self.mask_fcn_logits(self.head(rois_feat))
 
 
 def paste_masks(masks: paddle.Tensor, boxes: paddle.Tensor, im_h, im_w) -> paddle.Tensor:

@@ -1,9 +1,13 @@
-"""Region Proposal Network of Faster / Mask R-CNN (Ren et al. 2015), eval mode.
+"""Region Proposal Network of Faster / Mask R-CNN (Ren et al. 2015).
 
 A shared 3x3 conv + ReLU runs on every feature level, then two 1x1 convs predict, per anchor,
 an objectness logit and 4 box deltas. Proposals come from Paddle's ``generate_proposals`` op
 (decode, clip to the image, per-level top-k + NMS); with several levels (FPN) the survivors of
 all levels are merged and the best ``post_nms_top_n`` by score are kept.
+
+Training uses the same proposals with the training settings (:meth:`RPNHead.train_proposals`)
+on the raw outputs of :meth:`RPNHead.head_outputs`; the losses against the anchor targets are in
+:mod:`..losses.rcnn_loss`.
 
 State-dict keys: ``rpn_feat.rpn_conv.*``, ``rpn_rois_score.*``, ``rpn_rois_delta.*``.
 """
@@ -15,6 +19,7 @@ from typing import List, Sequence, Tuple
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.nn.initializer import Normal
 from paddle.vision.ops import generate_proposals
 
 __all__ = ["AnchorGenerator", "RPNFeat", "RPNHead"]
@@ -73,7 +78,8 @@ class RPNFeat(nn.Layer):
 
     def __init__(self, in_channel: int = 1024, out_channel: int = 1024):
         super().__init__()
-        self.rpn_conv = nn.Conv2D(in_channel, out_channel, kernel_size=3, padding=1)
+        self.rpn_conv = nn.Conv2D(in_channel, out_channel, kernel_size=3, padding=1,
+                                  weight_attr=paddle.ParamAttr(initializer=Normal(0.0, 0.01)))
 
     def forward(self, feats: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:
         return [F.relu(self.rpn_conv(f)) for f in feats]
@@ -88,33 +94,64 @@ class RPNHead(nn.Layer):
 
     Test-time proposal settings: ``pre_nms_top_n`` per level before NMS (IoU ``nms_thresh``),
     ``post_nms_top_n`` after NMS and again after merging levels; ``min_size`` 0 keeps every box.
+    Training settings: ``train_pre_nms_top_n`` per level before NMS and ``train_post_nms_top_n``
+    after merging; with ``topk_after_collect`` (FPN) each level keeps up to its pre-NMS count
+    after NMS, otherwise (C4) it is cut to ``train_post_nms_top_n`` already.
     """
 
     def __init__(self, in_channel: int = 256, anchor_generator: AnchorGenerator | None = None,
                  pre_nms_top_n: int = 1000, post_nms_top_n: int = 1000, nms_thresh: float = 0.7,
-                 min_size: float = 0.0):
+                 min_size: float = 0.0, train_pre_nms_top_n: int = 2000, train_post_nms_top_n: int = 1000,
+                 topk_after_collect: bool = True):
         super().__init__()
         self.anchor_generator = anchor_generator or AnchorGenerator()
         num_anchors = self.anchor_generator.num_anchors
         self.rpn_feat = RPNFeat(in_channel, in_channel)
-        self.rpn_rois_score = nn.Conv2D(in_channel, num_anchors, kernel_size=1)
-        self.rpn_rois_delta = nn.Conv2D(in_channel, 4 * num_anchors, kernel_size=1)
+        self.rpn_rois_score = nn.Conv2D(in_channel, num_anchors, kernel_size=1,
+                                        weight_attr=paddle.ParamAttr(initializer=Normal(0.0, 0.01)))
+        self.rpn_rois_delta = nn.Conv2D(in_channel, 4 * num_anchors, kernel_size=1,
+                                        weight_attr=paddle.ParamAttr(initializer=Normal(0.0, 0.01)))
         self.pre_nms_top_n = int(pre_nms_top_n)
         self.post_nms_top_n = int(post_nms_top_n)
         self.nms_thresh = float(nms_thresh)
         self.min_size = float(min_size)
+        self.train_pre_nms_top_n = int(train_pre_nms_top_n)
+        self.train_post_nms_top_n = int(train_post_nms_top_n)
+        self.topk_after_collect = bool(topk_after_collect)
 
     def forward(self, feats: Sequence[paddle.Tensor], im_shape: paddle.Tensor
                 ) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
+        scores, deltas, anchors = self.head_outputs(feats)
+        return self.proposals(scores, deltas, anchors, im_shape)
+
+    def head_outputs(self, feats: Sequence[paddle.Tensor]
+                     ) -> Tuple[List[paddle.Tensor], List[paddle.Tensor], List[paddle.Tensor]]:
+        """Per level: objectness logits ``[B, A, H, W]``, deltas ``[B, 4A, H, W]`` and anchors ``[H*W*A, 4]``."""
         rpn_feats = self.rpn_feat(feats)
         scores = [self.rpn_rois_score(f) for f in rpn_feats]
         deltas = [self.rpn_rois_delta(f) for f in rpn_feats]
         anchors = self.anchor_generator(rpn_feats)
-        return self.proposals(scores, deltas, anchors, im_shape)
+        return scores, deltas, anchors
+
+    def train_proposals(self, scores: List[paddle.Tensor], deltas: List[paddle.Tensor],
+                        anchors: List[paddle.Tensor], im_shape: paddle.Tensor
+                        ) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
+        """Proposals with the training settings, on detached outputs (no gradient through them)."""
+        level_top_n = self.train_pre_nms_top_n if self.topk_after_collect else self.train_post_nms_top_n
+        with paddle.no_grad():
+            return self.proposals([s.detach() for s in scores], [d.detach() for d in deltas], anchors, im_shape,
+                                  pre_nms_top_n=self.train_pre_nms_top_n, level_post_nms_top_n=level_top_n,
+                                  post_nms_top_n=self.train_post_nms_top_n)
 
     def proposals(self, scores: List[paddle.Tensor], deltas: List[paddle.Tensor],
-                  anchors: List[paddle.Tensor], im_shape: paddle.Tensor
+                  anchors: List[paddle.Tensor], im_shape: paddle.Tensor, pre_nms_top_n: int | None = None,
+                  level_post_nms_top_n: int | None = None, post_nms_top_n: int | None = None
                   ) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
+        """Per-image proposals; the top-k settings default to the test ones (``level_post_nms_top_n``:
+        the count each level keeps after NMS, ``post_nms_top_n``: after merging the levels)."""
+        pre_nms_top_n = self.pre_nms_top_n if pre_nms_top_n is None else int(pre_nms_top_n)
+        post_nms_top_n = self.post_nms_top_n if post_nms_top_n is None else int(post_nms_top_n)
+        level_post_nms_top_n = post_nms_top_n if level_post_nms_top_n is None else int(level_post_nms_top_n)
         rois_list, nums = [], []
         for i in range(int(im_shape.shape[0])):
             level_rois, level_probs = [], []
@@ -122,7 +159,7 @@ class RPNHead(nn.Layer):
                 # deltas are plain (dx, dy, dw, dh): the RPN was trained with unit variances
                 rois, probs, _ = generate_proposals(
                     score[i:i + 1], delta[i:i + 1], im_shape[i:i + 1], anchor, paddle.ones_like(anchor),
-                    pre_nms_top_n=self.pre_nms_top_n, post_nms_top_n=self.post_nms_top_n,
+                    pre_nms_top_n=pre_nms_top_n, post_nms_top_n=level_post_nms_top_n,
                     nms_thresh=self.nms_thresh, min_size=self.min_size, eta=1.0, return_rois_num=True)
                 level_rois.append(rois)
                 level_probs.append(probs)
@@ -133,12 +170,12 @@ class RPNHead(nn.Layer):
                 rois = paddle.concat(level_rois)
                 probs = paddle.concat(level_probs).flatten()
                 if paddle.in_dynamic_mode():
-                    if probs.shape[0] > self.post_nms_top_n:
-                        _, keep = paddle.topk(probs, self.post_nms_top_n)
+                    if probs.shape[0] > post_nms_top_n:
+                        _, keep = paddle.topk(probs, post_nms_top_n)
                         rois = paddle.gather(rois, keep)
                 else:  # exported graph: the count is only known at run time
                     count = paddle.shape(probs)[0]
-                    k = paddle.minimum(count, paddle.full_like(count, self.post_nms_top_n))
+                    k = paddle.minimum(count, paddle.full_like(count, post_nms_top_n))
                     _, keep = paddle.topk(probs, k)
                     rois = paddle.gather(rois, keep)
             rois_list.append(rois)

@@ -72,7 +72,8 @@ class SOLOv2Head(nn.Layer):
 
     ``forward(feats)`` takes P2..P6 and returns ``(cate_maps, kernel_maps)``, one entry per level:
     in eval mode the category maps are sigmoid scores after :func:`points_nms`, channel-last
-    ``[N, S, S, num_classes]``; the kernel maps are ``[N, kernel_out_channels, S, S]``.
+    ``[N, S, S, num_classes]``; in training mode they are the raw logits ``[N, num_classes, S, S]``
+    (what the focal loss takes). The kernel maps are ``[N, kernel_out_channels, S, S]`` in both.
     """
 
     def __init__(self, num_classes: int = 80, in_channels: int = 256, seg_feat_channels: int = 512,
