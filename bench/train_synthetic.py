@@ -26,11 +26,11 @@ from instseg_core.config import apply_overrides, load_config
 from instseg_core.datasets.synthetic import make_dataset
 
 
-def _config(dataset: Path, output: Path, epochs: int, batch_size: int, eval_interval: int) -> dict:
+def _config(dataset: Path, output: Path, epochs: int, batch_size: int, eval_interval: int, seed: int) -> dict:
     return apply_overrides(load_config("shapes_tiny"), [
         "Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={output}",
         f"Train.epochs_iters={epochs}", f"Train.batch_size={batch_size}",
-        f"Train.eval_interval={eval_interval}"])
+        f"Train.eval_interval={eval_interval}", f"Train.seed={seed}"])
 
 
 def _best(output: Path) -> float:
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-interval", type=int, default=0,
                    help="evaluate every N epochs (default: only after the last)")
     p.add_argument("--ray", action="store_true", help="also train on Ray Train with 2 workers")
+    p.add_argument("--seed", type=int, default=0, help="Train.seed (weights, data order, augmentation)")
     p.add_argument("--reuse-single", action="store_true",
                    help="take the single-process result already in --work/single instead of training it again")
     p.add_argument("--export-demo", default=None, help="export the single-process model to this dir")
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     out1 = work / "single"
     t0 = time.time()
     if not (a.reuse_single and (out1 / "train_result.json").is_file()):
-        if run_config(_config(dataset, out1, a.epochs, 8, every)) != 0:
+        if run_config(_config(dataset, out1, a.epochs, 8, every, a.seed)) != 0:
             print((out1 / "train_result.json").read_text())
             return 1
     minutes1 = (time.time() - t0) / 60
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=4, include_dashboard=False)
         out2 = work / "ray2"
         t0 = time.time()
-        result = fine_tune_on_ray(_config(dataset, out2, a.epochs, 4, every), num_workers=2,
+        result = fine_tune_on_ray(_config(dataset, out2, a.epochs, 4, every, a.seed), num_workers=2,
                                   storage_path=str(work / "ray_runs"), name="shapes2")
         minutes2 = (time.time() - t0) / 60
         ray.shutdown()
