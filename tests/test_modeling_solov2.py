@@ -216,5 +216,8 @@ def test_build_model_and_class_count():
     model = build_model(MODEL, num_classes=3)
     assert isinstance(model, SOLOv2) and model.num_classes == 3
     assert num_classes_in_weights(MODEL, model.state_dict()) == 3
-    with pytest.raises(ValueError):
+    # SOLOv2's own width options pass through (slim variants); another family's do not
+    slim = build_model(MODEL, num_classes=3, seg_feat_channels=64, stacked_convs=2)
+    assert len(slim.solov2_head.kernel_convs) == 2
+    with pytest.raises(ValueError, match="width_mult"):
         build_model(MODEL, width_mult=0.5)

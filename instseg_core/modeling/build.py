@@ -40,9 +40,16 @@ def _mask_rcnn(name: str) -> Callable[..., nn.Layer]:
     return build
 
 
+SOLOV2_ARCH_KEYS = ("fpn_channels", "seg_feat_channels", "stacked_convs", "num_grids", "kernel_out_channels",
+                    "mask_mid_channels")
+
+
 def _solov2(num_classes: int, **arch) -> nn.Layer:
     from .solov2 import solov2
 
+    unknown = sorted(set(arch) - set(SOLOV2_ARCH_KEYS))
+    if unknown:
+        raise ValueError(f"SOLOv2 takes the architecture overrides {', '.join(SOLOV2_ARCH_KEYS)}; got {unknown}")
     return solov2(num_classes=num_classes, **arch)
 
 
