@@ -221,9 +221,8 @@ def test_builders_training_settings_and_frozen_stages():
         == (256, 0.5, 0.7, 0.3)
     assert (cfg.roi_batch_size_per_im, cfg.roi_fg_fraction, cfg.roi_fg_thresh, cfg.roi_bg_thresh) == (512, 0.25, 0.5, 0.5)
     assert cfg.mask_resolution == 28
-    rpn = fpn.rpn_head
-    assert (rpn.train_pre_nms_top_n, rpn.train_post_nms_top_n, rpn.topk_after_collect) == (2000, 1000, True)
-    assert (rpn.pre_nms_top_n, rpn.post_nms_top_n) == (1000, 1000)  # test settings unchanged
+    assert (cfg.train_pre_nms_top_n, cfg.train_post_nms_top_n, cfg.topk_after_collect) == (2000, 1000, True)
+    assert (fpn.rpn_head.pre_nms_top_n, fpn.rpn_head.post_nms_top_n) == (1000, 1000)  # test settings unchanged
     backbone = fpn.backbone
     assert all(p.stop_gradient for p in backbone.conv1.parameters())
     assert all(p.stop_gradient for p in backbone.res2.parameters())
@@ -235,12 +234,12 @@ def test_builders_training_settings_and_frozen_stages():
 
     c4 = mask_rcnn("MaskRCNN-ResNet50", num_classes=3)
     assert c4.train_cfg.mask_resolution == 14
-    assert (c4.rpn_head.train_pre_nms_top_n, c4.rpn_head.train_post_nms_top_n, c4.rpn_head.topk_after_collect) \
+    assert (c4.train_cfg.train_pre_nms_top_n, c4.train_cfg.train_post_nms_top_n, c4.train_cfg.topk_after_collect) \
         == (12000, 2000, False)
     assert not c4.bbox_head.head.res5.res5a.branch2a.conv.weight.stop_gradient  # the RoI head's res5 trains
 
     ssld = mask_rcnn("Cascade-MaskRCNN-ResNet50-vd-SSLDv2-FPN", num_classes=3)
-    assert ssld.rpn_head.train_post_nms_top_n == 2000
+    assert ssld.train_cfg.train_post_nms_top_n == 2000
     assert ssld.train_cfg.cascade_iou == (0.5, 0.6, 0.7)
     assert ssld.bbox_head.bbox_weight == [[10, 10, 5, 5], [20, 20, 10, 10], [30, 30, 15, 15]]
     mults = [s.blocks[0].branch2a.conv.weight.optimize_attr["learning_rate"] for s in ssld.backbone.stages[1:]]

@@ -199,7 +199,9 @@ class MaskRCNN(nn.Layer):
         anchor_targets = [assign_anchors(all_anchors, gt["boxes"], cfg.rpn_batch_size_per_im, cfg.rpn_fg_fraction,
                                          cfg.rpn_positive_overlap, cfg.rpn_negative_overlap) for gt in gts]
         losses = rpn_loss(*flatten_rpn_outputs(scores, deltas), anchor_targets, cfg.rpn_batch_size_per_im)
-        proposals, _ = self.rpn_head.train_proposals(scores, deltas, anchors, im_shape)
+        proposals, _ = self.rpn_head.train_proposals(
+            scores, deltas, anchors, im_shape, pre_nms_top_n=cfg.train_pre_nms_top_n,
+            post_nms_top_n=cfg.train_post_nms_top_n, topk_after_collect=cfg.topk_after_collect)
 
         # RoI heads: proposals + GT boxes, labelled and sampled
         roi_targets = [sample_rois(p, gt["boxes"], gt["labels"], self.num_classes, cfg.roi_batch_size_per_im,
@@ -307,9 +309,7 @@ def mask_rcnn(name: str, num_classes: int = 80, roi_align_aligned: bool = True) 
         anchors = AnchorGenerator([[32], [64], [128], [256], [512]], (0.5, 1.0, 2.0), neck.out_strides)
         # training proposals: 2000 per level before and after NMS, then the best 1000 (cascade 2000)
         train_cfg = RCNNTrainConfig(train_post_nms_top_n=2000 if cfg.cascade else 1000)
-        rpn = RPNHead(256, anchors, pre_nms_top_n=1000, post_nms_top_n=1000, nms_thresh=0.7, min_size=0.0,
-                      train_pre_nms_top_n=train_cfg.train_pre_nms_top_n,
-                      train_post_nms_top_n=train_cfg.train_post_nms_top_n, topk_after_collect=True)
+        rpn = RPNHead(256, anchors, pre_nms_top_n=1000, post_nms_top_n=1000, nms_thresh=0.7, min_size=0.0)
         box_roi = RoIAlign(7, scales, sampling_ratio=0, aligned=roi_align_aligned)
         if cfg.cascade:
             bbox_head = CascadeHead(CascadeTwoFCHead(256, 1024, 7), box_roi, 1024, num_classes)
@@ -326,9 +326,7 @@ def mask_rcnn(name: str, num_classes: int = 80, roi_align_aligned: bool = True) 
         anchors = AnchorGenerator((32, 64, 128, 256, 512), (0.5, 1.0, 2.0), (16,))
         train_cfg = RCNNTrainConfig(train_pre_nms_top_n=12000, train_post_nms_top_n=2000, topk_after_collect=False,
                                     mask_resolution=14)
-        rpn = RPNHead(1024, anchors, pre_nms_top_n=6000, post_nms_top_n=1000, nms_thresh=0.7, min_size=0.0,
-                      train_pre_nms_top_n=train_cfg.train_pre_nms_top_n,
-                      train_post_nms_top_n=train_cfg.train_post_nms_top_n, topk_after_collect=False)
+        rpn = RPNHead(1024, anchors, pre_nms_top_n=6000, post_nms_top_n=1000, nms_thresh=0.7, min_size=0.0)
         # the single-map path passes no sampling ratio: Paddle's default -1 (adaptive)
         roi = RoIAlign(14, (1.0 / 16,), sampling_ratio=-1, aligned=roi_align_aligned)
         bbox_head = BBoxHead(Res5Head(1024, 512), roi, 2048, num_classes, with_pool=True)

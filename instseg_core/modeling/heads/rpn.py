@@ -5,8 +5,8 @@ an objectness logit and 4 box deltas. Proposals come from Paddle's ``generate_pr
 (decode, clip to the image, per-level top-k + NMS); with several levels (FPN) the survivors of
 all levels are merged and the best ``post_nms_top_n`` by score are kept.
 
-Training uses the same proposals with the training settings (:meth:`RPNHead.train_proposals`)
-on the raw outputs of :meth:`RPNHead.head_outputs`; the losses against the anchor targets are in
+Training uses the same proposals with the training top-k settings the caller passes
+(:meth:`RPNHead.train_proposals`) on the raw outputs of :meth:`RPNHead.head_outputs`; the losses against the anchor targets are in
 :mod:`..losses.rcnn_loss`.
 
 State-dict keys: ``rpn_feat.rpn_conv.*``, ``rpn_rois_score.*``, ``rpn_rois_delta.*``.
@@ -94,15 +94,11 @@ class RPNHead(nn.Layer):
 
     Test-time proposal settings: ``pre_nms_top_n`` per level before NMS (IoU ``nms_thresh``),
     ``post_nms_top_n`` after NMS and again after merging levels; ``min_size`` 0 keeps every box.
-    Training settings: ``train_pre_nms_top_n`` per level before NMS and ``train_post_nms_top_n``
-    after merging; with ``topk_after_collect`` (FPN) each level keeps up to its pre-NMS count
-    after NMS, otherwise (C4) it is cut to ``train_post_nms_top_n`` already.
     """
 
     def __init__(self, in_channel: int = 256, anchor_generator: AnchorGenerator | None = None,
                  pre_nms_top_n: int = 1000, post_nms_top_n: int = 1000, nms_thresh: float = 0.7,
-                 min_size: float = 0.0, train_pre_nms_top_n: int = 2000, train_post_nms_top_n: int = 1000,
-                 topk_after_collect: bool = True):
+                 min_size: float = 0.0):
         super().__init__()
         self.anchor_generator = anchor_generator or AnchorGenerator()
         num_anchors = self.anchor_generator.num_anchors
@@ -115,9 +111,6 @@ class RPNHead(nn.Layer):
         self.post_nms_top_n = int(post_nms_top_n)
         self.nms_thresh = float(nms_thresh)
         self.min_size = float(min_size)
-        self.train_pre_nms_top_n = int(train_pre_nms_top_n)
-        self.train_post_nms_top_n = int(train_post_nms_top_n)
-        self.topk_after_collect = bool(topk_after_collect)
 
     def forward(self, feats: Sequence[paddle.Tensor], im_shape: paddle.Tensor
                 ) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
@@ -134,14 +127,18 @@ class RPNHead(nn.Layer):
         return scores, deltas, anchors
 
     def train_proposals(self, scores: List[paddle.Tensor], deltas: List[paddle.Tensor],
-                        anchors: List[paddle.Tensor], im_shape: paddle.Tensor
+                        anchors: List[paddle.Tensor], im_shape: paddle.Tensor, *, pre_nms_top_n: int,
+                        post_nms_top_n: int, topk_after_collect: bool
                         ) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
-        """Proposals with the training settings, on detached outputs (no gradient through them)."""
-        level_top_n = self.train_pre_nms_top_n if self.topk_after_collect else self.train_post_nms_top_n
+        """Proposals with training settings, on detached outputs (no gradient through them):
+        ``pre_nms_top_n`` per level before NMS, ``post_nms_top_n`` after merging the levels; with
+        ``topk_after_collect`` (FPN) each level keeps up to its pre-NMS count after NMS, otherwise
+        (C4) it is cut to ``post_nms_top_n`` already."""
+        level_top_n = pre_nms_top_n if topk_after_collect else post_nms_top_n
         with paddle.no_grad():
             return self.proposals([s.detach() for s in scores], [d.detach() for d in deltas], anchors, im_shape,
-                                  pre_nms_top_n=self.train_pre_nms_top_n, level_post_nms_top_n=level_top_n,
-                                  post_nms_top_n=self.train_post_nms_top_n)
+                                  pre_nms_top_n=pre_nms_top_n, level_post_nms_top_n=level_top_n,
+                                  post_nms_top_n=post_nms_top_n)
 
     def proposals(self, scores: List[paddle.Tensor], deltas: List[paddle.Tensor],
                   anchors: List[paddle.Tensor], im_shape: paddle.Tensor, pre_nms_top_n: int | None = None,
