@@ -32,6 +32,10 @@ __all__ = ["export_model", "convert_to_deploy"]
 # inference.yml `min_subgraph_size` per arch, as PaddleDetection's exporter writes it
 MIN_SUBGRAPH_SIZE = {"DETR": 3, "RCNN": 40, "SOLOv2": 60, "PPYOLOE": 3}
 
+# Detections at or below this score get no mask from PP-YOLOE_seg / Mask-RT-DETR exports (see
+# export_model): the R-CNN models' own box threshold, far below any labelling threshold.
+DEFAULT_SCORE_FLOOR = 0.05
+
 
 def convert_to_deploy(model: nn.Layer) -> nn.Layer:
     """Call ``convert_to_deploy()`` on every sub-layer that has one (RepVGG blocks); returns model."""
@@ -45,15 +49,16 @@ def convert_to_deploy(model: nn.Layer) -> nn.Layer:
 class _PPYOLOESegExport(nn.Layer):
     """``forward(im_shape, image, scale_factor)`` over a PPYOLOESeg, batch-capable post-process."""
 
-    def __init__(self, model: nn.Layer, input_hw: tuple[int, int]):
+    def __init__(self, model: nn.Layer, input_hw: tuple[int, int], score_floor: float | None):
         super().__init__()
         self.model = model
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+        self.score_floor = score_floor
 
     def forward(self, im_shape, image, scale_factor):
         head_outs = self.model.head_outputs(image)
         return self.model.yolo_head.post_process_batch(head_outs, im_shape, scale_factor,
-                                                       input_hw=self.input_hw)
+                                                       input_hw=self.input_hw, score_floor=self.score_floor)
 
 
 class _SOLOv2Export(nn.Layer):
@@ -85,17 +90,18 @@ class _MaskRTDETRExport(nn.Layer):
     """``forward(im_shape, image, scale_factor)`` over a MaskRTDETR, batch-capable post-process
     (each image's masks at its own original size, zero-padded to the largest of the batch)."""
 
-    def __init__(self, model: nn.Layer):
+    def __init__(self, model: nn.Layer, score_floor: float | None):
         from .modeling.heads.mask_rtdetr import mask_rtdetr_post_process_batch
 
         super().__init__()
         self.model = model
+        self.score_floor = score_floor
         self._post_process = mask_rtdetr_post_process_batch  # (no relative import inside forward)
 
     def forward(self, im_shape, image, scale_factor):
         logits, boxes, masks, _ = self.model.head_outputs(image)
         return self._post_process(logits[-1], boxes[-1], masks[-1], im_shape, scale_factor,
-                                              self.model.num_top_queries)
+                                  self.model.num_top_queries, score_floor=self.score_floor)
 
 
 def _load_weights(model: nn.Layer, weights: Any) -> None:
@@ -126,9 +132,10 @@ def preprocess_for_size(ops: list[dict], input_size: int | None) -> list[dict]:
 
 def write_inference_yml(output_dir: str | os.PathLike, model_name: str, labels: list, *, draw_threshold: float = 0.5,
                         input_size: int | None = None, with_model_name: bool = True,
-                        batch_inference: bool | None = None) -> Path:
+                        batch_inference: bool | None = None, score_floor: float | None = None) -> Path:
     """Write ``inference.yml`` with PaddleX's fields, plus ``batch_inference`` when given (true: the
-    graph takes a batch in one call; false: one image per call); returns its path."""
+    graph takes a batch in one call; false: one image per call) and ``score_floor`` (the graph
+    drops detections scoring at or below it before drawing masks); returns its path."""
     spec = get_spec(model_name)
     cfg: dict = {"mode": "paddle", "draw_threshold": float(draw_threshold), "metric": "COCO",
                  "use_dynamic_shape": False}
@@ -143,6 +150,8 @@ def write_inference_yml(output_dir: str | os.PathLike, model_name: str, labels: 
     )
     if batch_inference is not None:
         cfg["batch_inference"] = bool(batch_inference)
+    if score_floor is not None:
+        cfg["score_floor"] = float(score_floor)
     path = Path(output_dir) / "inference.yml"
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
@@ -161,7 +170,8 @@ def _model_name_of(model: nn.Layer) -> str:
 
 
 def export_model(model_or_name, weights, output_dir, *, input_size: int | None = None, labels=None,
-                 draw_threshold: float = 0.5, num_classes: int | None = None, arch: dict | None = None) -> Path:
+                 draw_threshold: float = 0.5, num_classes: int | None = None, arch: dict | None = None,
+                 score_floor: float | None = DEFAULT_SCORE_FLOOR) -> Path:
     """Export ``model_or_name`` (an official name or a built network) with ``weights``.
 
     ``weights``: None (keep the model's), a state dict, or a ``.pdparams`` path. ``num_classes``
@@ -170,7 +180,12 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
     deep-copied before fusing, so a passed-in network is left in its training form.
     ``input_size``: the fixed square input of PP-YOLOE_seg / Mask-RT-DETR (default 640); for
     SOLOv2 and the R-CNN models (dynamic input) the short side of the ``inference.yml`` Resize (default: the official
-    [800, 1333]). Returns ``output_dir``.
+    [800, 1333]). ``score_floor`` (PP-YOLOE_seg, Mask-RT-DETR): detections scoring at or below it are
+    dropped inside the graph before any mask is drawn, so the graph's memory follows what a user
+    keeps (PP-YOLOE_seg otherwise draws up to 300 candidates above 0.01, Mask-RT-DETR always 100);
+    None keeps the model's own rule. It is written to ``inference.yml`` and the predictor warns
+    when asked for a lower threshold. The R-CNN models already drop boxes at 0.05 (their NMS) and
+    SOLOv2 at its matrix-NMS update threshold. Returns ``output_dir``.
     """
     from .modeling.build import build_model
     from .modeling.mask_rcnn import MaskRCNN
@@ -201,12 +216,12 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
 
     if isinstance(model, PPYOLOESeg):
         num_classes = int(model.yolo_head.num_classes)
-        net = _PPYOLOESegExport(model, (square, square))
+        net = _PPYOLOESegExport(model, (square, square), score_floor)
         image_spec = InputSpec([-1, 3, square, square], "float32", "image")
         batch_inference, resize_size = True, square
     elif isinstance(model, MaskRTDETR):
         num_classes = int(model.transformer.num_classes)
-        net = _MaskRTDETRExport(model)
+        net = _MaskRTDETRExport(model, score_floor)
         image_spec = InputSpec([-1, 3, square, square], "float32", "image")
         batch_inference, resize_size = True, square
     elif isinstance(model, SOLOv2):
@@ -215,6 +230,7 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
         image_spec = InputSpec([-1, 3, -1, -1], "float32", "image")  # keep-ratio resize: any size
         batch_inference = False  # the post-process reads image 0 only (PaddleX runs it one at a time)
         resize_size = size
+        score_floor = None
     elif isinstance(model, MaskRCNN):
         num_classes = int(model.num_classes)
         net = _MaskRCNNExport(model)
@@ -222,6 +238,7 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
         image_spec = InputSpec([batch_dim, 3, -1, -1], "float32", "image")  # keep-ratio resize: any size
         batch_inference = False
         resize_size = size
+        score_floor = None
     else:  # pragma: no cover - every network build_model makes is one of the four above
         raise NotImplementedError(f"export of {name!r} is not implemented yet")
     net.eval()
@@ -240,5 +257,5 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
         paddle.jit.save(net, str(out / "inference"), input_spec=specs)
 
     write_inference_yml(out, name, labels, draw_threshold=draw_threshold, input_size=resize_size,
-                        batch_inference=batch_inference)
+                        batch_inference=batch_inference, score_floor=score_floor)
     return out

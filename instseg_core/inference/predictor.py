@@ -26,14 +26,25 @@ log = logging.getLogger("instseg")
 
 MASK_FORMATS = ("paddlex", "rle")
 
+# The longest side, in pixels, at which a graph is asked to draw full-image masks. Graphs in
+# PaddleX's format size their masks from ``im_shape / scale_factor`` (candidates x H x W, float32
+# or int32 in official exports: 13 GB for PP-YOLOE_seg-S on a 12 MP photo); above this the graph is
+# told the image is smaller and only the kept masks are upsampled. Photos up to 1333 px (COCO's
+# 800x1333 and smaller) are untouched, so their outputs stay bit-identical to PaddleX.
+DEFAULT_MAX_MASK_SIDE = 1333
+
 
 class InstanceSegPredictor:
     """Runs one inference dir. Build it with :func:`create_model`."""
 
     def __init__(self, model_dir: ModelDir, engine_options: EngineOptions, threshold: float | None = None,
-                 batch_size: int = 1, mask_format: str = "paddlex"):
+                 batch_size: int = 1, mask_format: str = "paddlex",
+                 max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE):
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+        self.max_mask_side = check_max_mask_side(max_mask_side)
+        if threshold is not None:
+            threshold = check_threshold(threshold)
         self.model_dir = model_dir
         self.model_name = model_dir.model_name
         self.labels = model_dir.labels
@@ -55,50 +66,64 @@ class InstanceSegPredictor:
     def effective_threshold(self, threshold: float | None = None) -> float:
         """``predict(threshold)`` > ``create_model(threshold)`` > ``inference.yml: draw_threshold``."""
         if threshold is not None:
-            return float(threshold)
+            return check_threshold(threshold)
         if self.threshold is not None:
             return float(self.threshold)
         return self.model_dir.draw_threshold
 
     def preprocess(self, images: Sequence[np.ndarray]) -> list[Sample]:
-        """Run the model's preprocessing on BGR uint8 images."""
-        return [self.preprocessor(img) for img in images]
+        """Run the model's preprocessing on BGR uint8 images (and set each one's ``mask_scale``)."""
+        samples = [self.preprocessor(img) for img in images]
+        for s in samples:
+            s.mask_scale = mask_scale_for(s.orig_hw, self.max_mask_side)
+        return samples
 
-    def infer(self, samples: Sequence[Sample], threshold: float | None = None) -> list[Instances]:
-        """Run preprocessed samples through the graph (batched when it allows) and post-process."""
+    def infer(self, samples: Sequence[Sample], threshold: float | None = None, *,
+              rle: bool | None = None) -> list[Instances]:
+        """Run preprocessed samples through the graph (batched when it allows) and post-process.
+
+        ``rle`` (default: ``mask_format == "rle"``): return masks as COCO RLE, encoded one at a
+        time, so no image's full set of dense masks is ever held (what a labelling job wants).
+        """
         thr = self.effective_threshold(threshold)
+        rle = (self.mask_format == "rle") if rle is None else bool(rle)
         # Landscape and portrait images padded together waste up to half the canvas (and the masks'
         # memory): run each orientation as its own call, then restore input order.
         results: list[Instances | None] = [None] * len(samples)
         for group in _orientation_groups(samples):
-            for i, inst in zip(group, self._infer_batch([samples[i] for i in group], thr)):
+            for i, inst in zip(group, self._infer_batch([samples[i] for i in group], thr, rle)):
                 results[i] = inst
         return results  # type: ignore[return-value]
 
-    def _infer_batch(self, samples: Sequence[Sample], thr: float) -> list[Instances]:
+    def _infer_batch(self, samples: Sequence[Sample], thr: float, rle: bool) -> list[Instances]:
         if self._one_at_a_time or len(samples) == 1:
-            return [self._infer_one(s, thr) for s in samples]
+            return [self._infer_one(s, thr, rle) for s in samples]
         try:
             outputs = self.engine.run(collate(samples))
-            return self._postprocess(outputs, samples, thr)
+            return self._postprocess(outputs, samples, thr, rle)
         except (OutputFormatError, RuntimeError, ValueError) as e:
             log.warning("%s: the graph does not run a batch of %d in one call (%s); running images one at a "
                         "time from now on", self.model_dir.path, len(samples), str(e).splitlines()[0])
             self._one_at_a_time = True
-            return [self._infer_one(s, thr) for s in samples]
+            return [self._infer_one(s, thr, rle) for s in samples]
 
-    def predict_arrays(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[Instances]:
-        """Predict BGR uint8 images; returns one :class:`Instances` (dense masks) per image."""
-        return self.infer(self.preprocess(images), threshold)
+    def predict_arrays(self, images: Sequence[np.ndarray], threshold: float | None = None, *,
+                       rle: bool | None = None) -> list[Instances]:
+        """Predict BGR uint8 images; returns one :class:`Instances` per image (dense bool masks, or
+        RLE with ``rle=True`` / ``mask_format="rle"``)."""
+        return self.infer(self.preprocess(images), threshold, rle=rle)
 
-    def _infer_one(self, sample: Sample, thr: float) -> Instances:
-        return self._postprocess(self.engine.run(collate([sample])), [sample], thr)[0]
+    def _infer_one(self, sample: Sample, thr: float, rle: bool = False) -> Instances:
+        return self._postprocess(self.engine.run(collate([sample])), [sample], thr, rle)[0]
 
-    def _postprocess(self, outputs: list[np.ndarray], samples: Sequence[Sample], thr: float) -> list[Instances]:
+    def _postprocess(self, outputs: list[np.ndarray], samples: Sequence[Sample], thr: float,
+                     rle: bool = False) -> list[Instances]:
         if self.model_dir.is_solov2:
-            return [solov2_instances(outputs, samples[0].orig_hw, thr)]
+            s = samples[0]
+            return [solov2_instances(outputs, s.orig_hw, thr, mask_scale=s.mask_scale, rle=rle)]
         per_image = split_box_outputs(outputs, len(samples))
-        return [box_instances(rows, masks, s.orig_hw, thr) for (rows, masks), s in zip(per_image, samples)]
+        return [box_instances(rows, masks, s.orig_hw, thr, mask_scale=s.mask_scale, rle=rle)
+                for (rows, masks), s in zip(per_image, samples)]
 
     # -- PaddleX-style API --------------------------------------------------------------------------
     def predict(self, input: Any, batch_size: int | None = None, threshold: float | None = None) -> Iterator[Any]:
@@ -138,6 +163,34 @@ class InstanceSegPredictor:
     __call__ = predict
 
 
+def check_threshold(threshold: Any) -> float:
+    """A score threshold as float in [0, 1]; anything else is a ValueError naming the value."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    return value
+
+
+def check_max_mask_side(value: Any) -> int | None:
+    """``max_mask_side``: None (no limit) or an integer >= 32."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 32:
+        raise ValueError(f"max_mask_side must be None or an integer >= 32, got {value!r}")
+    return int(value)
+
+
+def mask_scale_for(orig_hw: tuple[int, int], max_mask_side: int | None) -> float:
+    """The factor (<= 1) that brings the image's longer side down to ``max_mask_side``."""
+    longest = max(orig_hw)
+    if max_mask_side is None or longest <= max_mask_side:
+        return 1.0
+    return max_mask_side / longest
+
+
 def _check_batch_size(batch_size: Any) -> int:
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -165,7 +218,8 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def create_model(model_name: str | None = None, model_dir: str | Path | None = None, device: str | None = None,
                  threshold: float | None = None, batch_size: int = 1, *, cpu_threads: int | None = None,
                  enable_onednn: bool | None = None, use_tensorrt: bool = False, trt_precision: str = "fp16",
-                 mask_format: str = "paddlex", **paddlex_kwargs: Any) -> InstanceSegPredictor:
+                 mask_format: str = "paddlex", max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE,
+                 **paddlex_kwargs: Any) -> InstanceSegPredictor:
     """Load an instance-segmentation model, as ``paddlex.create_model`` does.
 
     Args:
@@ -179,6 +233,10 @@ def create_model(model_name: str | None = None, model_dir: str | Path | None = N
         enable_onednn: force oneDNN on/off on CPU (default: per model; falls back if it fails).
         use_tensorrt: GPU only: Paddle-TensorRT with dynamic shapes and an engine cache.
         mask_format: ``"paddlex"`` (masks cropped to boxes, as PaddleX) or ``"rle"`` (COCO RLE).
+        max_mask_side: the longest side at which the graph draws full-image masks (default 1333;
+            None: the image's own size, as PaddleX). A larger image is presented to the graph as
+            scaled down to it, then its boxes are scaled back and only the kept masks are
+            upsampled (bilinear, cut at 0.5), bounding memory on 12-100 MP images.
         **paddlex_kwargs: PaddleX-only options (``pp_option``, ``use_hpip``, ``hpi_config``) are
             accepted and ignored with a warning, so PaddleX code runs unchanged.
     """
@@ -190,4 +248,5 @@ def create_model(model_name: str | None = None, model_dir: str | Path | None = N
     options = EngineOptions(device=device, cpu_threads=cpu_threads, enable_onednn=enable_onednn,
                             use_tensorrt=use_tensorrt, trt_precision=trt_precision,
                             trt_min_subgraph_size=int(md.config.get("min_subgraph_size", 3)))
-    return InstanceSegPredictor(md, options, threshold=threshold, batch_size=batch_size, mask_format=mask_format)
+    return InstanceSegPredictor(md, options, threshold=threshold, batch_size=batch_size, mask_format=mask_format,
+                                max_mask_side=max_mask_side)

@@ -33,10 +33,19 @@ class Sample:
     orig_hw: tuple[int, int]
     resized_hw: tuple[int, int]
     pad_stride: int = 0
+    # < 1: the graph is told the original image is this much smaller, so the full-size masks it
+    # draws come out bounded (the predictor's ``max_mask_side``); boxes and masks are scaled back
+    mask_scale: float = 1.0
 
     @property
     def scale_factor(self) -> tuple[float, float]:
         return (self.resized_hw[0] / self.orig_hw[0], self.resized_hw[1] / self.orig_hw[1])
+
+    @property
+    def graph_scale_factor(self) -> tuple[float, float]:
+        """What the graph is fed as ``scale_factor``: input size over the (reduced) original size."""
+        sy, sx = self.scale_factor
+        return (sy / self.mask_scale, sx / self.mask_scale)
 
     @property
     def padded_hw(self) -> tuple[int, int]:
@@ -169,5 +178,5 @@ def collate(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
     return {
         "im_shape": np.array([s.resized_hw for s in samples], dtype=np.float32),
         "image": batch,
-        "scale_factor": np.array([s.scale_factor for s in samples], dtype=np.float32),
+        "scale_factor": np.array([s.graph_scale_factor for s in samples], dtype=np.float32),
     }

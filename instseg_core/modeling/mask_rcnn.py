@@ -13,7 +13,7 @@ the paper's pipeline, one layer per stage:
   original image.
 
 Eval ``forward({'image', 'im_shape', 'scale_factor'})`` -> ``{'bbox' [N, 6] float32 = [class,
-score, x1, y1, x2, y2] in original-image pixels, 'bbox_num' [B] int32, 'mask' [N, H0, W0] int32
+score, x1, y1, x2, y2] in original-image pixels, 'bbox_num' [B] int32, 'mask' [N, H0, W0] uint8
 0/1}``, with H0, W0 = ``floor(im_shape / scale_factor + 0.5)``. An image without detections gets
 one placeholder row ``[0, 0, 0, 0, 1/sx, 1/sy]`` with an empty mask, as in the reference.
 
@@ -139,7 +139,8 @@ class MaskRCNN(nn.Layer):
             origin_hw = origin_shape.astype("int32")
             pasted = paste_masks(probs_i, det[:, 2:], origin_hw[0], origin_hw[1])
             out_bbox.append(det)
-            out_mask.append((pasted >= self.mask_threshold).astype("int32"))
+            # uint8: a quarter of int32's memory at full image size; PaddleX reads any integer dtype
+            out_mask.append((pasted >= self.mask_threshold).astype("uint8"))
             out_num.append(n)
         if batch == 1:
             mask = out_mask[0]
@@ -148,7 +149,7 @@ class MaskRCNN(nn.Layer):
             w = max(int(m.shape[2]) for m in out_mask)
             padded = []
             for m in out_mask:
-                canvas = paddle.zeros([int(m.shape[0]), h, w], dtype="int32")
+                canvas = paddle.zeros([int(m.shape[0]), h, w], dtype="uint8")
                 canvas[:, :int(m.shape[1]), :int(m.shape[2])] = m
                 padded.append(canvas)
             mask = paddle.concat(padded)

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import paddle
 
-__all__ = ["upsample_nearest2x", "resize_bilinear"]
+__all__ = ["upsample_nearest2x", "resize_bilinear", "bilinear_taps", "bilinear_matrix"]
 
 
 def upsample_nearest2x(x: paddle.Tensor) -> paddle.Tensor:
@@ -82,3 +82,38 @@ def resize_bilinear(x: paddle.Tensor, size: Sequence[int] | None = None,
     out = out + paddle.gather(top, ie, axis=3) * dw
     out = out + paddle.gather(bot, ie, axis=3) * dw
     return out
+
+
+def bilinear_taps(src: paddle.Tensor, in_size: int, clamp: bool = True):
+    """The two taps of 1-D bilinear sampling at continuous source coordinates ``src`` (any shape;
+    pixel ``j``'s centre at ``j``): ``(lo, hi, w_lo, w_hi)``, int64 indices and float32 weights,
+    with ``value = x[lo] * w_lo + x[hi] * w_hi``. Works in an exported graph with dynamic shapes.
+
+    ``clamp=True`` is ``align_corners=False`` resizing with border padding (``F.interpolate`` and
+    ``grid_sample(padding_mode="border")``): ``src`` is clamped into ``[0, in_size - 1]``.
+    ``clamp=False`` is ``grid_sample(padding_mode="zeros")``: a tap outside ``[0, in_size - 1]``
+    gets weight 0 (its index is clamped only to stay gatherable).
+    """
+    last = float(in_size - 1)
+    if clamp:
+        src = paddle.clip(src, 0.0, last)
+    base = paddle.floor(src)
+    w_hi = src - base
+    w_lo = 1.0 - w_hi
+    if not clamp:
+        w_lo = w_lo * ((base >= 0.0) & (base <= last)).astype(w_lo.dtype)
+        w_hi = w_hi * ((base + 1.0 >= 0.0) & (base + 1.0 <= last)).astype(w_hi.dtype)
+    lo = paddle.clip(base, 0.0, last).astype("int64")
+    hi = paddle.clip(base + 1.0, 0.0, last).astype("int64")
+    return lo, hi, w_lo, w_hi
+
+
+def bilinear_matrix(src: paddle.Tensor, in_size: int, clamp: bool = True) -> paddle.Tensor:
+    """Dense 1-D bilinear weights ``[..., K, in_size]`` for source coordinates ``src [..., K]``
+    (see :func:`bilinear_taps`): ``matrix @ x`` resamples the rows of ``x`` [in_size, ...]. Two
+    nonzeros per row; worth it when ``in_size`` is small (28x28 R-CNN masks, 160x160 prototypes):
+    a resize of ``m [h, w]`` to ``[H, W]`` is then ``Ry @ m @ Rx^T``, two matmuls, with no
+    ``[H, W, 2]`` sampling grid and no float ``[H, w]`` gathers per output pixel."""
+    src = paddle.clip(src, 0.0, float(in_size - 1)) if clamp else src
+    cols = paddle.arange(in_size, dtype="float32")
+    return paddle.nn.functional.relu(1.0 - paddle.abs(src.unsqueeze(-1) - cols))

@@ -15,7 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..layers import ActLike, ConvBNLayer, get_activation
-from ..resize import resize_bilinear
+from ..resize import bilinear_matrix, bilinear_taps
 
 
 class ESEAttn(nn.Layer):
@@ -250,23 +250,30 @@ class PPYOLOEInsHead(nn.Layer):
 
 
     def post_process_batch(self, head_outs, im_shape: paddle.Tensor, scale_factor: paddle.Tensor,
-                           input_hw: Tuple[int, int]) -> Dict[str, paddle.Tensor]:
+                           input_hw: Tuple[int, int], score_floor: float | None = None,
+                           ) -> Dict[str, paddle.Tensor]:
         """Graph-friendly (``paddle.jit.save``-able) post-process of a batch of B images.
 
-        Same maths as :meth:`post_process`, but with no Python-side tensor reads: rows of all
-        images concatenated (``bbox_num`` [B]), masks laid on a [sum N, Hmax, Wmax] canvas of the
-        largest original size, 0 outside each image. Each image is resized to its own
-        ``round(input/scale)`` size with half-pixel bilinear sampling (``grid_sample``, border),
-        which is what ``F.interpolate(..., align_corners=False)`` computes. With no detection in
-        the whole batch the output is one row ``[-1, 0, 0, 0, 0, 0]`` for image 0 (``bbox_num``
-        ``[1, 0, ...]``) with an empty mask, never a 0-size tensor (which oneDNN cannot run).
+        Same maths as :meth:`post_process` (sigmoid prototypes -> bilinear to the input size ->
+        crop to the box -> bilinear to ``round(input / scale)`` -> first ``floor(im_shape /
+        scale)`` pixels -> ``> mask_threshold``), but every step after the prototypes is linear
+        and separable, so each detection's mask is ``Ly @ P @ Lx^T``: ``P`` its [ph, pw]
+        prototype mix, ``Ly`` [H, ph] / ``Lx`` [W, pw] the two bilinear resizes with the box crop
+        folded in between. No [N, ih, iw] input-size masks, no [N, H, W, 2] sampling grid; the one
+        large tensor is the [N, H, W] product, and N counts detections after NMS above
+        ``max(score_threshold, score_floor)`` only. Masks are uint8 0/1 on a [sum N, Hmax, Wmax]
+        canvas of the batch's largest original size, 0 outside each image. Equal to
+        :meth:`post_process` up to float32 summation order (a mask pixel within ~1e-6 of the
+        threshold can flip). With no detection in the whole batch the output is one row
+        ``[-1, 0, 0, 0, 0, 0]`` for image 0 (``bbox_num`` ``[1, 0, ...]``) with an empty mask,
+        never a 0-size tensor (which oneDNN cannot run).
         """
         scores, dist, coefs, protos, anchor_points, stride_tensor = head_outs
         lt, rb = paddle.split(dist, 2, axis=-1)
         boxes = paddle.concat([anchor_points - lt, anchor_points + rb], axis=-1) * stride_tensor
+        threshold = max(self.score_threshold, float(score_floor or 0.0))
         out, index, rois_num = _nms_multiclass(
-            boxes, scores, self.score_threshold, self.nms_top_k, self.keep_top_k,
-            self.nms_threshold)
+            boxes, scores, threshold, self.nms_top_k, self.keep_top_k, self.nms_threshold)
         ih, iw = int(input_hw[0]), int(input_hw[1])
         num_anchors = int(anchor_points.shape[0])
         m, ph, pw = int(protos.shape[1]), int(protos.shape[2]), int(protos.shape[3])
@@ -286,43 +293,59 @@ class PPYOLOEInsHead(nn.Layer):
         batch_ids = paddle.arange(paddle.shape(scores)[0], dtype="int64")
         onehot = (img.unsqueeze(1) == batch_ids.unsqueeze(0)).astype(logits.dtype)  # [N, B]
         logits = (logits.transpose([1, 0, 2]) * onehot.unsqueeze(-1)).sum(axis=1)  # [N, P]
-        masks = F.sigmoid(logits).reshape([-1, ph, pw])
-        # = F.interpolate(bilinear, align_corners=False), bit for bit, without a bilinear_interp
-        # op: PIR cannot run that op under oneDNN (PaddleX's CPU default for this model)
-        masks = resize_bilinear(masks.unsqueeze(0), size=[ih, iw])[0]
-        masks = _crop_mask(masks, out[:, 2:6])  # [N, ih, iw]
+        probs = F.sigmoid(logits).reshape([-1, ph, pw])  # [N, ph, pw]
 
         sf = scale_factor.astype("float32")
         ori = paddle.floor(im_shape.astype("float32") / sf)  # [B, 2] (h0, w0), truncated
         hmax = paddle.cast(paddle.max(ori[:, 0]), "int64")
         wmax = paddle.cast(paddle.max(ori[:, 1]), "int64")
-        rh = paddle.gather(paddle.round(ih / sf[:, 0]), img).reshape([-1, 1])  # [N, 1]
-        rw = paddle.gather(paddle.round(iw / sf[:, 1]), img).reshape([-1, 1])
+        box = out[:, 2:6]  # input pixels
+        ly = _crop_resize_weights(ih, ph, paddle.round(ih / sf[:, 0]), hmax, img, box[:, 1:2], box[:, 3:4])
+        lx = _crop_resize_weights(iw, pw, paddle.round(iw / sf[:, 1]), wmax, img, box[:, 0:1], box[:, 2:3])
+        masks = paddle.matmul(paddle.matmul(ly, probs), lx, transpose_y=True)  # [N, H, W]
+
         oh = paddle.gather(ori[:, 0], img).reshape([-1, 1, 1])
         ow = paddle.gather(ori[:, 1], img).reshape([-1, 1, 1])
-        xs = paddle.arange(wmax, dtype="float32") + 0.5  # [W]
-        ys = paddle.arange(hmax, dtype="float32") + 0.5  # [H]
-        gx = 2.0 * xs.unsqueeze(0) / rw - 1.0  # [N, W]
-        gy = 2.0 * ys.unsqueeze(0) / rh - 1.0  # [N, H]
-        # grid [N, H, W, 2] = (gx, 0) + (0, gy), each expanded (exact; oneDNN's broadcasting adds
-        # and its stack are very slow on tensors this size)
-        zx, zy = paddle.zeros_like(gx), paddle.zeros_like(gy)
-        grid = (paddle.expand(paddle.stack([gx, zx], axis=-1).unsqueeze(1), [-1, hmax, -1, -1])
-                + paddle.expand(paddle.stack([zy, gy], axis=-1).unsqueeze(2), [-1, -1, wmax, -1]))
-        masks = F.grid_sample(masks.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
-                              align_corners=False)[:, 0]  # [N, H, W]
+        xs = paddle.arange(wmax, dtype="float32")
+        ys = paddle.arange(hmax, dtype="float32")
         inside = (xs.reshape([1, 1, -1]) < ow) & (ys.reshape([1, -1, 1]) < oh)
         masks = (masks > self.mask_threshold) & inside
 
         scale = paddle.gather(paddle.stack([sf[:, 1], sf[:, 0], sf[:, 1], sf[:, 0]], axis=1), img)
-        bbox = paddle.concat([out[:, :2], out[:, 2:6] / scale], axis=-1)
+        bbox = paddle.concat([out[:, :2], box / scale], axis=-1)
         # drop the extra row unless nothing was detected (then it is image 0's only row)
         none = (n_det == 0).astype("int32")  # [1]
         keep = n_det.astype("int32") + none
         bbox_num = rois_num.astype("int32").reshape([-1])
         first = (paddle.cumsum(paddle.ones_like(bbox_num), axis=0) == 1).astype("int32")
         return {"bbox": bbox[:keep], "bbox_num": bbox_num + first * none,
-                "mask": masks[:keep].astype("float32")}
+                "mask": masks[:keep].astype("uint8")}
+
+
+def _crop_resize_weights(in_size: int, proto_size: int, resized: paddle.Tensor, out_size: paddle.Tensor,
+                         img: paddle.Tensor, lo_edge: paddle.Tensor, hi_edge: paddle.Tensor) -> paddle.Tensor:
+    """One axis of the PP-YOLOE mask resize chain as per-detection matrices ``[N, out_size, proto_size]``.
+
+    Prototype axis (``proto_size``) -> bilinear to the input axis (``in_size``) -> zero outside
+    ``[lo_edge, hi_edge)`` (input pixel indices, the box crop) -> bilinear to each image's
+    ``resized`` length (``[B]``), of which the first ``out_size`` samples are kept. The second
+    resize has two taps per output sample; they pick rows of the (static) first-resize matrix, so
+    only ``[N, out_size, proto_size]`` tensors are built. ``img`` [N] is each detection's image.
+    """
+    first = bilinear_matrix((paddle.arange(in_size, dtype="float32") + 0.5) * (proto_size / in_size) - 0.5,
+                            proto_size)  # [in, proto], the same for every image (static)
+    pos = paddle.arange(out_size, dtype="float32") + 0.5  # [S]
+    src = pos.unsqueeze(0) * (float(in_size) / resized.unsqueeze(1)) - 0.5  # [B, S]
+    lo, hi, w_lo, w_hi = bilinear_taps(src, in_size)
+    lo, hi = paddle.gather(lo, img), paddle.gather(hi, img)  # [N, S]
+    w_lo, w_hi = paddle.gather(w_lo, img), paddle.gather(w_hi, img)
+
+    def tap(index, weight):
+        kept = weight * ((index.astype("float32") >= lo_edge) & (index.astype("float32") < hi_edge)).astype("float32")
+        rows = paddle.gather(first, index.reshape([-1])).reshape([paddle.shape(index)[0], -1, proto_size])
+        return rows * kept.unsqueeze(-1)
+
+    return tap(lo, w_lo) + tap(hi, w_hi)
 
 
 def _crop_mask(masks: paddle.Tensor, boxes: paddle.Tensor) -> paddle.Tensor:

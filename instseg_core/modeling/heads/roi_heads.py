@@ -33,6 +33,8 @@ import paddle.nn.functional as F
 from paddle.nn.initializer import KaimingNormal, Normal, XavierUniform
 from paddle.vision.ops import distribute_fpn_proposals, roi_align
 
+from ..resize import bilinear_matrix
+
 __all__ = ["RoIAlign", "TwoFCHead", "CascadeTwoFCHead", "BBoxHead", "CascadeHead", "BBoxPostProcess",
            "MaskFeat", "MaskHead", "delta2bbox", "clip_boxes", "multiclass_nms", "paste_masks"]
 
@@ -371,16 +373,22 @@ class MaskHead(nn.Layer):
 
 def paste_masks(masks: paddle.Tensor, boxes: paddle.Tensor, im_h, im_w) -> paddle.Tensor:
     """Resample per-box mask probabilities ``masks`` [N, M, M] into their ``boxes`` [N, 4]
-    (original-image pixels) on an ``im_h`` x ``im_w`` canvas: bilinear ``grid_sample`` at pixel
-    centres, zero outside the box. Returns probabilities [N, im_h, im_w]."""
-    x0, y0, x1, y1 = paddle.split(boxes, 4, axis=1)
+    (original-image pixels) on an ``im_h`` x ``im_w`` canvas: bilinear sampling at pixel centres,
+    zero outside the box (``grid_sample``, ``align_corners=False``, zero padding). Returns
+    probabilities [N, im_h, im_w].
+
+    Computed as ``Ry @ masks @ Rx^T`` with per-box 1-D weights ``Ry`` [N, im_h, M] / ``Rx``
+    [N, im_w, M]: the bilinear kernel is separable, so no [N, im_h, im_w, 2] sampling grid is
+    built; the one full-size tensor is the result. Equal to ``grid_sample`` up to float32
+    summation order (a few 1e-7).
+    """
+    mh, mw = int(masks.shape[1]), int(masks.shape[2])
+    x0, y0, x1, y1 = paddle.split(boxes, 4, axis=1)  # [N, 1] each
     img_y = paddle.arange(0, im_h, dtype="float32") + 0.5
     img_x = paddle.arange(0, im_w, dtype="float32") + 0.5
-    # normalise the pixel centres to [-1, 1] across each box: grid_sample's coordinate frame
-    img_y = (img_y - y0) / (y1 - y0) * 2 - 1  # [N, H]
-    img_x = (img_x - x0) / (x1 - x0) * 2 - 1  # [N, W]
-    n, h, w = paddle.shape(masks)[0], paddle.shape(img_y)[1], paddle.shape(img_x)[1]
-    gx = img_x.unsqueeze(1).expand([n, h, w])
-    gy = img_y.unsqueeze(2).expand([n, h, w])
-    grid = paddle.stack([gx, gy], axis=3)
-    return F.grid_sample(masks.unsqueeze(1), grid, align_corners=False)[:, 0]
+    # pixel centres in mask cells: grid_sample's [-1, 1] box frame, unnormalised with its formula
+    gy = (img_y - y0) / (y1 - y0) * 2 - 1  # [N, H]
+    gx = (img_x - x0) / (x1 - x0) * 2 - 1  # [N, W]
+    ry = bilinear_matrix((gy + 1) * mh * 0.5 - 0.5, mh, clamp=False)  # [N, H, M]
+    rx = bilinear_matrix((gx + 1) * mw * 0.5 - 0.5, mw, clamp=False)  # [N, W, M]
+    return paddle.matmul(paddle.matmul(ry, masks), rx, transpose_y=True)
