@@ -26,6 +26,15 @@ import yaml
 from pipelines.batch_predict import BatchPredictConfig, run_batch_predict
 
 
+def _side(value: str) -> int | str:
+    if value.lower() == "none":
+        return "none"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.batch_predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-threads", type=int)
     p.add_argument("--rows-per-file", type=int)
     p.add_argument("--max-pixels", type=int)
+    p.add_argument("--max-mask-side", type=_side, help="longest side at which masks are drawn before upsampling "
+                                                       "(default 1333; 'none': full size, as PaddleX)")
+    p.add_argument("--actor-memory-gb", type=float, help="memory each actor reserves from Ray and its predictor "
+                                                         "may use (default: estimated from the model and batch size)")
+    p.add_argument("--predict-timeout-s", type=float, help="per image: a predictor silent longer is restarted")
     p.add_argument("--labelme", action="store_true", default=None, help="also write LabelMe JSON per image")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--s3-region")
@@ -67,6 +81,8 @@ def config_from_args(args: argparse.Namespace) -> BatchPredictConfig:
     if unknown:
         raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     values.update({k: v for k, v in vars(args).items() if k in known and v is not None})
+    if values.get("max_mask_side") in ("none", "None"):
+        values["max_mask_side"] = None
     missing = [k for k in ("input", "output") if not values.get(k)]
     if missing:
         raise SystemExit(f"missing --{' and --'.join(missing)}")
@@ -98,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    from instseg_core.inference.predictor import check_max_mask_side, check_threshold
+
+    try:  # a user mistake is one line, before Ray starts
+        if cfg.threshold is not None:
+            check_threshold(cfg.threshold)
+        check_max_mask_side(cfg.max_mask_side)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     connect_ray(args.ray_address, args.num_cpus)
     summary = run_batch_predict(cfg)
     print(json.dumps(summary, indent=2))

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from instseg_core.inference.memory import estimate_predictor_memory
+from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE, check_max_mask_side, check_threshold
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
 from pipelines.rows import ROW_SCHEMA, error_row, image_id_for, ok_row, rows_to_table
 from pipelines.sinks import done_image_ids, write_part
@@ -53,6 +55,9 @@ class BatchPredictConfig:
     rows_per_file: int = 1000
     read_batch_size: int = 16
     max_pixels: int = 80_000_000  # larger images become error rows instead of exhausting memory
+    max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE  # masks drawn at most this large, then upsampled
+    actor_memory_gb: float | None = None  # memory each actor reserves and its predictor may use (None: estimate)
+    predict_timeout_s: float = 600.0  # per image of a batch: a predictor silent for longer is restarted
     labelme: bool = False
     s3_endpoint: str | None = None
     s3_region: str | None = None
@@ -128,15 +133,16 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-class SegmentationActor:
-    """Loads the model once per actor (from a path or URI, never through the object store) and
-    turns batches of image bytes into output rows."""
+class RowMaker:
+    """Decode + predict + RLE for batches of ``(uri, bytes)``: what the predictor process runs.
 
-    def __init__(self, config: dict[str, Any]):
+    Built inside the child of :class:`~pipelines.isolated.IsolatedPredictor` (one per actor), so
+    dense masks, decoded photos and the graph's buffers live and die there."""
+
+    def __init__(self, cfg: "BatchPredictConfig"):
         from instseg_core import create_model
         from pipelines.model_source import local_model_dir
 
-        cfg = BatchPredictConfig(**config)
         self.cfg = cfg
         device = cfg.device
         if cfg.num_gpus_per_actor > 0 and device.startswith("gpu"):
@@ -144,41 +150,34 @@ class SegmentationActor:
         model_dir = local_model_dir(cfg.model_dir, cfg.s3()) if cfg.model_dir else None
         threads = cfg.cpu_threads or max(1, int(cfg.num_cpus_per_actor))
         self.model = create_model(cfg.model_name, model_dir=model_dir, device=device, threshold=cfg.threshold,
-                                  batch_size=cfg.batch_size, cpu_threads=threads)
+                                  batch_size=cfg.batch_size, cpu_threads=threads, mask_format="rle",
+                                  max_mask_side=cfg.max_mask_side)
         self.labels = self.model.labels
-        log.info("actor on %s loaded %s", socket.gethostname(), cfg.model_label)
+        log.info("predictor process on %s loaded %s", socket.gethostname(), cfg.model_label)
 
     def _error(self, uri: str, kind: str, message: str) -> dict[str, Any]:
         return error_row(uri, kind, message, self.cfg.run_id or "", self.cfg.model_label)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, items: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         images: list[tuple[str, np.ndarray]] = []
-        for rec in batch.to_pylist():
-            uri = rec["uri"]
-            if rec["read_error"] is not None:
-                rows.append(self._error(uri, rec["read_error_kind"] or "read_error", rec["read_error"]))
-                continue
-            size = _image_size(rec["data"])
-            if size and size[0] * size[1] > self.cfg.max_pixels:
-                rows.append(self._error(uri, "too_large", f"{redact(uri)} is {size[0]}x{size[1]} pixels, more than "
-                                                          f"max_pixels={self.cfg.max_pixels}"))
-                continue
+        for uri, data in items:
             try:
-                images.append((uri, decode_image_bytes(rec["data"], redact(uri))))
+                images.append((uri, decode_image_bytes(data, redact(uri))))
             except InputError as e:
                 rows.append(self._error(uri, e.kind, str(e)))
             except Exception as e:  # noqa: BLE001
                 rows.append(self._error(uri, "corrupt", f"cannot decode {redact(uri)}: {type(e).__name__}: {e}"))
+        del items
         rows.extend(self._predict(images))
-        return rows_to_table(rows)
+        return rows
 
     def _predict(self, images: list[tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
         if not images:
             return []
         run_id, model = self.cfg.run_id or "", self.cfg.model_label
         try:
-            results = self.model.predict_arrays([img for _, img in images])
+            results = self.model.predict_arrays([img for _, img in images], rle=True)
             return [ok_row(uri, inst, self.labels, run_id, model) for (uri, _), inst in zip(images, results)]
         except Exception:  # noqa: BLE001 - isolate the image that fails; its neighbours still get labels
             if len(images) == 1:
@@ -191,16 +190,79 @@ class SegmentationActor:
             return [row for item in images for row in self._predict([item])]
 
 
+def make_row_maker(config: dict[str, Any]) -> RowMaker:
+    """Module-level factory the predictor process calls (it is spawned, so it needs a picklable name)."""
+    return RowMaker(BatchPredictConfig(**config))
+
+
+class SegmentationActor:
+    """One actor of the pool: checks each image's header (size limit) and read errors, and hands the
+    rest to its predictor process (:class:`~pipelines.isolated.IsolatedPredictor`), which loads the
+    model once (from a path or URI, never through the object store). An image that exhausts the
+    actor's memory, crashes or hangs the predictor becomes an error row; the actor lives on."""
+
+    def __init__(self, config: dict[str, Any]):
+        from pipelines.isolated import IsolatedPredictor
+
+        cfg = BatchPredictConfig(**config)
+        self.cfg = cfg
+        limit = int(cfg.actor_memory_gb * 2**30) if cfg.actor_memory_gb else None
+        self.predictor = IsolatedPredictor(make_row_maker, config, self._error, memory_limit=limit,
+                                           timeout_s=cfg.predict_timeout_s * max(1, cfg.batch_size))
+        self._reported = (0, 0)
+
+    def _error(self, uri: str, kind: str, message: str) -> dict[str, Any]:
+        return error_row(uri, kind, message, self.cfg.run_id or "", self.cfg.model_label)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        items: list[tuple[str, bytes]] = []
+        for rec in batch.to_pylist():
+            uri = rec["uri"]
+            if rec["read_error"] is not None:
+                rows.append(self._error(uri, rec["read_error_kind"] or "read_error", rec["read_error"]))
+                continue
+            size = _image_size(rec["data"])
+            if size and size[0] * size[1] > self.cfg.max_pixels:
+                rows.append(self._error(uri, "too_large", f"{redact(uri)} is {size[0]}x{size[1]} pixels, more than "
+                                                          f"max_pixels={self.cfg.max_pixels}"))
+                continue
+            items.append((uri, rec["data"]))
+        rows.extend(self.predictor(items))
+        table = rows_to_table(rows)
+        # what this batch cost beyond one plain call, counted once (on the batch's first row)
+        stats = self.predictor.stats
+        splits, restarts = stats.batch_splits - self._reported[0], stats.child_restarts - self._reported[1]
+        self._reported = (stats.batch_splits, stats.child_restarts)
+        extra = np.zeros(table.num_rows, dtype=np.int32)
+        table = table.append_column("batch_splits", pa.array(_first(extra, splits)))
+        return table.append_column("predictor_restarts", pa.array(_first(extra, restarts)))
+
+    def __del__(self):
+        predictor = getattr(self, "predictor", None)
+        if predictor is not None:
+            predictor.close()
+
+
+def _first(zeros: np.ndarray, value: int) -> np.ndarray:
+    out = zeros.copy()
+    if len(out):
+        out[0] = value
+    return out
+
+
 # ---------------------------------------------------------------- stage 3: write parts (tasks)
 
 def write_batch(batch: pa.Table, output: str, s3: S3Options) -> pa.Table:
     """Publish the rows as one part file; pass on only what the driver counts."""
     if batch.num_rows:
         write_part(batch.select(ROW_SCHEMA.names), output, s3)
-    return batch.select(["status", "error_kind", "num_instances"])
+    return batch.select(["status", "error_kind", "num_instances", "batch_splits", "predictor_restarts"])
 
 
 # ---------------------------------------------------------------- the run
+
+ACTOR_MAX_RESTARTS = 3
 
 def _compute(cfg: BatchPredictConfig):
     import ray
@@ -236,9 +298,14 @@ def build_dataset(cfg: BatchPredictConfig, done_ids: np.ndarray):
     remote = src.parquet_manifest is not None or any(is_remote(u) for u in src.uris.to_pylist()[:1])
     ds = ds.map_batches(read_batch, batch_size=cfg.read_batch_size, batch_format="pyarrow",
                         fn_kwargs={"done_ids": done_ids, "s3": cfg.s3()}, num_cpus=0.25 if remote else 1)
+    # Bounded fault tolerance: an actor Ray itself kills (node memory pressure, a lost node) is
+    # recreated and its batch retried a few times, then the job fails with the error; Ray Data's
+    # defaults (-1, -1) retry forever, which is how a job used to hang in an OOM-restart loop.
     ds = ds.map_batches(SegmentationActor, fn_constructor_kwargs={"config": asdict(cfg)},
                         batch_size=cfg.batch_size, batch_format="pyarrow", compute=_compute(cfg),
-                        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
+                        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
+                        memory=int(cfg.actor_memory_gb * 2**30) if cfg.actor_memory_gb else None,
+                        max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)
     ds = ds.map_batches(write_batch, batch_size=cfg.rows_per_file, batch_format="pyarrow",
                         fn_kwargs={"output": cfg.output, "s3": cfg.s3()})
     return ds, total
@@ -249,7 +316,7 @@ class Progress:
 
     def __init__(self, total: int, already_done: int, interval_s: float):
         self.total, self.already_done, self.interval_s = total, already_done, interval_s
-        self.done = self.errors = self.instances = 0
+        self.done = self.errors = self.instances = self.batch_splits = self.predictor_restarts = 0
         self.t0 = self.last = time.monotonic()
         self.t_first: float | None = None  # first output: start-up (Ray, actors, model load) is over
 
@@ -260,6 +327,12 @@ class Progress:
         self.done += summary.num_rows
         self.errors += sum(1 for s in summary.column("status").to_pylist() if s != "ok")
         self.instances += int(sum(summary.column("num_instances").to_pylist()))
+        splits = int(sum(summary.column("batch_splits").to_pylist()))
+        if splits:
+            log.warning("degraded: %d batch(es) split after a predictor failure (see error kinds out_of_memory, "
+                        "crashed, timeout)", splits)
+        self.batch_splits += splits
+        self.predictor_restarts += int(sum(summary.column("predictor_restarts").to_pylist()))
         if now - self.last >= self.interval_s:
             self.last = now
             self.log()
@@ -291,6 +364,17 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     s3 = cfg.s3()
     labels, model_name = validate_model_source(cfg.model_name, cfg.model_dir, s3)
     cfg.model_name = cfg.model_name or model_name
+    if cfg.threshold is not None:
+        cfg.threshold = check_threshold(cfg.threshold)
+    cfg.max_mask_side = check_max_mask_side(cfg.max_mask_side)
+    if not cfg.actor_memory_gb:
+        local = cfg.model_dir if cfg.model_dir and not is_remote(cfg.model_dir) else None
+        estimate = estimate_predictor_memory(local, cfg.batch_size, cfg.max_mask_side)
+        cfg.actor_memory_gb = round(estimate.total / 2**30, 2)
+        log.info("each actor reserves %s (max_mask_side %s); set actor_memory_gb to change it", estimate.describe(),
+                 cfg.max_mask_side)
+    else:
+        log.info("each actor reserves %.2f GiB (actor_memory_gb)", cfg.actor_memory_gb)
     started = time.time()
     done_ids = done_image_ids(cfg.output, s3)
     log.info("run %s: %s -> %s with %s (threshold %s, batch %d); %d image(s) already written", cfg.run_id,
@@ -316,6 +400,8 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
         "images_this_run": progress.done, "images_before_this_run": len(done_ids), "duplicates_removed": dropped,
         "images_written": totals["images"], "by_status": totals["by_status"],
         "errors_by_kind": totals["errors_by_kind"], "instances": totals["instances"],
+        "max_mask_side": cfg.max_mask_side, "actor_memory_gb": cfg.actor_memory_gb,
+        "batch_splits": progress.batch_splits, "predictor_restarts": progress.predictor_restarts,
         "coco_results": n_results, "coco_images": counts["images"], "coco_annotations": counts["annotations"],
         "wall_time_s": round(wall, 2), "images_per_s": round(progress.done / wall, 3) if wall > 0 else None,
         "time_to_first_output_s": None if progress.time_to_first_output is None else round(

@@ -40,6 +40,7 @@ import paddle.nn.functional as F
 from ..losses.denoising import DenoisingGroup, build_denoising_group
 from ..losses.detr_loss import SetPrediction
 from ..necks.mask_hybrid_encoder import _MultiHeadSelfAttention
+from ..resize import bilinear_matrix
 
 __all__ = ["MaskRTDETRTransformer", "MaskRTDETRTrainOutputs", "mask_rtdetr_post_process",
            "mask_rtdetr_post_process_batch", "inverse_sigmoid",
@@ -346,7 +347,7 @@ def mask_rtdetr_post_process(logits, boxes, masks, im_shape, scale_factor, num_t
     """logits [B,Q,C], boxes [B,Q,4] (normalised cxcywh), masks [B,Q,h,w] logits (batch 1).
 
     -> bbox [K,6] (class, score, x1, y1, x2, y2 in original pixels, not clipped), bbox_num [B] int32,
-    mask [K,H0,W0] int32 (bilinear to the original size, logit > 0).
+    mask [K,H0,W0] uint8 0/1 (bilinear to the original size, logit > 0).
     """
     bbox, qidx, origin = _top_detections(logits, boxes, im_shape, scale_factor, num_top_queries)
     oh, ow = origin[:, 0], origin[:, 1]
@@ -354,43 +355,77 @@ def mask_rtdetr_post_process(logits, boxes, masks, im_shape, scale_factor, num_t
     H0, W0 = int(oh[0].item()), int(ow[0].item())
     m = paddle.gather(masks[0], qidx[0], axis=0).unsqueeze(0)
     m = F.interpolate(m, size=[H0, W0], mode="bilinear", align_corners=False)
-    mask = (m[0] > 0).astype("int32")
+    mask = (m[0] > 0).astype("uint8")
     return {"bbox": bbox.reshape([-1, 6]),
             "bbox_num": paddle.full([bsz], num_top_queries, dtype="int32"),
             "mask": mask}
 
 
+def _resize_weights(origin: paddle.Tensor, size: int, out_len: paddle.Tensor) -> paddle.Tensor:
+    """Per-image 1-D bilinear weights [B, out_len, size] (``bilinear_matrix``): ``size`` mask
+    samples resized to each image's ``origin`` [B] samples (``align_corners=False``, border, as
+    ``F.interpolate``), rows at or past ``origin`` zero (the padding of a smaller image)."""
+    pos = paddle.arange(out_len, dtype="float32") + 0.5  # [S] output pixel centres
+    src = pos.unsqueeze(0) * (size / origin).unsqueeze(1) - 0.5  # [B, S]
+    inside = (pos.unsqueeze(0) < origin.unsqueeze(1)).astype("float32")
+    return bilinear_matrix(src, size, clamp=True) * inside.unsqueeze(-1)
+
+
 def mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor, num_top_queries: int = 100,
-                                   ) -> Dict[str, paddle.Tensor]:
+                                   score_floor: Optional[float] = None) -> Dict[str, paddle.Tensor]:
     """Batch form of :func:`mask_rtdetr_post_process` (also traceable with a dynamic batch size).
 
-    logits [B,Q,C], boxes [B,Q,4], masks [B,Q,h,w] -> bbox [B*K,6], bbox_num [B] int32 (K each),
-    mask [B*K,Hmax,Wmax] int32: image i's masks are bilinear-resized to its own original size
-    ``floor(im_shape_i / scale_factor_i + 0.5)`` and padded with 0 to the largest size of the batch.
-    The resize is a half-pixel ``grid_sample`` (border padding), which is what
-    ``F.interpolate(..., mode="bilinear", align_corners=False)`` computes.
+    logits [B,Q,C], boxes [B,Q,4], masks [B,Q,h,w] -> bbox [N,6], bbox_num [B] int32, mask
+    [N,Hmax,Wmax] uint8 0/1: image i's masks are bilinear-resized to its own original size
+    ``floor(im_shape_i / scale_factor_i + 0.5)`` (``F.interpolate(..., align_corners=False)``) and
+    padded with 0 to the largest size of the batch. Each mask is ``Ry @ m @ Rx^T`` with 1-D weights
+    ``Ry`` [Hmax, h] / ``Rx`` [Wmax, w] of its image: no [.., H, W, 2] sampling grid; the one
+    full-size float tensor is the [N, Hmax, Wmax] product. Equal to the interpolation up to float32
+    summation order (a logit within ~1e-6 of 0 can flip).
+
+    ``score_floor`` None keeps all K = ``num_top_queries`` rows per image (N = B*K). Otherwise rows
+    scoring at or below it are dropped before any mask is drawn (``bbox_num`` counts the kept
+    rows); when none is kept in the whole batch the output is one row ``[-1, 0, 0, 0, 0, 0]`` for
+    image 0 (``bbox_num`` ``[1, 0, ...]``) with an empty mask, never a 0-size tensor (which oneDNN
+    cannot run; class -1 rows are dropped by the predictor).
     """
     k = int(num_top_queries)
     bbox, qidx, origin = _top_detections(logits, boxes, im_shape.astype("float32"),
                                          scale_factor.astype("float32"), k)
-    oh, ow = origin[:, 0], origin[:, 1]
+    nq, mh, mw = int(masks.shape[1]), int(masks.shape[2]), int(masks.shape[3])
+    rows = bbox.reshape([-1, 6])  # [B*K, 6], image b's rows at b*K ...
+    img = paddle.arange(paddle.shape(rows)[0], dtype="int64") // k  # [B*K] each row's image
+    src = img * nq + qidx.reshape([-1]).astype("int64")  # its mask in masks.reshape([-1, h, w])
+    valid = None
+    if score_floor is None:
+        bbox_num = (paddle.ones_like(bbox[:, 0, 1]) * k).astype("int32")  # [B]: k rows per image
+    else:
+        keep = rows[:, 1] > float(score_floor)  # [B*K]
+        # One extra row (index B*K: class -1, image 0, a zeroed mask) appended before gathering,
+        # so that no tensor is ever empty (oneDNN kernels fail on 0-size tensors); it is kept only
+        # when no row survives, as image 0's "no detection" row.
+        n_rows = paddle.shape(rows)[0:1].astype("int64").reshape([1, 1])
+        idx = paddle.concat([paddle.nonzero(keep).astype("int64"), n_rows]).reshape([-1])
+        n_kept = keep.astype("int32").sum().astype("int32").reshape([1])
+        none = (n_kept == 0).astype("int32")
+        idx = idx[:n_kept + none]  # [N], N >= 1
+        extra = paddle.concat([paddle.full([1, 1], -1.0, dtype=rows.dtype),
+                               paddle.zeros([1, 5], dtype=rows.dtype)], axis=1)
+        zero = paddle.zeros([1], dtype="int64")
+        rows = paddle.gather(paddle.concat([rows, extra]), idx)
+        img = paddle.gather(paddle.concat([img, zero]), idx)
+        src = paddle.gather(paddle.concat([src, zero]), idx)
+        valid = (idx < n_rows.reshape([1])).astype("float32")
+        per_image = keep.reshape([-1, k]).astype("int32").sum(axis=1).astype("int32")  # [B]
+        first = (paddle.arange(paddle.shape(per_image)[0], dtype="int64") == 0).astype("int32")
+        bbox_num = per_image + first * none
 
-    mh, mw = int(masks.shape[-2]), int(masks.shape[-1])
-    sel_masks = paddle.take_along_axis(
-        masks, qidx.unsqueeze(-1).unsqueeze(-1).expand([-1, k, mh, mw]), axis=1)  # [B, K, h, w]
     hmax = origin[:, 0].max().astype("int64")
     wmax = origin[:, 1].max().astype("int64")
-    ys = paddle.arange(hmax, dtype="float32") + 0.5  # [H]
-    xs = paddle.arange(wmax, dtype="float32") + 0.5  # [W]
-    gy = 2.0 * ys.unsqueeze(0) / oh.unsqueeze(1) - 1.0  # [B, H]
-    gx = 2.0 * xs.unsqueeze(0) / ow.unsqueeze(1) - 1.0  # [B, W]
-    gxx = gx.unsqueeze(1) + gy.unsqueeze(2) * 0.0  # [B, H, W]
-    gyy = gy.unsqueeze(2) + gx.unsqueeze(1) * 0.0
-    grid = paddle.stack([gxx, gyy], axis=-1)
-    m = F.grid_sample(sel_masks, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    inside = (xs.reshape([1, 1, 1, -1]) < ow.reshape([-1, 1, 1, 1])) & \
-             (ys.reshape([1, 1, -1, 1]) < oh.reshape([-1, 1, 1, 1]))
-    mask = ((m > 0) & inside).astype("int32")  # [B, K, H, W]
-    bbox_num = (paddle.ones_like(bbox[:, 0, 1]) * k).astype("int32")  # [B]: k rows per image
-    return {"bbox": bbox.reshape([-1, 6]), "bbox_num": bbox_num,
-            "mask": mask.reshape([-1, mask.shape[-2], mask.shape[-1]])}
+    ry = paddle.gather(_resize_weights(origin[:, 0], mh, hmax), img)  # [N, Hmax, h]
+    rx = paddle.gather(_resize_weights(origin[:, 1], mw, wmax), img)  # [N, Wmax, w]
+    sel = paddle.gather(masks.reshape([-1, mh, mw]), src)  # [N, h, w] mask logits
+    if valid is not None:
+        sel = sel * valid.reshape([-1, 1, 1])  # the extra row's mask: all 0, so empty after "> 0"
+    m = paddle.matmul(paddle.matmul(ry, sel), rx, transpose_y=True)  # [N, Hmax, Wmax]
+    return {"bbox": rows, "bbox_num": bbox_num, "mask": (m > 0).astype("uint8")}
