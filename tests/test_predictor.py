@@ -152,6 +152,25 @@ def test_graph_failing_under_onednn_falls_back(tmp_path, caplog):
     assert eng.onednn is False and "oneDNN" in caplog.text
 
 
+def test_out_of_memory_is_not_taken_for_a_onednn_failure(tmp_path):
+    """A first run that fails to allocate raises (MemoryError) and leaves oneDNN on: rebuilding
+    without it would only slow every later image down."""
+    from instseg_core.inference.engine import EngineOptions, InferenceEngine
+
+    class Big(paddle.nn.Layer):  # allocates an n x n float32 tensor
+        def forward(self, x):
+            n = paddle.cast(x[0, 0], "int64").reshape([1])
+            return paddle.zeros(paddle.concat([n, n]), dtype="float32").sum().reshape([1]) + x[0, :1]
+
+    paddle.jit.save(Big(), str(tmp_path / "inference"), input_spec=[InputSpec([1, 2], "float32", "x")])
+    eng = InferenceEngine(tmp_path / "inference.json", tmp_path / "inference.pdiparams",
+                          EngineOptions(device="cpu", enable_onednn=True))
+    with pytest.raises(MemoryError):
+        eng.run({"x": np.array([[4e6, 1]], np.float32)})  # 64 TB
+    assert eng.onednn is True
+    assert eng.run({"x": np.array([[4, 1]], np.float32)})[0].tolist() == [4.0]
+
+
 class _TarHandler(BaseHTTPRequestHandler):
     payload = b""
     hits = 0

@@ -168,7 +168,9 @@ class InferenceEngine:
         try:
             out = self._run_once(inputs)
         except Exception as e:  # noqa: BLE001
-            if not (self.onednn and not self._verified):
+            if not (self.onednn and not self._verified) or is_out_of_memory(e):
+                # running out of memory is not a oneDNN problem: rebuilding without oneDNN would
+                # only make every later image slower, and the next attempt fail the same way
                 raise
             # Some PIR graphs build under oneDNN but fail at the first run: retry without it.
             log.warning("graph %s failed under oneDNN at run time (%s); falling back to plain CPU kernels",
@@ -178,6 +180,15 @@ class InferenceEngine:
             out = self._run_once(inputs)
         self._verified = True
         return out
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an exception from Paddle (or numpy) means an allocation failed."""
+    if isinstance(error, MemoryError):
+        return True
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(s in text for s in ("out of memory", "resourceexhausted", "resource exhausted", "cannot allocate",
+                                   "bad_alloc", "failed to allocate"))
 
 
 def default_cpu_threads() -> int:
