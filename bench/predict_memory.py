@@ -4,12 +4,15 @@ fresh subprocess (2 Paddle threads), so one run's allocations never hide another
 The photo is a COCO val2017 image (or a bundled sample), upscaled to each size. Printed per row: the
 subprocess's peak RSS (``ru_maxrss``), the predict time (second call, after a warm-up call at the
 same size; first call with ``--no-warmup``) and the number of instances kept; then, for the first
-two model dirs, the ratio second/first at each size (e.g. before/after: old vs re-exported graph).
+two model dirs (or, with ``--pairs``, each (before, after) pair of dirs), the ratio after/before at each
+size. With ``--pairs`` the "before" dirs run with ``--before-max-mask-side`` (default none: the old
+predictor's behaviour) and the "after" dirs with ``--max-mask-side``.
 A subprocess that exceeds ``--limit-gb`` (RLIMIT_AS is useless with Paddle's reservations, so a
 watchdog kills it) prints ``killed``.
 
     .venv/bin/python bench/predict_memory.py DIR [DIR ...] [--sizes 640x480,4000x3000,8000x6000]
         [--max-mask-side 1333 | none] [--paddlex]   # --paddlex: also PaddleX 3.7.2 (INSTSEG_PADDLEX_PYTHON)
+    .venv/bin/python bench/predict_memory.py --pairs OLD1 NEW1 OLD2 NEW2 ... [--sizes ...]
 """
 from __future__ import annotations
 
@@ -41,7 +44,9 @@ else:
 if warm:
     run()
 t = time.perf_counter(); n = run(); dt = time.perf_counter() - t
-print(json.dumps({"rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "s": dt, "n": n}))
+# VmHWM, not ru_maxrss: the latter starts from the forking parent's peak
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rss_gb": hwm / 2**20, "s": dt, "n": n}))
 """
 
 
@@ -79,6 +84,8 @@ def main() -> int:
     p.add_argument("dirs", nargs="+")
     p.add_argument("--sizes", default="640x480,4000x3000")
     p.add_argument("--max-mask-side", default="1333")
+    p.add_argument("--pairs", action="store_true", help="dirs are (before, after) pairs")
+    p.add_argument("--before-max-mask-side", default="none")
     p.add_argument("--paddlex", action="store_true", help="also run PaddleX 3.7.2 on each dir")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--limit-gb", type=float, default=20.0)
@@ -89,27 +96,32 @@ def main() -> int:
     if args.paddlex:
         pdx = os.environ.get("INSTSEG_PADDLEX_PYTHON") or str(REPO / ".venv-paddlex" / "bin" / "python")
         runners.append(("paddlex", pdx, True))
-    print(f"photo {photo.name}; max_mask_side {args.max_mask_side}; one subprocess per row")
-    print(f"{'model dir':40s} {'runner':8s} {'size':>10s} {'peak RSS GB':>12s} {'s/image':>8s} {'kept':>5s}")
+    print(f"photo {photo.name}; max_mask_side {args.max_mask_side}"
+          + (f" (before dirs: {args.before_max_mask_side})" if args.pairs else "")
+          + f"; one subprocess per row; killed above {args.limit_gb} GB")
+    print(f"{'model dir':44s} {'runner':8s} {'side':>5s} {'size':>10s} {'peak RSS GB':>12s} {'s/image':>8s} {'kept':>5s}")
     table: dict = {}
-    for d in args.dirs:
+    for k, d in enumerate(args.dirs):
+        side = args.before_max_mask_side if args.pairs and k % 2 == 0 else args.max_mask_side
         for name, python, pdx in runners:
             for size in sizes:
-                r = run_one(python, d, size, args.max_mask_side, not args.no_warmup, pdx, photo, args.limit_gb)
+                r = run_one(python, d, size, side, not args.no_warmup, pdx, photo, args.limit_gb)
                 table[(d, name, size)] = r
+                head = f"{d[-44:]:44s} {name:8s} {side:>5s} {size[0]:>5d}x{size[1]:<5d}"
                 if "rss_gb" in r:
-                    print(f"{d:40s} {name:8s} {size[0]:>5d}x{size[1]:<5d} {r['rss_gb']:12.2f} {r['s']:8.2f} {r['n']:5d}",
-                          flush=True)
+                    print(f"{head} {r['rss_gb']:12.2f} {r['s']:8.2f} {r['n']:5d}", flush=True)
                 else:
-                    print(f"{d:40s} {name:8s} {size[0]:>5d}x{size[1]:<5d} {'killed' if r.get('killed') else 'failed':>12s}",
-                          flush=True)
-    if len(args.dirs) >= 2:
-        a, b = args.dirs[:2]
+                    print(f"{head} {'killed' if r.get('killed') else 'failed':>12s}", flush=True)
+    pairs = list(zip(args.dirs[::2], args.dirs[1::2])) if args.pairs else [tuple(args.dirs[:2])] * (len(args.dirs) >= 2)
+    for a, b in pairs:
         for size in sizes:
             ra, rb = table[(a, "instseg", size)], table[(b, "instseg", size)]
             if "rss_gb" in ra and "rss_gb" in rb:
-                print(f"{size[0]}x{size[1]}: {b} / {a}: peak RSS x{rb['rss_gb'] / ra['rss_gb']:.2f}, "
+                print(f"{size[0]}x{size[1]}: {b[-40:]} / {a[-40:]}: peak RSS x{rb['rss_gb'] / ra['rss_gb']:.2f}, "
                       f"time x{rb['s'] / ra['s']:.2f} (speed-up {ra['s'] / rb['s']:.1f}x)")
+            elif "rss_gb" in rb:
+                print(f"{size[0]}x{size[1]}: {b[-40:]}: {rb['rss_gb']:.2f} GB; before: "
+                      f"{'killed above the limit' if ra.get('killed') else 'failed'}")
     return 0
 
 
