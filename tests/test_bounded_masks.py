@@ -316,3 +316,21 @@ def test_upscale_mask_restores_a_disk_drawn_at_quarter_scale():
 def test_upscale_mask_keeps_an_empty_mask_empty():
     up = upscale_mask(np.zeros((101, 150), bool), (401, 599), 0.25)
     assert up.shape == (401, 599) and up.dtype == bool and not up.any()
+
+
+def test_threshold_below_the_graphs_score_floor_warns_once(caplog):
+    """A threshold under the export's ``score_floor`` cannot show what the graph dropped: say so."""
+    import logging
+
+
+    from instseg_core import create_model
+
+    model = create_model(model_dir=DEMO, device="cpu")
+    assert model.score_floor == 0.05
+    img = cv2.imread(str(sorted((REPO / "samples" / "shapes").glob("*.jpg"))[0]))
+    with caplog.at_level(logging.WARNING, logger="instseg"):
+        model.predict_arrays([img], threshold=0.5)
+        assert "score_floor" not in caplog.text
+        for _ in range(2):
+            model.predict_arrays([img], threshold=0.01)
+    assert caplog.text.count("below the graph's score_floor 0.05") == 1

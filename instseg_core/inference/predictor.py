@@ -61,6 +61,10 @@ class InstanceSegPredictor:
         self._one_at_a_time = (model_dir.is_solov2 or declared is False
                                or bool(spec and spec.batch1_only and declared is not True))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="instseg-decode")
+        # exports made by instseg drop detections at or below this inside the graph (no mask drawn)
+        floor = model_dir.config.get("score_floor")
+        self.score_floor = float(floor) if floor is not None else None
+        self._warned_floor = False
 
     # -- core: arrays in, Instances out (what the Ray pipeline calls) -----------------------------
     def effective_threshold(self, threshold: float | None = None) -> float:
@@ -86,6 +90,11 @@ class InstanceSegPredictor:
         time, so no image's full set of dense masks is ever held (what a labelling job wants).
         """
         thr = self.effective_threshold(threshold)
+        if self.score_floor is not None and thr < self.score_floor and not self._warned_floor:
+            self._warned_floor = True
+            log.warning("%s: threshold %g is below the graph's score_floor %g (inference.yml): detections scoring "
+                        "at or below %g are not in its output; re-export with a lower score_floor to see them",
+                        self.model_dir.path, thr, self.score_floor, self.score_floor)
         rle = (self.mask_format == "rle") if rle is None else bool(rle)
         # Landscape and portrait images padded together waste up to half the canvas (and the masks'
         # memory): run each orientation as its own call, then restore input order.
