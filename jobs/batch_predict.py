@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from pipelines.batch_predict import BatchPredictConfig, run_batch_predict
+from pipelines.batch_predict import BatchPredictConfig, JobSettingsError, run_batch_predict
 
 
 def _side(value: str) -> int | str:
@@ -123,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     connect_ray(args.ray_address, args.num_cpus)
-    summary = run_batch_predict(cfg)
+    try:
+        summary = run_batch_predict(cfg)
+    except JobSettingsError as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps(summary, indent=2))
     return 0 if summary["images_written"] >= summary["images_total"] else 1
 

@@ -35,6 +35,10 @@ from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, redact
 log = logging.getLogger("instseg")
 
 
+class JobSettingsError(ValueError):
+    """A setting the job cannot run with (the entry point prints it as one line)."""
+
+
 @dataclass
 class BatchPredictConfig:
     """Everything a batch-labelling run needs; ``jobs.batch_predict`` fills it from flags or YAML."""
@@ -351,6 +355,42 @@ class Progress:
                  prefix, self.done, todo, self.already_done, self.rate, self.errors)
 
 
+def _largest_node_memory_gb() -> float | None:
+    """The most Ray ``memory`` resource any alive node offers (None when Ray does not say)."""
+    import ray
+
+    sizes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(sizes) / 2**30 if sizes and max(sizes) > 0 else None
+
+
+def _size_actors(cfg: BatchPredictConfig) -> None:
+    """Set ``cfg.actor_memory_gb`` (the estimate unless given) and say what it means for the
+    cluster. A reservation no node can grant would leave the job waiting forever for an actor:
+    an explicit one is an error, an estimate is capped to the largest node (images that then do
+    not fit become ``out_of_memory`` rows)."""
+    node_gb = _largest_node_memory_gb()
+    if cfg.actor_memory_gb:
+        if node_gb is not None and cfg.actor_memory_gb > node_gb:
+            raise JobSettingsError(f"actor_memory_gb={cfg.actor_memory_gb} is more than the largest Ray node offers "
+                             f"({node_gb:.1f} GiB): no actor could start")
+        log.info("each actor reserves %.2f GiB (actor_memory_gb)", cfg.actor_memory_gb)
+        return
+    local = cfg.model_dir if cfg.model_dir and not is_remote(cfg.model_dir) else None
+    estimate = estimate_predictor_memory(local, cfg.batch_size, cfg.max_mask_side)
+    cfg.actor_memory_gb = round(estimate.total / 2**30, 2)
+    if node_gb is not None and cfg.actor_memory_gb > 0.9 * node_gb:
+        cfg.actor_memory_gb = round(0.9 * node_gb, 2)
+        log.warning("the estimate (%s) is more than the largest Ray node offers (%.1f GiB): reserving %.2f GiB; "
+                    "lower --batch-size or --max-mask-side to keep large images", estimate.describe(), node_gb,
+                    cfg.actor_memory_gb)
+    else:
+        log.info("each actor reserves %s (batch %d, max_mask_side %s); --actor-memory-gb overrides it",
+                 estimate.describe(), cfg.batch_size, cfg.max_mask_side)
+    if node_gb is not None:
+        log.info("the largest Ray node has %.1f GiB of memory to reserve: %d actor(s) of %.2f GiB fit on it",
+                 node_gb, int(node_gb // cfg.actor_memory_gb), cfg.actor_memory_gb)
+
+
 def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     """Run (or resume) a labelling job and write every output; returns the summary dict."""
     import ray
@@ -367,14 +407,7 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     if cfg.threshold is not None:
         cfg.threshold = check_threshold(cfg.threshold)
     cfg.max_mask_side = check_max_mask_side(cfg.max_mask_side)
-    if not cfg.actor_memory_gb:
-        local = cfg.model_dir if cfg.model_dir and not is_remote(cfg.model_dir) else None
-        estimate = estimate_predictor_memory(local, cfg.batch_size, cfg.max_mask_side)
-        cfg.actor_memory_gb = round(estimate.total / 2**30, 2)
-        log.info("each actor reserves %s (max_mask_side %s); set actor_memory_gb to change it", estimate.describe(),
-                 cfg.max_mask_side)
-    else:
-        log.info("each actor reserves %.2f GiB (actor_memory_gb)", cfg.actor_memory_gb)
+    _size_actors(cfg)
     started = time.time()
     done_ids = done_image_ids(cfg.output, s3)
     log.info("run %s: %s -> %s with %s (threshold %s, batch %d); %d image(s) already written", cfg.run_id,

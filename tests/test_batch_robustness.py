@@ -123,10 +123,12 @@ def test_job_survives_an_oom_image_and_a_crashing_image(tmp_path):
 
 
 def test_bad_threshold_and_mask_side_are_one_line(tmp_path):
-    for flag, value, word in (("--threshold", "2", "threshold"), ("--max-mask-side", "10", "max_mask_side")):
+    for flag, value, word in (("--threshold", "2", "threshold"), ("--max-mask-side", "10", "max_mask_side"),
+                              ("--actor-memory-gb", "100000", "more than the largest Ray node offers")):
         proc = subprocess.run([sys.executable, "-m", "jobs.batch_predict", "--input", str(REPO / "samples" / "shapes"),
                                "--output", str(tmp_path / "o"), "--model-dir", str(REPO / "samples" / "model"),
-                               flag, value], cwd=REPO, capture_output=True, text=True, timeout=120)
+                               "--ray-address", "local", flag, value], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr and word in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "o").exists()  # nothing started
