@@ -71,7 +71,7 @@ def test_predictor_matches_dygraph_at_two_input_sizes(exported):
 
         # the graph itself: outputs in sorted-key order bbox, bbox_num, mask
         g_bbox, g_num, g_mask = pred.engine.run(batch)
-        assert g_num.tolist() == ref["bbox_num"].tolist() and g_mask.dtype == np.int32
+        assert g_num.tolist() == ref["bbox_num"].tolist() and g_mask.dtype == np.uint8
         assert g_mask.shape == ref["mask"].shape
         m = match_with_masks(ref["bbox"], ref["mask"], g_bbox, g_mask, score_tol=SCORE_TOL, box_tol=BOX_TOL)
         print(f"{path.name} input {batch['image'].shape}: graph {len(g_bbox)} rows, {m}")

@@ -91,7 +91,7 @@ def test_graph_inputs_and_outputs(exported, predictor, images):
     h, w = images[0].shape[:2]
     assert bbox.dtype == np.float32 and bbox.shape == (100, 6)
     assert bbox_num.dtype == np.int32 and bbox_num.tolist() == [100]
-    assert mask.dtype == np.int32 and mask.shape == (100, h, w)
+    assert mask.dtype == np.uint8 and mask.shape == (100, h, w)
 
 
 def test_predictor_matches_dygraph(exported, predictor, images):

@@ -137,7 +137,7 @@ def test_outputs_match_oracle(name):
     # 4. detections, as sets
     assert final["bbox"].dtype == np.float32 and final["bbox"].shape[1:] == (6,)
     assert final["bbox_num"].dtype == np.int32 and final["bbox_num"].shape == (1,)
-    assert final["mask"].dtype == np.int32 and set(np.unique(final["mask"]).tolist()) <= {0, 1}
+    assert final["mask"].dtype == np.uint8 and set(np.unique(final["mask"]).tolist()) <= {0, 1}
     n_exp, n_got = int(exp["bbox_num"][0]), int(final["bbox_num"][0])
     assert n_got == n_exp, (n_got, n_exp)
     assert final["bbox"].shape[0] == n_got and final["mask"].shape == (n_got, 480, 640)
@@ -214,4 +214,69 @@ def test_empty_image_gives_placeholder_row():
         out = {k: v.numpy() for k, v in model(inputs).items()}
     assert out["bbox_num"].tolist() == [1]
     np.testing.assert_allclose(out["bbox"], [[0, 0, 0, 0, 2, 2]])
-    assert out["mask"].shape == (1, 120, 180) and out["mask"].dtype == np.int32 and not out["mask"].any()
+    assert out["mask"].shape == (1, 120, 180) and out["mask"].dtype == np.uint8 and not out["mask"].any()
+
+
+def _paste_reference(masks: np.ndarray, boxes: np.ndarray, im_h: int, im_w: int) -> np.ndarray:
+    """The paste as one ``grid_sample`` (zero padding) over an [N, H, W, 2] grid of pixel centres
+    normalised to each box."""
+    import paddle
+    import paddle.nn.functional as F
+
+    x0, y0, x1, y1 = np.split(boxes.astype(np.float32), 4, axis=1)
+    gy = ((np.arange(im_h, dtype=np.float32) + 0.5) - y0) / (y1 - y0) * 2 - 1  # [N, H]
+    gx = ((np.arange(im_w, dtype=np.float32) + 0.5) - x0) / (x1 - x0) * 2 - 1  # [N, W]
+    grid = np.stack(np.broadcast_arrays(gx[:, None, :], gy[:, :, None]), axis=-1).astype(np.float32)
+    return F.grid_sample(paddle.to_tensor(masks[:, None]), paddle.to_tensor(grid), align_corners=False)[:, 0].numpy()
+
+
+@pytest.mark.parametrize("m", [28, 14])
+def test_paste_masks_matches_grid_sample(m):
+    """paste_masks (two matmuls with 1-D bilinear weights) equals grid_sample with zero padding:
+    boxes inside, across the border, larger than the canvas and below one pixel."""
+    import paddle
+
+    from instseg_core.modeling.heads.roi_heads import paste_masks
+
+    rng = np.random.default_rng(0)
+    im_h, im_w = 37, 53
+    boxes = np.array([[3.2, 4.7, 30.1, 20.9], [-10.0, -5.5, 12.3, 40.0], [40.0, 30.0, 70.0, 45.0],
+                      [-20.0, -20.0, 80.0, 60.0], [10.2, 11.6, 10.9, 12.1], [0.0, 0.0, 1.0, 1.0]], np.float32)
+    masks = rng.random((len(boxes), m, m)).astype(np.float32)
+    ref = _paste_reference(masks, boxes, im_h, im_w)
+    got = paste_masks(paddle.to_tensor(masks), paddle.to_tensor(boxes), paddle.to_tensor(im_h, dtype="int32"),
+                      paddle.to_tensor(im_w, dtype="int32")).numpy()
+    assert got.shape == (len(boxes), im_h, im_w) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    # box 2 starts at (40, 30), cells 30/m x 15/m px: zero from half a cell outside the box on
+    cols, rows = np.arange(im_w) + 0.5 < 40 - 15 / m, np.arange(im_h) + 0.5 < 30 - 7.5 / m
+    assert not got[2][:, cols].any() and not got[2][rows].any() and got[2][~rows][:, ~cols].any()
+
+
+def test_to_original_images_pastes_uint8_masks_per_image():
+    """A batch of two: each image's masks pasted at its own original size, thresholded to uint8
+    0/1 and zero-padded to the largest size (the grid_sample paste as the reference)."""
+    import paddle
+
+    from instseg_core.modeling.mask_rcnn import mask_rcnn
+
+    model = mask_rcnn("MaskRCNN-ResNet50-FPN", num_classes=2)
+    model.eval()
+    rng = np.random.default_rng(1)
+    rows = np.array([[0, 0.9, 4, 6, 40, 50], [1, 0.8, 20, 2, 90, 30], [0, 0.7, 0, 0, 96, 64],
+                     [1, 0.6, 10, 10, 30, 44], [0, 0.5, 50, 5, 79, 47]], np.float32)  # input pixels
+    probs = rng.random((5, 28, 28)).astype(np.float32)
+    im_shape = np.array([[64, 96], [48, 80]], np.float32)
+    scale = np.array([[0.5, 0.5], [0.4, 0.5]], np.float32)
+    with paddle.no_grad():
+        out = model.to_original_images(paddle.to_tensor(rows), paddle.to_tensor([3, 2], dtype="int32"),
+                                       paddle.to_tensor(probs), paddle.to_tensor(im_shape), paddle.to_tensor(scale))
+    mask, bbox = out["mask"].numpy(), out["bbox"].numpy()
+    assert out["bbox_num"].numpy().tolist() == [3, 2]
+    assert mask.dtype == np.uint8 and mask.shape == (5, 128, 192) and set(np.unique(mask).tolist()) <= {0, 1}
+    for i, (start, stop, (oh, ow)) in enumerate([(0, 3, (128, 192)), (3, 5, (120, 160))]):
+        ref = _paste_reference(probs[start:stop], bbox[start:stop, 2:], oh, ow)
+        got = mask[start:stop]
+        assert not got[:, oh:].any() and not got[:, :, ow:].any()
+        differ = got[:, :oh, :ow] != (ref >= model.mask_threshold)
+        assert not differ.any() or np.abs(ref[differ] - model.mask_threshold).max() < 1e-5, i

@@ -60,7 +60,7 @@ def test_mask_rtdetr_matches_oracle(size):
     bbox, bbox_num, mask = out["bbox"].numpy(), out["bbox_num"].numpy(), out["mask"].numpy()
     assert bbox.dtype == np.float32 and bbox.shape == (100, 6)
     assert bbox_num.dtype == np.int32 and bbox_num.tolist() == exp["bbox_num"].tolist() == [100]
-    assert mask.dtype == np.int32 and mask.shape == exp["mask"].shape == (100, 480, 640)
+    assert mask.dtype == np.uint8 and mask.shape == exp["mask"].shape == (100, 480, 640)
     m = match_with_masks(exp["bbox"], exp["mask"], bbox, mask)
     assert m.unmatched == 0 and m.mask_failures == 0, m
 
@@ -81,7 +81,7 @@ def test_mask_rtdetr_forward_other_input_size():
         out = model(inputs)
     assert list(out["bbox"].shape) == [100, 6] and out["bbox"].dtype == paddle.float32
     assert out["bbox_num"].numpy().tolist() == [100] and out["bbox_num"].dtype == paddle.int32
-    assert list(out["mask"].shape) == [100, 2 * h, 2 * w] and out["mask"].dtype == paddle.int32
+    assert list(out["mask"].shape) == [100, 2 * h, 2 * w] and out["mask"].dtype == paddle.uint8
     assert np.isfinite(out["bbox"].numpy()).all()
 
 
@@ -162,3 +162,121 @@ def test_build_model_gives_mask_rtdetr():
     from instseg_core.modeling import MaskRTDETR, build_model
 
     assert isinstance(build_model("Mask-RT-DETR-S"), MaskRTDETR)
+
+
+def _post_process_inputs(seed: int = 0, sizes=((40, 60), (30, 50)), q: int = 30, c: int = 5, h: int = 12, w: int = 16):
+    """Random head outputs for :func:`mask_rtdetr_post_process_batch`: logits [B,Q,C], boxes
+    [B,Q,4], mask logits [B,Q,h,w], im_shape and scale_factor [B,2] (numpy)."""
+    rng = np.random.default_rng(seed)
+    b = len(sizes)
+    return (rng.normal(size=(b, q, c)).astype("float32"), rng.random((b, q, 4)).astype("float32"),
+            rng.normal(size=(b, q, h, w)).astype("float32"), np.array(sizes, "float32"),
+            rng.uniform(0.4, 1.5, size=(b, 2)).astype("float32"))
+
+
+def _run_post_process(fn, arrays, k: int, **kw) -> dict:
+    import paddle
+
+    return {key: v.numpy() for key, v in fn(*[paddle.to_tensor(a) for a in arrays], k, **kw).items()}
+
+
+def test_post_process_batch_resize_matches_interpolate():
+    """Each image's masks are F.interpolate(bilinear, align_corners=False) to its own original
+    size (1-D weights within 1e-5 of it), thresholded at 0 into uint8, zero past that size."""
+    import paddle
+    import paddle.nn.functional as F
+
+    from instseg_core.modeling.heads.mask_rtdetr import (_resize_weights, mask_rtdetr_post_process,
+                                                         mask_rtdetr_post_process_batch)
+
+    k = 20
+    logits, boxes, masks, im_shape, scale = arrays = _post_process_inputs()
+    origin = np.floor(im_shape / scale + 0.5)
+    hmax, wmax = (int(v) for v in origin.max(0))
+    ry = _resize_weights(paddle.to_tensor(origin[:, 0]), masks.shape[2], paddle.to_tensor(hmax)).numpy()
+    rx = _resize_weights(paddle.to_tensor(origin[:, 1]), masks.shape[3], paddle.to_tensor(wmax)).numpy()
+    out = _run_post_process(mask_rtdetr_post_process_batch, arrays, k)
+    assert out["mask"].dtype == np.uint8 and out["mask"].shape == (2 * k, hmax, wmax)
+    assert out["bbox_num"].dtype == np.int32 and out["bbox_num"].tolist() == [k, k]
+    for i, (oh, ow) in enumerate(origin.astype(int)):
+        ref = F.interpolate(paddle.to_tensor(masks[i:i + 1]), size=[oh, ow], mode="bilinear",
+                            align_corners=False)[0].numpy()  # [Q, oh, ow]
+        np.testing.assert_allclose(ry[i] @ masks[i] @ rx[i].T, np.pad(ref, ((0, 0), (0, hmax - oh), (0, wmax - ow))),
+                                   atol=1e-5, rtol=0)
+        # the top-k (query, class) pairs of image i, in score order
+        order = np.argsort(-logits[i].reshape(-1), kind="stable")[:k]
+        assert out["bbox"][i * k:(i + 1) * k, 0].tolist() == (order % logits.shape[2]).tolist()
+        got, exp = out["mask"][i * k:(i + 1) * k], ref[order // logits.shape[2]]
+        assert not got[:, oh:].any() and not got[:, :, ow:].any()
+        differ = got[:, :oh, :ow] != (exp > 0)
+        assert not differ.any() or np.abs(exp[differ]).max() < 1e-5
+    # the one-image form (F.interpolate) gives the same uint8 masks
+    one = tuple(a[1:] for a in arrays)
+    single = _run_post_process(mask_rtdetr_post_process, one, k)
+    batch = _run_post_process(mask_rtdetr_post_process_batch, one, k)
+    assert single["mask"].dtype == np.uint8 and np.array_equal(single["bbox"], batch["bbox"])
+    assert single["mask"].shape == batch["mask"].shape and (single["mask"] != batch["mask"]).mean() < 1e-4
+
+
+def test_post_process_batch_score_floor():
+    """score_floor drops rows scoring at or below it before the masks (the kept rows and masks are
+    those of the full output, bbox_num counts them per image); with nothing kept in the batch the
+    output is one [-1, 0, 0, 0, 0, 0] row for image 0 with an empty mask."""
+    from instseg_core.modeling.heads.mask_rtdetr import mask_rtdetr_post_process_batch
+
+    k = 20
+    arrays = _post_process_inputs(seed=1)
+    arrays[0][1] -= 3.0  # image 1 scores lower than image 0
+    full = _run_post_process(mask_rtdetr_post_process_batch, arrays, k)
+    scores = full["bbox"][:, 1].reshape(2, k)
+    for floor in (float(np.median(scores)), float(scores[0, 5]), float(scores[1].max() + scores[0, 0]) / 2):
+        out = _run_post_process(mask_rtdetr_post_process_batch, arrays, k, score_floor=floor)
+        keep = full["bbox"][:, 1] > floor
+        assert 0 < keep.sum() < 2 * k
+        assert out["bbox_num"].dtype == np.int32 and out["bbox_num"].tolist() == keep.reshape(2, k).sum(1).tolist()
+        np.testing.assert_array_equal(out["bbox"], full["bbox"][keep])
+        assert out["mask"].dtype == np.uint8 and out["mask"].shape == (int(keep.sum()),) + full["mask"].shape[1:]
+        np.testing.assert_array_equal(out["mask"], full["mask"][keep])
+    assert out["bbox_num"].tolist()[1] == 0  # the last floor is above every score of image 1
+
+    none = _run_post_process(mask_rtdetr_post_process_batch, arrays, k, score_floor=1.0)
+    assert none["bbox"].tolist() == [[-1, 0, 0, 0, 0, 0]] and none["bbox_num"].tolist() == [1, 0]
+    assert none["mask"].dtype == np.uint8 and none["mask"].shape == (1,) + full["mask"].shape[1:]
+    assert not none["mask"].any()
+
+
+def test_post_process_batch_graph_under_onednn(tmp_path):
+    """The exported post-process (dynamic batch and sizes, with a score floor) runs with oneDNN on
+    and off and equals the eager result, including the batch where nothing passes the floor
+    (oneDNN kernels fail on 0-size tensors)."""
+    import paddle
+    from paddle.static import InputSpec
+
+    from instseg_core.inference.engine import EngineOptions, InferenceEngine
+    from instseg_core.modeling.heads.mask_rtdetr import mask_rtdetr_post_process_batch
+
+    k, floor = 20, 0.6
+
+    class PostProcess(paddle.nn.Layer):
+        def forward(self, logits, boxes, masks, im_shape, scale_factor):
+            return mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor, k, score_floor=floor)
+
+    arrays = _post_process_inputs(seed=2)
+    q, c, h, w = arrays[2].shape[1], arrays[0].shape[2], arrays[2].shape[2], arrays[2].shape[3]
+    names = ["logits", "boxes", "masks", "im_shape", "scale_factor"]
+    specs = [InputSpec([-1, q, c], "float32", "logits"), InputSpec([-1, q, 4], "float32", "boxes"),
+             InputSpec([-1, q, h, w], "float32", "masks"), InputSpec([-1, 2], "float32", "im_shape"),
+             InputSpec([-1, 2], "float32", "scale_factor")]
+    paddle.jit.save(PostProcess(), str(tmp_path / "inference"), input_spec=specs)
+    nothing = (arrays[0] - 10.0,) + arrays[1:]  # every score far below the floor
+    for onednn in (False, True):
+        engine = InferenceEngine(tmp_path / "inference.json", tmp_path / "inference.pdiparams",
+                                 EngineOptions(enable_onednn=onednn, cpu_threads=1))
+        for inputs in (arrays, tuple(a[:1] for a in arrays), nothing):
+            exp = _run_post_process(mask_rtdetr_post_process_batch, inputs, k, score_floor=floor)
+            bbox, bbox_num, mask = engine.run(dict(zip(names, inputs)))
+            assert engine.onednn == onednn  # no fallback to plain kernels
+            assert bbox_num.tolist() == exp["bbox_num"].tolist() and mask.dtype == np.uint8
+            np.testing.assert_allclose(bbox, exp["bbox"], rtol=1e-6, atol=1e-6)  # (graph sigmoid: 1 ulp)
+            assert mask.shape == exp["mask"].shape and (mask != exp["mask"]).mean() < 1e-4
+        assert bbox.tolist() == [[-1, 0, 0, 0, 0, 0]] and not mask.any()

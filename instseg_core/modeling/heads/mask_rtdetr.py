@@ -392,7 +392,8 @@ def mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor,
     k = int(num_top_queries)
     bbox, qidx, origin = _top_detections(logits, boxes, im_shape.astype("float32"),
                                          scale_factor.astype("float32"), k)
-    nq, mh, mw = int(masks.shape[1]), int(masks.shape[2]), int(masks.shape[3])
+    mh, mw = int(masks.shape[2]), int(masks.shape[3])
+    nq = paddle.shape(masks)[1].astype("int64")  # (the query count is not static in a traced graph)
     rows = bbox.reshape([-1, 6])  # [B*K, 6], image b's rows at b*K ...
     img = paddle.arange(paddle.shape(rows)[0], dtype="int64") // k  # [B*K] each row's image
     src = img * nq + qidx.reshape([-1]).astype("int64")  # its mask in masks.reshape([-1, h, w])

@@ -374,8 +374,8 @@ class MaskHead(nn.Layer):
 def paste_masks(masks: paddle.Tensor, boxes: paddle.Tensor, im_h, im_w) -> paddle.Tensor:
     """Resample per-box mask probabilities ``masks`` [N, M, M] into their ``boxes`` [N, 4]
     (original-image pixels) on an ``im_h`` x ``im_w`` canvas: bilinear sampling at pixel centres,
-    zero outside the box (``grid_sample``, ``align_corners=False``, zero padding). Returns
-    probabilities [N, im_h, im_w].
+    zero from half a mask cell outside the box on (``grid_sample``, ``align_corners=False``, zero
+    padding). Returns probabilities [N, im_h, im_w].
 
     Computed as ``Ry @ masks @ Rx^T`` with per-box 1-D weights ``Ry`` [N, im_h, M] / ``Rx``
     [N, im_w, M]: the bilinear kernel is separable, so no [N, im_h, im_w, 2] sampling grid is
