@@ -31,7 +31,7 @@ class MaskRTDETR(nn.Layer):
     """``forward({'image', 'im_shape', 'scale_factor'})`` -> ``{'bbox', 'bbox_num', 'mask'}``.
 
     ``bbox`` [100,6] float32 = [class, score, x1, y1, x2, y2] in original-image pixels (not clipped),
-    ``bbox_num`` [1] int32, ``mask`` [100,H0,W0] int32. A batch of B images gives
+    ``bbox_num`` [1] int32, ``mask`` [100,H0,W0] uint8. A batch of B images gives
     [B*100,6] / [B] / [B*100,Hmax,Wmax]: each image's masks at its own original size, padded with 0.
     In training mode ``forward(inputs, targets)`` returns the loss dict instead.
     """
