@@ -33,7 +33,9 @@ model_dir, w, h, side, warm, paddlex = sys.argv[1], int(sys.argv[2]), int(sys.ar
 img = cv2.resize(cv2.imread(sys.argv[7]), (w, h), interpolation=cv2.INTER_LINEAR)
 if paddlex:
     from paddlex import create_model
-    model = create_model(model_dir=model_dir, device="cpu")
+    import yaml
+    name = yaml.safe_load(open(model_dir + "/inference.yml"))["Global"]["model_name"]
+    model = create_model(model_name=name, model_dir=model_dir, device="cpu")
     run = lambda: len(next(iter(model.predict(img)))["boxes"])
 else:
     sys.path.insert(0, sys.argv[8])
