@@ -3,7 +3,8 @@ from the weights inside it: no training checkpoint needed.
 
 ``paddle.jit.save`` names every parameter of the deep-copied network ``<layer>_<k>.<w|b>_<i>_deepcopy_<n>``
 (``n`` in the copy's visiting order, which is the state-dict order) and the RepVGG blocks fused after the
-copy get fresh ``conv2d_<k>`` names in creation order. That is enough to put each tensor back on its
+copy get fresh ``conv2d_<k>`` names in creation order (a network fused before the copy, as this script
+exports, has only the first kind). That is enough to put each tensor back on its
 structured key; the script then checks the new export against the old one on the sample images.
 
     .venv/bin/python bench/reexport_demo.py samples/model OUT_DIR --width-mult 0.25 --num-protos 32 --num-classes 4
@@ -43,6 +44,14 @@ def structured_state(model_dir: Path, model) -> dict[str, np.ndarray]:
     copied = sorted((n for n in params if "_deepcopy_" in n), key=lambda n: int(n.rsplit("_", 1)[1]))
     fused = sorted((n for n in params if "_deepcopy_" not in n),
                    key=lambda n: (int(re.search(r"_(\d+)\.", n).group(1)), n.endswith(".b_0")))
+    if not fused:  # exported from an already fused network (e.g. by this script): one ordered list
+        convert_to_deploy(model)
+        keys = list(model.state_dict())
+        if len(copied) != len(keys):
+            raise SystemExit(f"parameter counts differ: {len(copied)} in the dir, {len(keys)} in the network")
+        state = dict(zip(keys, (params[n] for n in copied)))
+        _check_shapes(model, state)
+        return state
     blocks = [name for name, layer in model.named_sublayers() if isinstance(layer, RepVggBlock)]
     dropped = tuple(f"{b}.{part}" for b in blocks for part in ("conv1.", "conv2.", "alpha"))
     unfused_keys = [k for k in model.state_dict() if not k.startswith(dropped)]
@@ -53,11 +62,15 @@ def structured_state(model_dir: Path, model) -> dict[str, np.ndarray]:
         raise SystemExit(f"parameter counts differ: {len(copied)}/{len(unfused_keys)}, {len(fused)}/{len(fused_keys)}")
     state = dict(zip(unfused_keys, (params[n] for n in copied)))
     state.update(zip(fused_keys, (params[n] for n in fused)))
+    _check_shapes(model, state)
+    return state
+
+
+def _check_shapes(model, state: dict[str, np.ndarray]) -> None:
     target = model.state_dict()
     for k, v in state.items():
         if tuple(target[k].shape) != v.shape:
             raise SystemExit(f"{k}: shape {v.shape} in the dir, {tuple(target[k].shape)} in the network")
-    return state
 
 
 def main(argv=None) -> int:

@@ -10,15 +10,26 @@ from typing import Sequence
 from instseg_core.models import MODEL_SPECS
 
 
+def _int_option(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag} takes an integer or 'none', got {text!r}") from None
+
+
 def _predict(args: argparse.Namespace) -> int:
-    from instseg_core.inference.predictor import create_model
+    from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE, create_model
     from instseg_core.inputs import InputError
     from instseg_core.inference.model_dir import ModelDirError
 
     try:
+        side = args.max_mask_side
+        if side is not None:
+            side = None if side.lower() == "none" else _int_option("--max-mask-side", side)
         model = create_model(args.model, model_dir=args.model_dir, device=args.device, threshold=args.threshold,
                              batch_size=args.batch_size, cpu_threads=args.cpu_threads,
-                             enable_onednn=args.onednn, use_tensorrt=args.tensorrt, mask_format=args.mask_format)
+                             enable_onednn=args.onednn, use_tensorrt=args.tensorrt, mask_format=args.mask_format,
+                             max_mask_side=side if args.max_mask_side is not None else DEFAULT_MAX_MASK_SIDE)
         n = 0
         for res in model.predict(args.input, batch_size=args.batch_size, threshold=args.threshold):
             if not args.quiet:
@@ -68,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tensorrt", action="store_true", help="GPU: Paddle-TensorRT FP16 with an engine cache")
     pr.add_argument("--save-path", default=None, help="dir (or file) for <stem>_res.json and overlay images")
     pr.add_argument("--mask-format", choices=("paddlex", "rle"), default="paddlex")
+    pr.add_argument("--max-mask-side", default=None,
+                    help="longest side at which the graph draws masks; larger photos are presented scaled down and "
+                         "their kept masks upsampled (default 1333; 'none': full size, as PaddleX)")
     pr.add_argument("--quiet", action="store_true", help="do not print each result")
     pr.set_defaults(func=_predict)
 

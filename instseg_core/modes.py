@@ -49,11 +49,12 @@ def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def run_predict(cfg: dict[str, Any]) -> None:
     """Predict ``Predict.input`` with ``Predict.model_dir``; print and save every result."""
-    from instseg_core.inference.predictor import create_model
+    from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE, create_model
 
     g, p = _section(cfg, "Global"), _section(cfg, "Predict")
     device = str(g.get("device") or "cpu").split(",")[0]  # a multi-GPU training device list -> its first GPU
-    model = create_model(g["model"], model_dir=p.get("model_dir"), device=device, threshold=p.get("threshold"))
+    model = create_model(g["model"], model_dir=p.get("model_dir"), device=device, threshold=p.get("threshold"),
+                         max_mask_side=p.get("max_mask_side", DEFAULT_MAX_MASK_SIDE))
     for res in model.predict(p["input"], batch_size=p.get("batch_size", 1), threshold=p.get("threshold")):
         res.print()
         res.save_all(g.get("output", "output"))
@@ -129,7 +130,7 @@ def run_export(cfg: dict[str, Any]) -> Path:
     """Export ``Export.weight_path`` as an inference dir written directly in ``Global.output``
     (as PaddleX does). Labels come from the dataset when ``Global.dataset_dir`` has one, else
     from the official list (COCO-80) or ``class<i>`` names."""
-    from instseg_core.export import export_model
+    from instseg_core.export import DEFAULT_SCORE_FLOOR, export_model
     from instseg_core.training.recipes import recipe_for
 
     g, t, x = _section(cfg, "Global"), _section(cfg, "Train"), _section(cfg, "Export")
@@ -138,8 +139,11 @@ def run_export(cfg: dict[str, Any]) -> Path:
     labels = _dataset_labels(g.get("dataset_dir"), num_classes)
     # default: the trained size (square side; R-CNN/SOLOv2: keep-ratio short side, official 800)
     input_size = int(x.get("input_size") or recipe_for(g["model"], t).input_size)
+    # Export.score_floor: null keeps every detection the model's own rule keeps (see export_model)
+    floor = x.get("score_floor", DEFAULT_SCORE_FLOOR)
     return export_model(g["model"], weights, g.get("output", "output"), input_size=input_size,
-                        labels=labels, num_classes=num_classes, arch=dict(t.get("arch") or {}))
+                        labels=labels, num_classes=num_classes, arch=dict(t.get("arch") or {}),
+                        score_floor=None if floor is None else float(floor))
 
 
 def _dataset_labels(dataset_dir: Any, num_classes: int) -> list[str] | None:

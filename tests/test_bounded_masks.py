@@ -334,3 +334,14 @@ def test_threshold_below_the_graphs_score_floor_warns_once(caplog):
         for _ in range(2):
             model.predict_arrays([img], threshold=0.01)
     assert caplog.text.count("below the graph's score_floor 0.05") == 1
+
+
+def test_cli_max_mask_side_and_threshold_are_checked(capsys):
+    from instseg_core.cli import main
+
+    img = str(REPO / "samples" / "shapes_0.jpg")
+    for flag, value, word in (("--max-mask-side", "10", "max_mask_side"), ("--max-mask-side", "big", "--max-mask-side"),
+                              ("--threshold", "2", "threshold")):
+        assert main(["predict", "--model-dir", str(DEMO), "--input", img, "--quiet", flag, value]) == 2
+        assert word in capsys.readouterr().err
+    assert main(["predict", "--model-dir", str(DEMO), "--input", img, "--quiet", "--max-mask-side", "none"]) == 0

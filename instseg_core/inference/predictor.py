@@ -100,8 +100,9 @@ class InstanceSegPredictor:
         # memory): run each orientation as its own call, then restore input order.
         results: list[Instances | None] = [None] * len(samples)
         for group in _orientation_groups(samples):
-            for i, inst in zip(group, self._infer_batch([samples[i] for i in group], thr, rle)):
-                results[i] = inst
+            for call in _canvas_chunks(group, samples, self.max_mask_side):
+                for i, inst in zip(call, self._infer_batch([samples[i] for i in call], thr, rle)):
+                    results[i] = inst
         return results  # type: ignore[return-value]
 
     def _infer_batch(self, samples: Sequence[Sample], thr: float, rle: bool) -> list[Instances]:
@@ -211,6 +212,27 @@ def _orientation_groups(samples: Sequence[Sample]) -> list[list[int]]:
     landscape = [i for i, s in enumerate(samples) if s.padded_hw[1] >= s.padded_hw[0]]
     portrait = [i for i, s in enumerate(samples) if s.padded_hw[1] < s.padded_hw[0]]
     return [g for g in (landscape, portrait) if g]
+
+
+def _canvas_chunks(indices: list[int], samples: Sequence[Sample], max_mask_side: int | None) -> list[list[int]]:
+    """Split one graph call into several so that the mask canvases of a call (images x the largest
+    canvas among them) total at most one ``max_mask_side`` square: four 12 MP photos then cost
+    what one does, while small photos still share a call. No limit: one call."""
+    if max_mask_side is None:
+        return [indices]
+    budget = max_mask_side * max_mask_side
+    calls: list[list[int]] = []
+    current: list[int] = []
+    largest = 0
+    for i in indices:
+        h, w = samples[i].orig_hw
+        canvas = (h * samples[i].mask_scale) * (w * samples[i].mask_scale)
+        if current and (len(current) + 1) * max(largest, canvas) > budget:
+            calls.append(current)
+            current, largest = [], 0
+        current.append(i)
+        largest = max(largest, canvas)
+    return calls + [current] if current else calls
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -300,16 +300,10 @@ class PPYOLOEInsHead(nn.Layer):
         hmax = paddle.cast(paddle.max(ori[:, 0]), "int64")
         wmax = paddle.cast(paddle.max(ori[:, 1]), "int64")
         box = out[:, 2:6]  # input pixels
-        ly = _crop_resize_weights(ih, ph, paddle.round(ih / sf[:, 0]), hmax, img, box[:, 1:2], box[:, 3:4])
-        lx = _crop_resize_weights(iw, pw, paddle.round(iw / sf[:, 1]), wmax, img, box[:, 0:1], box[:, 2:3])
-        masks = paddle.matmul(paddle.matmul(ly, probs), lx, transpose_y=True)  # [N, H, W]
-
-        oh = paddle.gather(ori[:, 0], img).reshape([-1, 1, 1])
-        ow = paddle.gather(ori[:, 1], img).reshape([-1, 1, 1])
-        xs = paddle.arange(wmax, dtype="float32")
-        ys = paddle.arange(hmax, dtype="float32")
-        inside = (xs.reshape([1, 1, -1]) < ow) & (ys.reshape([1, -1, 1]) < oh)
-        masks = (masks > self.mask_threshold) & inside
+        ly = _crop_resize_weights(ih, ph, paddle.round(ih / sf[:, 0]), ori[:, 0], hmax, img, box[:, 1:2], box[:, 3:4])
+        lx = _crop_resize_weights(iw, pw, paddle.round(iw / sf[:, 1]), ori[:, 1], wmax, img, box[:, 0:1], box[:, 2:3])
+        # [N, H, W]: the one large tensor (rows/columns past each image's own size are 0 already)
+        masks = paddle.matmul(paddle.matmul(ly, probs), lx, transpose_y=True) > self.mask_threshold
 
         scale = paddle.gather(paddle.stack([sf[:, 1], sf[:, 0], sf[:, 1], sf[:, 0]], axis=1), img)
         bbox = paddle.concat([out[:, :2], box / scale], axis=-1)
@@ -322,23 +316,26 @@ class PPYOLOEInsHead(nn.Layer):
                 "mask": masks[:keep].astype("uint8")}
 
 
-def _crop_resize_weights(in_size: int, proto_size: int, resized: paddle.Tensor, out_size: paddle.Tensor,
-                         img: paddle.Tensor, lo_edge: paddle.Tensor, hi_edge: paddle.Tensor) -> paddle.Tensor:
+def _crop_resize_weights(in_size: int, proto_size: int, resized: paddle.Tensor, length: paddle.Tensor,
+                         out_size: paddle.Tensor, img: paddle.Tensor, lo_edge: paddle.Tensor,
+                         hi_edge: paddle.Tensor) -> paddle.Tensor:
     """One axis of the PP-YOLOE mask resize chain as per-detection matrices ``[N, out_size, proto_size]``.
 
     Prototype axis (``proto_size``) -> bilinear to the input axis (``in_size``) -> zero outside
     ``[lo_edge, hi_edge)`` (input pixel indices, the box crop) -> bilinear to each image's
-    ``resized`` length (``[B]``), of which the first ``out_size`` samples are kept. The second
-    resize has two taps per output sample; they pick rows of the (static) first-resize matrix, so
-    only ``[N, out_size, proto_size]`` tensors are built. ``img`` [N] is each detection's image.
+    ``resized`` length (``[B]``), of which the first ``length`` samples (``[B]``, the image's own
+    size) are kept and the rest, up to the batch's ``out_size``, zeroed. The second resize has two
+    taps per output sample; they pick rows of the (static) first-resize matrix, so only
+    ``[N, out_size, proto_size]`` tensors are built. ``img`` [N] is each detection's image.
     """
     first = bilinear_matrix((paddle.arange(in_size, dtype="float32") + 0.5) * (proto_size / in_size) - 0.5,
                             proto_size)  # [in, proto], the same for every image (static)
     pos = paddle.arange(out_size, dtype="float32") + 0.5  # [S]
     src = pos.unsqueeze(0) * (float(in_size) / resized.unsqueeze(1)) - 0.5  # [B, S]
     lo, hi, w_lo, w_hi = bilinear_taps(src, in_size)
+    inside = (pos.unsqueeze(0) < length.unsqueeze(1)).astype("float32")  # [B, S]: pos - 0.5 < length
     lo, hi = paddle.gather(lo, img), paddle.gather(hi, img)  # [N, S]
-    w_lo, w_hi = paddle.gather(w_lo, img), paddle.gather(w_hi, img)
+    w_lo, w_hi = paddle.gather(w_lo * inside, img), paddle.gather(w_hi * inside, img)
 
     def tap(index, weight):
         kept = weight * ((index.astype("float32") >= lo_edge) & (index.astype("float32") < hi_edge)).astype("float32")
