@@ -132,3 +132,22 @@ def test_bad_threshold_and_mask_side_are_one_line(tmp_path):
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr and word in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "o").exists()  # nothing started
+
+
+COCO_PHOTOS = REPO.parent / "shared" / "data" / "coco_tiny_val2017" / "val2017"
+
+
+@pytest.mark.skipif(not COCO_PHOTOS.is_dir(), reason="../shared/data/coco_tiny_val2017 not available")
+def test_readme_batch_command_on_80_coco_photos(tmp_path):
+    """The README's batch command at batch 4 on real photos (this used to hang in an OOM-restart loop)."""
+    n = len(list(COCO_PHOTOS.glob("*.jpg")))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "jobs.batch_predict", "--input", str(COCO_PHOTOS), "--output", str(out),
+                           "--model-dir", str(REPO / "samples" / "model"), "--batch-size", "4", "--labelme",
+                           "--ray-address", "local", "--num-cpus", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_written"] == summary["images_total"] == n == 80
+    assert summary["by_status"] == {"ok": 80} and summary["predictor_restarts"] == 0
+    assert "each actor reserves" in proc.stderr
