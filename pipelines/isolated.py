@@ -170,7 +170,8 @@ class IsolatedPredictor:
 
     # -- batches -------------------------------------------------------------------------------
     def __call__(self, items: list[Item]) -> list[Row]:
-        """Rows for ``items`` (one per item, in order); failures are rows, never exceptions."""
+        """Rows for ``items``, one per item (in the order the handler gives them, then split halves in
+        order); failures are rows, never exceptions."""
         if not items:
             return []
         if self._proc is None or not self._proc.is_alive():
