@@ -4,7 +4,9 @@ A linear chain of stages::
 
     source (listing or manifest) -> skip images already written (resume)
       -> read bytes (tasks)                      bad reads become error rows, never exceptions
-      -> SegmentationActor (actor pool, GPUs)    decode + predict + RLE; dense masks stay inside
+      -> SegmentationActor (actor pool, GPUs)    size check; decode + predict + RLE in its predictor
+                                                 process (RowMaker), which an image that exhausts memory,
+                                                 crashes or hangs costs only its own row
       -> write parts (tasks)                     one Parquet file per ~rows_per_file rows, atomic
     then, on the driver: de-duplicate, COCO results + COCO dataset (+ LabelMe), summary.json
 
@@ -143,7 +145,7 @@ class RowMaker:
     Built inside the child of :class:`~pipelines.isolated.IsolatedPredictor` (one per actor), so
     dense masks, decoded photos and the graph's buffers live and die there."""
 
-    def __init__(self, cfg: "BatchPredictConfig"):
+    def __init__(self, cfg: BatchPredictConfig):
         from instseg_core import create_model
         from pipelines.model_source import local_model_dir
 
