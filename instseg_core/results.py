@@ -19,12 +19,10 @@ Mask formats:
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
 import mimetypes
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
@@ -34,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from instseg_core import masks as M
+from instseg_core.io import atomic_write
 from instseg_core.structures import Instances
 from instseg_core.visualize import draw_instances, label_for
 
@@ -267,28 +266,6 @@ def _pil_format(suffix: str) -> str | None:
 # ---------------------------------------------------------------------- atomic files
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask is racy)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write via a temp file in the target directory and ``os.replace``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write)

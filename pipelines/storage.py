@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
+
+from instseg_core.io import atomic_write
 
 
 @dataclass(frozen=True)
@@ -96,19 +97,7 @@ def write_bytes_atomic(uri: str, data: bytes, s3: S3Options | None = None) -> No
         with fs.open(uri, "wb") as f:
             f.write(data)
         return
-    path = os.path.abspath(uri)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(os.path.abspath(uri), lambda f: f.write(data), fsync=True)
 
 
 def temp_name(final_name: str) -> str:

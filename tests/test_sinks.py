@@ -36,3 +36,27 @@ def test_done_ids_dedup_and_summary(tmp_path):
     s = summarize(out)
     # a, c ok (1 instance each); b, d errors; the second copy of c was dropped
     assert s == {"images": 4, "by_status": {"ok": 2, "error": 2}, "errors_by_kind": {"corrupt": 2}, "instances": 2}
+
+
+def test_part_files_and_summary_follow_the_umask(tmp_path):
+    """Outputs are readable by the team (0644 under umask 022), not mkstemp's 0600; splits too."""
+    import json
+    import os
+    import stat
+
+    from instseg_core.datasets.split import write_json_replacing
+    from pipelines.sinks import write_json, write_part
+
+    old = os.umask(0o022)
+    try:
+        part = write_part(rows_to_table([error_row("/x.jpg", "corrupt", "bad", "r", "m")]), str(tmp_path / "out"))
+        write_json(str(tmp_path / "out" / "summary.json"), {"a": 1})
+        target = tmp_path / "ann.json"
+        target.write_text("{}")
+        backup = write_json_replacing(target, {"b": 2})
+    finally:
+        os.umask(old)
+    for path in (part, tmp_path / "out" / "summary.json", target):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+    assert backup is not None and json.loads(backup.read_text()) == {} and json.loads(target.read_text()) == {"b": 2}
+    assert not [p for p in tmp_path.rglob(".*.tmp")]

@@ -31,12 +31,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from instseg_core.datasets.check import DatasetError
+from instseg_core.io import atomic_write
 
 __all__ = ["SplitError", "split_coco_dataset", "backup_existing", "write_json_replacing"]
 
@@ -67,28 +67,20 @@ def backup_existing(path: Path) -> Path | None:
     return candidate
 
 
-def _write_text_tmp(path: Path, text: str) -> Path:
-    # Temp file in the same directory so the final move is an atomic rename on one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    return Path(tmp)
-
-
 def write_json_replacing(path: Path, obj: Any) -> Path | None:
     """Write ``obj`` as compact UTF-8 JSON to ``path``; an existing file is first backed up.
 
     Returns the backup path (``None`` when there was nothing to back up).
     """
-    path = Path(path)
-    tmp = _write_text_tmp(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
-    try:
-        backup = backup_existing(path)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return backup
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    backups: list[Path | None] = []
+
+    def publish(tmp: Path, target: Path) -> None:
+        backups.append(backup_existing(target))
+        os.replace(tmp, target)
+
+    atomic_write(path, lambda f: f.write(text), publish=publish)
+    return backups[0]
 
 
 def _load_coco(path: Path) -> dict[str, Any]:
