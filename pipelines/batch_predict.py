@@ -404,16 +404,19 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
 
     cfg.run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     s3 = cfg.s3()
-    labels, model_name = validate_model_source(cfg.model_name, cfg.model_dir, s3)
-    cfg.model_name = cfg.model_name or model_name
     if cfg.threshold is not None:
         cfg.threshold = check_threshold(cfg.threshold)
     cfg.max_mask_side = check_max_mask_side(cfg.max_mask_side)
+    source = validate_model_source(cfg.model_name, cfg.model_dir, s3)
+    labels = source.labels
+    cfg.model_name = cfg.model_name or source.model_name
+    # the threshold the actors apply (the flag, else the model's draw_threshold), for the record
+    threshold = cfg.threshold if cfg.threshold is not None else source.draw_threshold
     _size_actors(cfg)
     started = time.time()
     done_ids = done_image_ids(cfg.output, s3)
     log.info("run %s: %s -> %s with %s (threshold %s, batch %d); %d image(s) already written", cfg.run_id,
-             redact(cfg.input), redact(cfg.output), cfg.model_label, cfg.threshold, cfg.batch_size, len(done_ids))
+             redact(cfg.input), redact(cfg.output), cfg.model_label, threshold, cfg.batch_size, len(done_ids))
     ds, total = build_dataset(cfg, done_ids)
     progress = Progress(total, len(done_ids), cfg.progress_interval_s)
     for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -430,7 +433,7 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     totals = summarize(cfg.output, s3)
     wall = time.time() - started
     summary = {
-        "run_id": cfg.run_id, "model": cfg.model_label, "threshold": cfg.threshold, "batch_size": cfg.batch_size,
+        "run_id": cfg.run_id, "model": cfg.model_label, "threshold": threshold, "batch_size": cfg.batch_size,
         "input": redact(cfg.input), "output": redact(cfg.output), "images_total": total,
         "images_this_run": progress.done, "images_before_this_run": len(done_ids), "duplicates_removed": dropped,
         "images_written": totals["images"], "by_status": totals["by_status"],

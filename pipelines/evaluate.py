@@ -221,7 +221,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if not cfg.model_name and not cfg.model_dir:
         raise ValueError("give a model name or a model dir")
     ds = load_eval_dataset(cfg.dataset_dir, cfg.split, s3)
-    labels, model_name = validate_model_source(cfg.model_name, cfg.model_dir, s3)
+    source = validate_model_source(cfg.model_name, cfg.model_dir, s3)
+    labels, model_name = source.labels, source.model_name
     label_mismatch = check_labels(labels, ds)
     log.info("evaluating %s on %s (%s: %d images, %d annotations, %d categories)",
              cfg.model_name or redact(cfg.model_dir or ""), redact(ds.root), cfg.split, len(ds.gt["images"]),

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from instseg_core.inference.download import cache_root
-from instseg_core.inference.model_dir import GRAPH_FILES, PARAMS_FILE, CONFIG_FILE, resolve_model_dir
+from instseg_core.inference.model_dir import CONFIG_FILE, GRAPH_FILES, PARAMS_FILE, ModelDir, resolve_model_dir
 from pipelines.storage import S3Options, fsspec_fs, is_remote, redact
 
 
@@ -51,8 +51,8 @@ def local_model_dir(model_dir: str, s3: S3Options | None = None) -> str:
 
 
 def validate_model_source(model_name: str | None, model_dir: str | None,
-                          s3: S3Options | None = None) -> tuple[list[str], str | None]:
-    """Check the model on the driver before any Ray work starts; returns (labels, model name)."""
+                          s3: S3Options | None = None) -> ModelDir:
+    """Check the model on the driver before any Ray work starts; returns its (local) dir: labels,
+    model name, ``draw_threshold``."""
     local = local_model_dir(model_dir, s3) if model_dir else None
-    md = resolve_model_dir(model_name, local)
-    return md.labels, md.model_name
+    return resolve_model_dir(model_name, local)

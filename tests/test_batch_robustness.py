@@ -110,6 +110,7 @@ def test_job_survives_an_oom_image_and_a_crashing_image(tmp_path):
     # each failure costs a fresh predictor process; a batch holding a failing image among others is split
     assert summary["batch_splits"] >= 1 and summary["predictor_restarts"] >= 2
     assert summary["actor_memory_gb"] == 0.65 and summary["max_mask_side"] == 1333
+    assert summary["threshold"] == 0.5
     assert "retrying it as" in log and "skipping" in log
 
     import pyarrow.parquet as pq
@@ -150,4 +151,5 @@ def test_readme_batch_command_on_80_coco_photos(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images_written"] == summary["images_total"] == n == 80
     assert summary["by_status"] == {"ok": 80} and summary["predictor_restarts"] == 0
+    assert summary["threshold"] == 0.5  # the effective one: the model's draw_threshold, not null
     assert "each actor reserves" in proc.stderr
