@@ -10,6 +10,18 @@ COCO_IMAGES = SHARED / "data" / "coco_tiny_val2017" / "val2017"
 SAMPLES = REPO / "samples"
 
 
+# Set by .ci/run: a tool the suite installs itself (the PaddleX venv, moto_server) being absent is
+# a broken set-up, so its tests fail instead of skipping unnoticed.
+REQUIRE_TOOLS_ENV = "INSTSEG_REQUIRE_TOOLS"
+
+
+def missing_tool(message: str) -> None:
+    """Skip the test for a missing tool, or fail it when the run requires every tool (CI)."""
+    if os.environ.get(REQUIRE_TOOLS_ENV) == "1":
+        pytest.fail(f"{message} ({REQUIRE_TOOLS_ENV}=1: required in this run)", pytrace=False)
+    pytest.skip(message)
+
+
 def _paddlex_python() -> str | None:
     cand = os.environ.get("INSTSEG_PADDLEX_PYTHON") or str(REPO / ".venv-paddlex" / "bin" / "python")
     return cand if Path(cand).exists() else None
@@ -20,7 +32,7 @@ def paddlex_python() -> str:
     """Interpreter of the PaddleX 3.7.2 venv (`make test` builds it); tests needing it skip otherwise."""
     py = _paddlex_python()
     if py is None:
-        pytest.skip("PaddleX 3.7.2 venv not found (run `make test`, or set INSTSEG_PADDLEX_PYTHON)")
+        missing_tool("PaddleX 3.7.2 venv not found (run `make test`, or set INSTSEG_PADDLEX_PYTHON)")
     return py
 
 
@@ -76,7 +88,7 @@ def s3_server():
 
     moto = Path(sys.executable).parent / "moto_server"
     if not moto.exists():
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+        missing_tool("moto_server not installed (pip install 'moto[server]')")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
