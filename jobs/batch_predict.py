@@ -19,11 +19,11 @@ import logging
 import os
 import sys
 from dataclasses import fields
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import yaml
 
-from pipelines.batch_predict import BatchPredictConfig, JobSettingsError, run_batch_predict
+from pipelines.batch_predict import BatchPredictConfig, JobSettingsError, check_settings, run_batch_predict
 
 
 def _side(value: str) -> int | str:
@@ -66,8 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-interval-s", type=float)
     p.add_argument("--ray-address", help="Ray cluster to join (default: the running one, else start a local one; "
                                          "'local' always starts a new local one)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of setting errors")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray started by this job (default >= 4)")
     return p
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def config_from_args(args: argparse.Namespace) -> BatchPredictConfig:
@@ -79,15 +85,15 @@ def config_from_args(args: argparse.Namespace) -> BatchPredictConfig:
     known = {f.name for f in fields(BatchPredictConfig)}
     unknown = set(values) - known
     if unknown:
-        raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        _fail(f"{args.config}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     values.update({k: v for k, v in vars(args).items() if k in known and v is not None})
     if values.get("max_mask_side") in ("none", "None"):
         values["max_mask_side"] = None
     missing = [k for k in ("input", "output") if not values.get(k)]
     if missing:
-        raise SystemExit(f"missing --{' and --'.join(missing)}")
+        _fail(f"missing --{' and --'.join(missing)}")
     if not values.get("model_name") and not values.get("model_dir"):
-        raise SystemExit("give --model NAME or --model-dir DIR")
+        _fail("give --model NAME or --model-dir DIR")
     return BatchPredictConfig(**values)
 
 
@@ -114,19 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    from instseg_core.inference.predictor import check_max_mask_side, check_threshold
-
-    try:  # a user mistake is one line, before Ray starts
-        if cfg.threshold is not None:
-            check_threshold(cfg.threshold)
-        check_max_mask_side(cfg.max_mask_side)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    connect_ray(args.ray_address, args.num_cpus)
     try:
+        check_settings(cfg)  # a user mistake is one line, before Ray starts
+        connect_ray(args.ray_address, args.num_cpus)
         summary = run_batch_predict(cfg)
     except JobSettingsError as e:
-        raise SystemExit(f"error: {e}") from None
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0 if summary["images_written"] >= summary["images_total"] else 1
 

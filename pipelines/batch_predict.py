@@ -357,6 +357,36 @@ class Progress:
                  prefix, self.done, todo, self.already_done, self.rate, self.errors)
 
 
+def check_settings(cfg: BatchPredictConfig):
+    """Check what can be checked before any Ray work (numbers in range, the output not a file, the
+    model loadable on this machine); normalises ``cfg`` in place and returns the model's dir.
+    Raises :class:`JobSettingsError` with a one-line message naming the setting."""
+    from pipelines.model_source import validate_model_source
+
+    try:
+        if cfg.threshold is not None:
+            cfg.threshold = check_threshold(cfg.threshold)
+        cfg.max_mask_side = check_max_mask_side(cfg.max_mask_side)
+    except ValueError as e:
+        raise JobSettingsError(str(e)) from None
+    for name in ("batch_size", "rows_per_file", "read_batch_size", "max_pixels", "min_actors"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise JobSettingsError(f"{name} must be a positive integer, got {value!r}")
+    for name in ("num_actors", "max_actors"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise JobSettingsError(f"{name} must be a positive integer, got {value!r}")
+    if cfg.predict_timeout_s <= 0 or (cfg.actor_memory_gb is not None and cfg.actor_memory_gb <= 0):
+        raise JobSettingsError("predict_timeout_s and actor_memory_gb must be positive")
+    if not is_remote(cfg.output) and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        raise JobSettingsError(f"output {cfg.output} is a file; give a directory (or an s3:// prefix)")
+    try:
+        return validate_model_source(cfg.model_name, cfg.model_dir, cfg.s3())
+    except (ValueError, OSError) as e:  # ModelDirError, a missing/unreadable dir, a failed download
+        raise JobSettingsError(f"model: {e}") from None
+
+
 def _largest_node_memory_gb() -> float | None:
     """The most Ray ``memory`` resource any alive node offers (None when Ray does not say)."""
     import ray
@@ -398,16 +428,12 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
     import ray
 
     from pipelines.exports import write_coco_dataset, write_coco_results, write_labelme, iter_rows
-    from pipelines.model_source import validate_model_source
     from pipelines.sinks import deduplicate_parts, list_parts, remove_staging_files, summarize, write_json
     from pipelines.storage import join
 
     cfg.run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     s3 = cfg.s3()
-    if cfg.threshold is not None:
-        cfg.threshold = check_threshold(cfg.threshold)
-    cfg.max_mask_side = check_max_mask_side(cfg.max_mask_side)
-    source = validate_model_source(cfg.model_name, cfg.model_dir, s3)
+    source = check_settings(cfg)
     labels = source.labels
     cfg.model_name = cfg.model_name or source.model_name
     # the threshold the actors apply (the flag, else the model's draw_threshold), for the record

@@ -123,16 +123,31 @@ def test_job_survives_an_oom_image_and_a_crashing_image(tmp_path):
     assert all(by_name[p.name]["status"] == "ok" and by_name[p.name]["num_instances"] > 0 for p in shapes)
 
 
-def test_bad_threshold_and_mask_side_are_one_line(tmp_path):
-    for flag, value, word in (("--threshold", "2", "threshold"), ("--max-mask-side", "10", "max_mask_side"),
-                              ("--actor-memory-gb", "100000", "more than the largest Ray node offers")):
-        proc = subprocess.run([sys.executable, "-m", "jobs.batch_predict", "--input", str(REPO / "samples" / "shapes"),
-                               "--output", str(tmp_path / "o"), "--model-dir", str(REPO / "samples" / "model"),
-                               "--ray-address", "local", flag, value], cwd=REPO, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode != 0
-        assert "Traceback" not in proc.stderr and word in proc.stderr, proc.stderr[-2000:]
-        assert not (tmp_path / "o").exists()  # nothing started
+def test_user_mistakes_are_one_line_before_ray_starts(tmp_path):
+    """Each mistake: exit code 2, one ``error:`` line naming the setting, no traceback, no output
+    written, and (but for the memory one, which needs the cluster's size) no Ray started."""
+    shapes, model = str(REPO / "samples" / "shapes"), str(REPO / "samples" / "model")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["--threshold", "2"], "threshold"),
+        (["--max-mask-side", "10"], "max_mask_side"),
+        (["--batch-size", "0"], "batch_size must be a positive integer"),
+        (["--model-dir", str(tmp_path / "nowhere")], "does not exist"),
+        (["--model-dir", shapes], "incomplete"),
+        (["--output", str(a_file)], "is a file"),
+        (["--actor-memory-gb", "100000"], "more than the largest Ray node offers"),
+    ]
+    for extra, words in cases:
+        args = {"--input": shapes, "--output": str(tmp_path / "o"), "--model-dir": model}
+        flags = [a for k, v in args.items() if k not in extra for a in (k, v)]
+        proc = subprocess.run([sys.executable, "-m", "jobs.batch_predict", *flags, *extra, "--ray-address", "local"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and f"error: " in proc.stderr and words in proc.stderr, proc.stderr[-2000:]
+        if "--actor-memory-gb" not in extra:
+            assert "Started a local Ray" not in proc.stderr, extra
+        assert not (tmp_path / "o").exists()
 
 
 COCO_PHOTOS = REPO.parent / "shared" / "data" / "coco_tiny_val2017" / "val2017"
