@@ -63,6 +63,8 @@ def test_train_resume_evaluate_export_through_the_cli(shapes_dataset, tmp_path):
     best = record["models"]["best"]
     assert (out / best["inference_config"]).is_file() and (out / best["pdiparams"]).is_file()
     assert "mask AP" in (out / "train.log").read_text()
+    # the last line says where the result is
+    assert f"weights {out / 'best_model' / 'best_model.pdparams'}" in r.stderr, r.stderr[-2000:]
 
     # resume from the last epoch: one more epoch, the epoch counter continues (AMP asked on CPU:
     # a warning, not a failure)

@@ -379,7 +379,11 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics, ckpt_dir)
         if is_main:
-            return json.loads((s.output / "train_result.json").read_text(encoding="utf-8"))
+            result = json.loads((s.output / "train_result.json").read_text(encoding="utf-8"))
+            if best.get("pdparams"):  # say where the result is (PaddleX's layout under Global.output)
+                log.info("training done: best mask AP %.4f; weights %s; inference dir %s", best["score"],
+                         s.output / best["pdparams"], s.output / "best_model" / "inference")
+            return result
         return {"done_flag": True}
     finally:
         if handler is not None:
