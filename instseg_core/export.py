@@ -104,19 +104,39 @@ class _MaskRTDETRExport(nn.Layer):
                                   self.model.num_top_queries, score_floor=self.score_floor)
 
 
-def _load_weights(model: nn.Layer, weights: Any) -> None:
+# Keys a weights file may omit: constants the network sets itself (PP-YOLOE's DFL projection 0..16).
+OPTIONAL_KEYS = frozenset({"yolo_head.proj_conv.weight"})
+
+
+def _load_weights(model: nn.Layer, weights: Any, strict: bool) -> None:
+    """Load ``weights`` (None, a state dict, or a ``.pdparams`` path/URL/``s3://`` URI, read by the
+    restricted unpickler, never ``paddle.load``) into ``model``. Missing or shape-mismatched keys
+    are an error naming the first few unless ``strict=False`` (then a warning): an export with
+    weights that fit nothing would otherwise give a full inference dir of random weights."""
+    from .modeling.weights import WeightsError, load_weights, read_pdparams
+
     if weights is None:
         return
-    if isinstance(weights, (str, os.PathLike)):
-        weights = paddle.load(str(weights))
+    if isinstance(weights, (str, os.PathLike, bytes)):
+        weights = read_pdparams(weights)
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be None, a state dict or a .pdparams path, got {type(weights)!r}")
-    state = {k: (v if isinstance(v, paddle.Tensor) else paddle.to_tensor(np.asarray(v)))
-             for k, v in weights.items()}
-    missing, unexpected = model.set_state_dict(state)
-    if missing or unexpected:
-        warnings.warn(f"weights: {len(missing)} missing keys (e.g. {list(missing)[:3]}), "
-                      f"{len(unexpected)} unexpected keys (e.g. {list(unexpected)[:3]})")
+    arrays = {k: (v.numpy() if isinstance(v, paddle.Tensor) else np.asarray(v)) for k, v in weights.items()}
+    report = load_weights(model, arrays, strict_shapes=False)
+    missing = [k for k in report.missing if k not in OPTIONAL_KEYS]
+    if not (missing or report.skipped):
+        return
+    total = len(model.state_dict())
+    message = (f"the weights do not fit the network: {len(missing)} of its {total} keys missing"
+               + (f" (e.g. {', '.join(missing[:4])})" if missing else "")
+               + (f", {len(report.skipped)} with another shape (e.g. {', '.join(report.skipped[:4])})"
+                  if report.skipped else "")
+               + f"; {len(report.unexpected)} keys of the file unused"
+               + (f" (e.g. {', '.join(report.unexpected[:4])})" if report.unexpected else ""))
+    if strict:
+        raise WeightsError(f"{message}. Wrong model name or num_classes? To export anyway, pass strict=False "
+                           f"(-o Export.strict=False)")
+    warnings.warn(f"{message}; exporting anyway (strict=False)")
 
 
 def preprocess_for_size(ops: list[dict], input_size: int | None) -> list[dict]:
@@ -171,10 +191,12 @@ def _model_name_of(model: nn.Layer) -> str:
 
 def export_model(model_or_name, weights, output_dir, *, input_size: int | None = None, labels=None,
                  draw_threshold: float = 0.5, num_classes: int | None = None, arch: dict | None = None,
-                 score_floor: float | None = DEFAULT_SCORE_FLOOR) -> Path:
+                 score_floor: float | None = DEFAULT_SCORE_FLOOR, strict: bool = True) -> Path:
     """Export ``model_or_name`` (an official name or a built network) with ``weights``.
 
-    ``weights``: None (keep the model's), a state dict, or a ``.pdparams`` path. ``num_classes``
+    ``weights``: None (keep the model's), a state dict, or a ``.pdparams`` path, URL or ``s3://``
+    URI (read without unpickling code). Keys missing from them or of another shape are an error
+    (:class:`~instseg_core.modeling.weights.WeightsError` listing some) unless ``strict=False``. ``num_classes``
     sizes a network built by name (default: ``len(labels)``, else the official label count) and ``arch``
     passes architecture overrides to :func:`~instseg_core.modeling.build_model`. The model is
     deep-copied before fusing, so a passed-in network is left in its training form.
@@ -210,7 +232,7 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
         name = _model_name_of(model_or_name)
         spec = get_spec(name)
         model = copy.deepcopy(model_or_name)
-    _load_weights(model, weights)
+    _load_weights(model, weights, strict)
     model.eval()
     convert_to_deploy(model)
 

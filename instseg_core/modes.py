@@ -143,7 +143,7 @@ def run_export(cfg: dict[str, Any]) -> Path:
     floor = x.get("score_floor", DEFAULT_SCORE_FLOOR)
     return export_model(g["model"], weights, g.get("output", "output"), input_size=input_size,
                         labels=labels, num_classes=num_classes, arch=dict(t.get("arch") or {}),
-                        score_floor=None if floor is None else float(floor))
+                        score_floor=None if floor is None else float(floor), strict=bool(x.get("strict", True)))
 
 
 def _dataset_labels(dataset_dir: Any, num_classes: int) -> list[str] | None:

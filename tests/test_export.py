@@ -198,3 +198,59 @@ def test_graph_runs_under_onednn_and_with_no_detection(exported, tmp_path):
         assert bbox_num.tolist() == [1, 0] and mask.shape[0] == 1 and not mask.any()
         assert [len(r.boxes) for r in pred.infer(samples, threshold=0.0)] == [0, 0]
         assert len(pred.infer(pred.preprocess([img2]), threshold=0.0)[0].boxes) == 0
+
+
+def test_weights_that_do_not_fit_are_an_error_unless_not_strict(tmp_path):
+    """A .pdparams with one unrelated key used to give a full inference dir of random weights
+    and a warning; now it is an error naming missing keys (strict=False still exports)."""
+    import pickle
+
+    import paddle
+
+    from instseg_core.export import export_model
+    from instseg_core.modeling.weights import WeightsError
+
+    path = tmp_path / "unrelated.pdparams"
+    paddle.save({"foo.weight": paddle.zeros([3])}, str(path))
+    with pytest.raises(WeightsError, match=r"keys missing \(e\.g\. backbone\..*foo\.weight"):
+        export_model("PP-YOLOE_seg-S", path, tmp_path / "x", input_size=64)
+    assert not (tmp_path / "x" / "inference.json").exists()
+    with pytest.warns(UserWarning, match="exporting anyway"):
+        out = export_model("PP-YOLOE_seg-S", path, tmp_path / "y", input_size=64, strict=False)
+    assert (out / "inference.json").is_file()
+
+    # a file whose weights have another shape (another class count) is named too
+    state = weights_rule().fill(state_shapes(MODEL))
+    state["yolo_head.pred_cls.0.weight"] = np.zeros((3, 384, 3, 3), np.float32)
+    with pytest.raises(WeightsError, match="another shape .*pred_cls.0.weight"):
+        export_model("PP-YOLOE_seg-S", state, tmp_path / "z", input_size=64)
+
+    # the path is read without unpickling code: a pickle with a payload is refused, not run
+    class Payload:
+        def __reduce__(self):
+            return (eval, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.pdparams"
+    evil.write_bytes(pickle.dumps({"x": Payload()}))
+    with pytest.raises(WeightsError, match="forbidden global"):
+        export_model("PP-YOLOE_seg-S", evil, tmp_path / "e", input_size=64)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_export_with_wrong_weights_is_one_line(tmp_path, caplog):
+    import json
+    import logging
+
+    import paddle
+
+    from instseg_core.cli import main
+
+    path = tmp_path / "unrelated.pdparams"
+    paddle.save({"foo.weight": paddle.zeros([3])}, str(path))
+    with caplog.at_level(logging.ERROR, logger="instseg"):
+        rc = main(["run", "-c", "shapes_tiny", "-o", "Global.mode=export", "-o", f"Export.weight_path={path}",
+                   "-o", f"Global.output={tmp_path / 'out'}"])
+    assert rc == 1 and "do not fit the network" in caplog.text and "Export.strict=False" in caplog.text
+    record = json.loads((tmp_path / "out" / "export_result.json").read_text())
+    assert record["done_flag"] is False and "WeightsError" in record["err_type"]
+    assert not (tmp_path / "out" / "inference.json").exists()
