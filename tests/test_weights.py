@@ -222,3 +222,45 @@ def test_official_model_key_set(tmp_path):
     assert report.unexpected == [extra]
     assert report.missing == []
     assert report.loaded == len(sd)
+
+
+def test_small_file_cannot_make_the_reader_allocate(tmp_path):
+    """bytearray(2**30) from a ~50-byte pickle is refused before any allocation; bytearray(data),
+    as pickles of real bytearrays hold, still loads."""
+    import pickle
+    import resource
+
+    class Bomb:
+        def __reduce__(self):
+            return (bytearray, (2**30,))
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for protocol in (2, 4):
+        bomb = pickle.dumps({"w": Bomb()}, protocol=protocol)
+        assert len(bomb) < 80
+        with pytest.raises(WeightsError, match=r"bytearray\(int\)"):
+            read_pdparams(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 * 1024  # KiB: far from 1 GiB
+    for protocol in (2, 4, 5):
+        data = pickle.dumps({"w": np.arange(6, dtype=np.float32), "blob": bytearray(b"\x00\x01")}, protocol=protocol)
+        assert read_pdparams(data)["w"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_no_unsafe_loader_on_user_paths_in_the_package():
+    """Every weights file goes through read_pdparams: no paddle.load / pickle.load(s) / np.load with
+    allow_pickle in the package code (docstrings aside)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("instseg_core", "pipelines", "jobs"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.Call):
+                    continue
+                f = node.func
+                name = f"{getattr(f.value, 'id', '?')}.{f.attr}" if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                pickled_np = name == "np.load" and any(k.arg == "allow_pickle" for k in node.keywords)
+                if name in ("paddle.load", "pickle.load", "pickle.loads") or pickled_np:
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    assert offenders == [], offenders

@@ -73,8 +73,19 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
 
 
+def _bytearray_from_data(*args: Any) -> bytearray:
+    """``bytearray`` for pickles, from data only: ``bytearray(n)`` would let a 50-byte file make
+    the reader allocate ``n`` bytes before anything is checked."""
+    if args and not isinstance(args[0], (bytes, bytearray, memoryview, str)):
+        raise WeightsError(f"refusing to load weights: bytearray({type(args[0]).__name__}) in the pickle "
+                           f"(only bytearray(data) is allowed)")
+    return bytearray(*args)
+
+
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if name == "bytearray" and module in ("builtins", "__builtin__"):
+            return _bytearray_from_data
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise WeightsError(
