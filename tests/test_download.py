@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -360,3 +361,35 @@ def test_concurrent_threads_download_once(server: Server, tmp_path: Path) -> Non
         t.join(20)
     assert len(results) == 4 and len(set(results)) == 1
     assert server.state.gets == 1
+
+
+def test_first_download_is_pinned_and_a_changed_file_refused(server: Server, tmp_path: Path) -> None:
+    """Trust on first use: the first tarball's sha256 is recorded; a later download of the same URL
+    (cache cleared) with other bytes is refused, with both hashes and the pins file named."""
+    out = fetch_official_model(NAME, server.url(), cache_dir=tmp_path)
+    first = hashlib.sha256(server.state.payload).hexdigest()
+    pins = json.loads((tmp_path / download.PINS_FILE).read_text())
+    assert pins == {server.url(): first}
+    shutil.rmtree(out)
+    server.state.payload = make_tar({**MODEL_FILES, "inference.yml": b"Global: {model_name: evil}\n"})
+    with pytest.raises(DownloadError, match=f"changed: .*{first}") as ei:
+        fetch_official_model(NAME, server.url(), cache_dir=tmp_path)
+    assert download.PINS_FILE in str(ei.value)
+    assert not out.exists() and leftovers(tmp_path) == []
+    # the same bytes as the first time download again
+    server.state.payload = make_tar(MODEL_FILES)
+    assert (fetch_official_model(NAME, server.url(), cache_dir=tmp_path) / "inference.yml").is_file()
+
+
+def test_download_and_extraction_sizes_are_capped(server: Server, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = len(server.state.payload)
+    monkeypatch.setattr(download, "MAX_DOWNLOAD_BYTES", payload - 1)
+    with pytest.raises(DownloadError, match="more than the .* MB an inference model can be"):
+        fetch_official_model(NAME, server.url(), cache_dir=tmp_path)
+    monkeypatch.setattr(download, "MAX_DOWNLOAD_BYTES", 1 << 30)
+    # a small archive whose members unpack to more than the cap (sizes from the tar headers)
+    monkeypatch.setattr(download, "MAX_EXTRACT_BYTES", sum(len(v) for v in MODEL_FILES.values()) - 1)
+    with pytest.raises(DownloadError, match="would unpack to"):
+        fetch_official_model(NAME, server.url(), cache_dir=tmp_path)
+    assert not (tmp_path / "official_models" / NAME).exists() and leftovers(tmp_path) == []

@@ -53,6 +53,13 @@ CONFIG_FILE = "inference.yml"
 GRAPH_FILES = ("inference.json", "inference.pdmodel")  # PIR json (Paddle 3) or legacy ProgramDesc
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: tarballs reach ~450 MB, so never hold one in memory
+# Caps far above the largest official model (Mask-RT-DETR-H, ~450 MB) so a wrong URL, a hostile
+# server or a decompression bomb cannot fill the disk. Module-level so tests can lower them.
+MAX_DOWNLOAD_BYTES = 4 << 30
+MAX_EXTRACT_BYTES = 4 << 30
+# url -> sha256 of the first download (trust on first use): a later download of the same URL
+# (cache cleared, other machine sharing INSTSEG_HOME) must match it
+PINS_FILE = "official_sha256.json"
 PROGRESS_EVERY_S = 5.0
 # First retry waits RETRY_BACKOFF_S, then doubles up to RETRY_BACKOFF_MAX_S. Module-level so tests
 # can set it to 0.
@@ -149,6 +156,12 @@ def fetch_official_model(
         tmp_dir: Path | None = None
         try:
             size, digest = _download(url, tmp_tar, timeout=timeout, retries=retries)
+            pinned = _pinned_sha256(root, url)
+            if sha256 is None and pinned is not None and digest != pinned:
+                raise DownloadError(
+                    f"sha256 of {url} changed: {digest}, but the first download (recorded in "
+                    f"{root / PINS_FILE}) was {pinned}; the download was discarded. If the new file is "
+                    f"trusted, remove that entry")
             if sha256 is not None and digest.lower() != sha256.lower():
                 raise DownloadError(
                     f"sha256 mismatch for {url}: expected {sha256.lower()}, got {digest}; the "
@@ -161,6 +174,8 @@ def fetch_official_model(
                                     "sha256": digest, "files": files})
             _replace_dir(tmp_dir, target, tmp_prefix)
             tmp_dir = None
+            if pinned is None:
+                _pin_sha256(root, url, digest)
         except OSError as e:  # local disk trouble (ENOSPC, permissions); network errors are wrapped earlier
             raise DownloadError(
                 f"writing model {model_name} into {models_dir} failed: {e}; check free space and "
@@ -279,6 +294,9 @@ def _content_length(resp: http.client.HTTPResponse) -> int | None:
 
 def _stream(resp: BinaryIO, dest: Path, url: str, expected: int | None) -> tuple[int, str]:
     """Copy the body to ``dest`` in chunks, hashing and logging progress; check the length."""
+    if expected is not None and expected > MAX_DOWNLOAD_BYTES:
+        raise DownloadError(f"{url} is {expected / 1e6:.0f} MB, more than the {MAX_DOWNLOAD_BYTES / 1e6:.0f} MB "
+                            f"an inference model can be; not downloading it")
     total = f"{expected / 1e6:.1f} MB" if expected is not None else "unknown size"
     logger.info("downloading %s (%s)", url, total)
     sha = hashlib.sha256()
@@ -296,6 +314,9 @@ def _stream(resp: BinaryIO, dest: Path, url: str, expected: int | None) -> tuple
             out.write(chunk)  # OSError here is a local disk problem, reported by the caller
             sha.update(chunk)
             received += len(chunk)
+            if received > MAX_DOWNLOAD_BYTES:
+                raise DownloadError(f"{url} sent more than {MAX_DOWNLOAD_BYTES / 1e6:.0f} MB, more than an "
+                                    f"inference model can be; the download was discarded")
             now = time.monotonic()
             if now - last_log >= PROGRESS_EVERY_S:
                 last_log = now
@@ -381,6 +402,10 @@ def _extract_model(tar_path: Path, dest: Path, url: str) -> list[str]:
         missing = _missing_files(top_files)
         if missing:
             raise DownloadError(f"{url} is incomplete: missing {', '.join(missing)} in the archive")
+        unpacked = sum(m.size for m in selected if m.isreg())
+        if unpacked > MAX_EXTRACT_BYTES:  # sizes from the headers, checked before writing a byte
+            raise DownloadError(f"{url} would unpack to {unpacked / 1e6:.0f} MB, more than "
+                                f"{MAX_EXTRACT_BYTES / 1e6:.0f} MB; not extracting it")
         try:
             if hasattr(tarfile, "data_filter"):  # 3.12 / 3.11.4+: second line of defence
                 tar.extractall(dest, members=selected, filter="data")
@@ -389,6 +414,29 @@ def _extract_model(tar_path: Path, dest: Path, url: str) -> list[str]:
         except (tarfile.TarError, EOFError) as e:
             raise DownloadError(f"{url}: extraction failed ({e})") from None
     return sorted(top_files)
+
+
+def _pinned_sha256(root: Path, url: str) -> str | None:
+    try:
+        pins = json.loads((root / PINS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = pins.get(url) if isinstance(pins, dict) else None
+    return str(value).lower() if value else None
+
+
+def _pin_sha256(root: Path, url: str, digest: str) -> None:
+    """Record the first download's hash (called under the model's lock; other models' entries kept)."""
+    from instseg_core.io import atomic_write
+
+    path = root / PINS_FILE
+    try:
+        pins = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pins = {}
+    pins = pins if isinstance(pins, dict) else {}
+    pins[url] = digest
+    atomic_write(path, lambda f: f.write(json.dumps(pins, indent=1, sort_keys=True).encode("utf-8")))
 
 
 def _write_marker(model_dir: Path, info: dict[str, object]) -> None:
