@@ -23,7 +23,7 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
 
 def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
     """Convert (LabelMe) -> split -> check -> analyse, in PaddleX's order."""
-    from instseg_core.datasets.check import check_dataset
+    from instseg_core.datasets.check import check_dataset, summary_lines
 
     g, cd = _section(cfg, "Global"), _section(cfg, "CheckDataset")
     dataset_dir = g.get("dataset_dir")
@@ -44,7 +44,10 @@ def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
 
         log.info("re-splitting %s: %s", dataset_dir,
                  split_coco_dataset(dataset_dir, split.get("train_percent"), split.get("val_percent")))
-    return check_dataset(dataset_dir, g.get("output", "output"))
+    result = check_dataset(dataset_dir, g.get("output", "output"))
+    for line in summary_lines(result):
+        (log.info if result.get("check_pass") else log.error)("%s", line)
+    return result
 
 
 def run_predict(cfg: dict[str, Any]) -> None:
@@ -171,13 +174,15 @@ MODE_RUNNERS: dict[str, Callable[[dict[str, Any]], Any]] = {
 
 
 def run_config(cfg: dict[str, Any]) -> int:
-    """Run the config's mode; returns the process exit status (0 ok, 1 failed)."""
+    """Run the config's mode; returns the process exit status (0 ok, 1 failed: an error, or a dataset that
+    fails its check)."""
     check_config(cfg)
     g = cfg["Global"]
     mode, output = g["mode"], Path(g.get("output", "output"))
     try:
-        MODE_RUNNERS[mode](cfg)
-        return 0
+        result = MODE_RUNNERS[mode](cfg)
+        # a dataset that fails its check is a failed run (the result file says why, as PaddleX's)
+        return 1 if isinstance(result, dict) and result.get("check_pass") is False else 0
     except Exception as e:  # noqa: BLE001 - every failure becomes PaddleX's error record
         log.error("%s failed: %s: %s", mode, type(e).__name__, e)
         output.mkdir(parents=True, exist_ok=True)

@@ -425,3 +425,25 @@ def test_summarize_problems() -> None:
     assert bbox["examples"] == [{"split": "train", "message": "box 0", "ids": {"ann_id": 0}},
                                 {"split": "train", "message": "box 1", "ids": {"ann_id": 1}}]
     json.dumps(summary)  # JSON-ready
+
+
+def test_cli_check_dataset_on_a_broken_dataset_fails_with_a_summary(tmp_path: Path, mini_used: dict, caplog) -> None:
+    """`instseg run ... check_dataset` used to exit 0 and say nothing useful: now it logs the
+    verdict and each problem kind with examples, and exits 1."""
+    import logging
+
+    from instseg_core.cli import main
+
+    train, val = copy.deepcopy(mini_used), copy.deepcopy(mini_used)
+    ds = build_dataset(tmp_path / "ds", train, val)
+    root = ds / "coco1"
+    missing = val["images"][0]["file_name"]
+    (root / "images" / missing).unlink()
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="instseg"):
+        rc = main(["run", "-c", "shapes_tiny", "-o", "Global.mode=check_dataset", "-o", f"Global.dataset_dir={ds}",
+                   "-o", f"Global.output={out}"])
+    assert rc == 1
+    assert "dataset check FAILED: " in caplog.text and "image_missing x" in caplog.text and missing in caplog.text
+    result = json.loads((out / "check_dataset_result.json").read_text())
+    assert result["done_flag"] is True and result["check_pass"] is False  # the report is kept, not replaced

@@ -407,6 +407,19 @@ def summarize_problems(problems: Iterable[Problem], max_examples: int = 20) -> d
             "by_kind": {k: by_kind[k] for k in sorted(by_kind, key=rank)}}
 
 
+def summary_lines(result: dict[str, Any], examples: int = 2) -> list[str]:
+    """A short human summary of a ``check_dataset`` result: the verdict, then each problem kind
+    (errors first) with its count and the first ``examples`` messages."""
+    deep = result.get("deep_check") or {}
+    verdict = "passed" if result.get("check_pass") else "FAILED"
+    lines = [f"dataset check {verdict}: {deep.get('error_count', 0)} error(s), "
+             f"{deep.get('warning_count', 0)} warning(s)"]
+    for kind, entry in (deep.get("by_kind") or {}).items():
+        shown = "; ".join(f"{e['split']}: {e['message']}" for e in entry["examples"][:examples])
+        lines.append(f"  {entry['level']} {kind} x{entry['count']}: {shown}")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------
 # demo drawing
 
@@ -617,5 +630,5 @@ def _check_dataset(dataset_dir: Path, out: Path, sample_num: int, max_examples: 
 
 __all__ = [
     "KIND_LEVELS", "DatasetError", "Problem", "check_annotations", "check_dataset", "check_image", "draw_demo",
-    "summarize_problems",
+    "summarize_problems", "summary_lines",
 ]
