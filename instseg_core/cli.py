@@ -4,10 +4,37 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from instseg_core.models import MODEL_SPECS
+
+
+class _OutputNames:
+    """Output stems that never collide in one run: an image found in an input directory keeps its
+    path below it (``a/img`` and ``b/img`` -> ``<save>/a/img_res.json``, ``<save>/b/img_res.json``);
+    a name seen before gets ``_2``, ``_3``..."""
+
+    def __init__(self, inputs: Any):
+        items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        self.dirs = [os.path.abspath(str(i)) for i in items if isinstance(i, (str, os.PathLike)) and os.path.isdir(i)]
+        self.seen: dict[str, int] = {}
+        self.given: dict[str, str] = {}  # input path -> its stem (the pages of one TIFF share it)
+
+    def stem_for(self, input_path: str | None) -> str | None:
+        if not input_path or "://" in input_path:
+            return None  # URLs and arrays: the result's own naming
+        path = os.path.abspath(input_path)
+        if path not in self.given:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            for d in self.dirs:
+                if path.startswith(d + os.sep):
+                    stem = os.path.splitext(os.path.relpath(path, d))[0]
+                    break
+            n = self.seen[stem] = self.seen.get(stem, 0) + 1
+            self.given[path] = stem if n == 1 else f"{stem}_{n}"
+        return self.given[path]
 
 
 def _int_option(flag: str, text: str) -> int:
@@ -31,10 +58,12 @@ def _predict(args: argparse.Namespace) -> int:
                              enable_onednn=args.onednn, use_tensorrt=args.tensorrt, mask_format=args.mask_format,
                              max_mask_side=side if args.max_mask_side is not None else DEFAULT_MAX_MASK_SIDE)
         n = 0
+        names = _OutputNames(args.input)
         for res in model.predict(args.input, batch_size=args.batch_size, threshold=args.threshold):
             if not args.quiet:
                 res.print(format_json=False)
             if args.save_path:
+                res.output_stem = names.stem_for(res["input_path"])
                 res.save_all(args.save_path)
             n += 1
     except (InputError, ModelDirError, ValueError) as e:

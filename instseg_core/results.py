@@ -70,6 +70,8 @@ class InstanceSegResult(dict):
         self.mask_format = mask_format
         # PaddleX names the files of a path-less result "<unix time>_<4 random digits>", once per object.
         self._anonymous_stem = f"{int(time.time())}_{random.randint(1000, 9999)}"
+        # set by a caller saving many results into one folder (e.g. ``a/img``) to keep names unique
+        self.output_stem: str | None = None
         self["input_path"] = input_path
         self["page_index"] = page_index
         self["input_img"] = input_img
@@ -148,9 +150,12 @@ class InstanceSegResult(dict):
     # ------------------------------------------------------------------ naming
 
     def _stem(self) -> str:
-        """File stem for outputs: the input's base name (``<name>_<page>`` for pages)."""
+        """File stem for outputs: ``output_stem`` if set, else the input's base name (``<name>_<page>``
+        for pages)."""
         input_path = self["input_path"]
-        if input_path:
+        if self.output_stem:
+            stem = self.output_stem
+        elif input_path:
             stem = Path(_path_part(input_path)).stem
         else:
             stem = self._anonymous_stem

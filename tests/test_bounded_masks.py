@@ -345,3 +345,4 @@ def test_cli_max_mask_side_and_threshold_are_checked(capsys):
         assert main(["predict", "--model-dir", str(DEMO), "--input", img, "--quiet", flag, value]) == 2
         assert word in capsys.readouterr().err
     assert main(["predict", "--model-dir", str(DEMO), "--input", img, "--quiet", "--max-mask-side", "none"]) == 0
+

@@ -1,0 +1,29 @@
+"""``instseg predict``: what it writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "samples" / "model"
+
+
+def test_cli_outputs_of_same_named_images_do_not_overwrite(tmp_path):
+    """`instseg predict --input dir/` with a/img.jpg and b/img.jpg writes two result files (paths
+    kept below the input dir); the same file given twice gets a `_2` name."""
+    from instseg_core.cli import main
+
+    src = tmp_path / "in"
+    for sub in ("a", "b"):
+        (src / sub).mkdir(parents=True)
+        (src / sub / "img.jpg").write_bytes((REPO / "samples" / "shapes_0.jpg").read_bytes())
+    out = tmp_path / "out"
+    assert main(["predict", "--model-dir", str(DEMO), "--input", str(src), "--quiet", "--save-path", str(out)]) == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*_res.*"))
+    assert written == ["a/img_res.jpg", "a/img_res.json", "b/img_res.jpg", "b/img_res.json"], written
+    assert json.loads((out / "b" / "img_res.json").read_text())["input_path"].endswith("b/img.jpg")
+    out2 = tmp_path / "out2"
+    img = str(src / "a" / "img.jpg")
+    assert main(["predict", "--model-dir", str(DEMO), "--input", img, str(src / "b" / "img.jpg"), "--quiet",
+                 "--save-path", str(out2)]) == 0
+    assert sorted(p.name for p in out2.glob("*_res.json")) == ["img_2_res.json", "img_res.json"]
