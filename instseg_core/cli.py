@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from instseg_core.models import MODEL_SPECS
 
@@ -57,20 +57,57 @@ def _predict(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, cpu_threads=args.cpu_threads,
                              enable_onednn=args.onednn, use_tensorrt=args.tensorrt, mask_format=args.mask_format,
                              max_mask_side=side if args.max_mask_side is not None else DEFAULT_MAX_MASK_SIDE)
-        n = 0
+        n = skipped = 0
         names = _OutputNames(args.input)
-        for res in model.predict(args.input, batch_size=args.batch_size, threshold=args.threshold):
+        save_file = _save_file_kind(args.save_path)
+        for res in _results(model, args):
+            if isinstance(res, InputError):  # --skip-errors: report and go on
+                print(f"instseg: skipped: {res}", file=sys.stderr)
+                skipped += 1
+                continue
             if not args.quiet:
                 res.print(format_json=False)
-            if args.save_path:
+            if save_file and n == 1:
+                raise ValueError(f"--save-path {args.save_path} is a file and holds one image's result; give a "
+                                 f"directory to save several")
+            if save_file == "json":
+                res.save_to_json(args.save_path)
+            elif save_file == "image":
+                res.save_to_img(args.save_path)
+            elif args.save_path:
                 res.output_stem = names.stem_for(res["input_path"])
                 res.save_all(args.save_path)
             n += 1
     except (InputError, ModelDirError, ValueError) as e:
         print(f"instseg: error: {e}", file=sys.stderr)
         return 2
-    logging.getLogger("instseg").info("predicted %d image(s)", n)
-    return 0
+    logging.getLogger("instseg").info("predicted %d image(s)%s", n, f", skipped {skipped}" if skipped else "")
+    return 1 if skipped else 0
+
+
+def _save_file_kind(save_path: str | None) -> str | None:
+    """``"json"`` / ``"image"`` when ``--save-path`` names a file of that kind, else None (a directory)."""
+    if not save_path or os.path.isdir(save_path):
+        return None
+    suffix = os.path.splitext(save_path)[1].lower()
+    if suffix == ".json":
+        return "json"
+    return "image" if suffix in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff") else None
+
+
+def _results(model: Any, args: argparse.Namespace) -> Iterator[Any]:
+    """The results, in order; with ``--skip-errors`` a bad input yields its InputError instead of
+    ending the run (each input item is then predicted on its own)."""
+    if not args.skip_errors:
+        yield from model.predict(args.input, batch_size=args.batch_size, threshold=args.threshold)
+        return
+    from instseg_core.inputs import InputError, iter_input_items
+
+    for item in iter_input_items(args.input):
+        try:
+            yield from model.predict(item, batch_size=1, threshold=args.threshold)
+        except InputError as e:
+            yield e
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -106,12 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cpu-threads", type=int, default=None)
     pr.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=None, help="force oneDNN on/off")
     pr.add_argument("--tensorrt", action="store_true", help="GPU: Paddle-TensorRT FP16 with an engine cache")
-    pr.add_argument("--save-path", default=None, help="dir (or file) for <stem>_res.json and overlay images")
+    pr.add_argument("--save-path", default=None,
+                    help="dir for <stem>_res.json and overlay images; a .json or image file path saves that one "
+                         "file of a single image")
     pr.add_argument("--mask-format", choices=("paddlex", "rle"), default="paddlex")
     pr.add_argument("--max-mask-side", default=None,
                     help="longest side at which the graph draws masks; larger photos are presented scaled down and "
                          "their kept masks upsampled (default 1333; 'none': full size, as PaddleX)")
     pr.add_argument("--quiet", action="store_true", help="do not print each result")
+    pr.add_argument("--skip-errors", action="store_true",
+                    help="report an unreadable input and go on (exit code 1 at the end) instead of stopping")
     pr.set_defaults(func=_predict)
 
     rn = sub.add_parser("run", help="run a module config (PaddleX layout): check_dataset, predict, ...")

@@ -27,3 +27,35 @@ def test_cli_outputs_of_same_named_images_do_not_overwrite(tmp_path):
     assert main(["predict", "--model-dir", str(DEMO), "--input", img, str(src / "b" / "img.jpg"), "--quiet",
                  "--save-path", str(out2)]) == 0
     assert sorted(p.name for p in out2.glob("*_res.json")) == ["img_2_res.json", "img_res.json"]
+
+
+def test_save_path_file_and_skip_errors(tmp_path, capsys):
+    """A .json or image --save-path is that file (one image); for several images it is a clear error.
+    --skip-errors reports a corrupt image and goes on (exit code 1), instead of stopping at it."""
+    from instseg_core.cli import main
+
+    img = str(REPO / "samples" / "shapes_0.jpg")
+    assert main(["predict", "--model-dir", str(DEMO), "--input", img, "--quiet", "--save-path",
+                 str(tmp_path / "one.json")]) == 0
+    assert json.loads((tmp_path / "one.json").read_text())["input_path"] == img
+    assert main(["predict", "--model-dir", str(DEMO), "--input", img, "--quiet", "--save-path",
+                 str(tmp_path / "over.png")]) == 0
+    assert (tmp_path / "over.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["predict", "--model-dir", str(DEMO), "--input", str(REPO / "samples" / "shapes"), "--quiet",
+                 "--save-path", str(tmp_path / "many.png")]) == 2
+    assert "holds one image's result" in capsys.readouterr().err
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        (src / name).write_bytes((REPO / "samples" / "shapes_0.jpg").read_bytes())
+    (src / "b.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    assert main(["predict", "--model-dir", str(DEMO), "--input", str(src), "--quiet", "--save-path", str(out)]) == 2
+    assert "b.jpg" in capsys.readouterr().err
+    assert main(["predict", "--model-dir", str(DEMO), "--input", str(src), "--quiet", "--skip-errors",
+                 "--save-path", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "skipped: " in err and "b.jpg" in err
+    assert sorted(p.name for p in out.glob("*_res.json")) == ["a_res.json", "c_res.json"]
