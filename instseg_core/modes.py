@@ -142,7 +142,7 @@ def run_export(cfg: dict[str, Any]) -> Path:
     labels = _dataset_labels(g.get("dataset_dir"), num_classes)
     # default: the trained size (square side; R-CNN/SOLOv2: keep-ratio short side, official 800)
     input_size = int(x.get("input_size") or recipe_for(g["model"], t).input_size)
-    # Export.score_floor: null keeps every detection the model's own rule keeps (see export_model)
+    # Export.score_floor: None (YAML null) keeps every detection the model's own rule keeps (see export_model)
     floor = x.get("score_floor", DEFAULT_SCORE_FLOOR)
     return export_model(g["model"], weights, g.get("output", "output"), input_size=input_size,
                         labels=labels, num_classes=num_classes, arch=dict(t.get("arch") or {}),
