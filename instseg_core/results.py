@@ -25,7 +25,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -124,7 +124,7 @@ class InstanceSegResult(dict):
         """
         path = self._output_path(save_path, _is_json_path(save_path), ".json")
         text = json.dumps(self.json["res"], indent=indent, ensure_ascii=ensure_ascii)
-        _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
         return str(path)
 
     def save_to_img(self, save_path: PathLike) -> str:
@@ -139,7 +139,7 @@ class InstanceSegResult(dict):
         if fmt is None:
             raise ValueError(f"cannot write an image with extension {path.suffix!r}: {path}")
         image = self.img["res"]
-        _atomic_write(path, lambda f: image.save(f, format=fmt))
+        atomic_write(path, lambda f: image.save(f, format=fmt))
         return str(path)
 
     def save_all(self, save_path: PathLike) -> None:
@@ -271,6 +271,3 @@ def _pil_format(suffix: str) -> str | None:
 # ---------------------------------------------------------------------- atomic files
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write via a temp file in the target directory and ``os.replace``: readers never see a partial file."""
-    atomic_write(path, write)

@@ -75,6 +75,10 @@ class BatchPredictConfig:
     def s3(self) -> S3Options:
         return S3Options.from_env(self.s3_endpoint, self.s3_region)
 
+    def error_row(self, uri: str, kind: str, message: str) -> dict[str, Any]:
+        """The output row of an image that failed, stamped with this run and model."""
+        return error_row(uri, kind, message, self.run_id or "", self.model_label)
+
     @property
     def model_label(self) -> str:
         return self.model_name or os.path.basename(str(self.model_dir).rstrip("/"))
@@ -161,9 +165,6 @@ class RowMaker:
         self.labels = self.model.labels
         log.info("predictor process on %s loaded %s", socket.gethostname(), cfg.model_label)
 
-    def _error(self, uri: str, kind: str, message: str) -> dict[str, Any]:
-        return error_row(uri, kind, message, self.cfg.run_id or "", self.cfg.model_label)
-
     def __call__(self, items: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         images: list[tuple[str, np.ndarray]] = []
@@ -171,9 +172,10 @@ class RowMaker:
             try:
                 images.append((uri, decode_image_bytes(data, redact(uri))))
             except InputError as e:
-                rows.append(self._error(uri, e.kind, str(e)))
+                rows.append(self.cfg.error_row(uri, e.kind, str(e)))
             except Exception as e:  # noqa: BLE001
-                rows.append(self._error(uri, "corrupt", f"cannot decode {redact(uri)}: {type(e).__name__}: {e}"))
+                rows.append(self.cfg.error_row(uri, "corrupt",
+                                               f"cannot decode {redact(uri)}: {type(e).__name__}: {e}"))
         del items
         rows.extend(self._predict(images))
         return rows
@@ -191,8 +193,8 @@ class RowMaker:
                 log.exception("prediction failed for %s", redact(uri))
                 import traceback
 
-                return [self._error(uri, "predict_error", f"prediction failed for {redact(uri)}: "
-                                                          f"{traceback.format_exc(limit=1).strip().splitlines()[-1]}")]
+                cause = traceback.format_exc(limit=1).strip().splitlines()[-1]
+                return [self.cfg.error_row(uri, "predict_error", f"prediction failed for {redact(uri)}: {cause}")]
             return [row for item in images for row in self._predict([item])]
 
 
@@ -213,12 +215,9 @@ class SegmentationActor:
         cfg = BatchPredictConfig(**config)
         self.cfg = cfg
         limit = int(cfg.actor_memory_gb * 2**30) if cfg.actor_memory_gb else None
-        self.predictor = IsolatedPredictor(make_row_maker, config, self._error, memory_limit=limit,
+        self.predictor = IsolatedPredictor(make_row_maker, config, cfg.error_row, memory_limit=limit,
                                            timeout_s=cfg.predict_timeout_s * max(1, cfg.batch_size))
         self._reported = (0, 0)
-
-    def _error(self, uri: str, kind: str, message: str) -> dict[str, Any]:
-        return error_row(uri, kind, message, self.cfg.run_id or "", self.cfg.model_label)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict[str, Any]] = []
@@ -226,12 +225,12 @@ class SegmentationActor:
         for rec in batch.to_pylist():
             uri = rec["uri"]
             if rec["read_error"] is not None:
-                rows.append(self._error(uri, rec["read_error_kind"] or "read_error", rec["read_error"]))
+                rows.append(self.cfg.error_row(uri, rec["read_error_kind"] or "read_error", rec["read_error"]))
                 continue
             size = _image_size(rec["data"])
             if size and size[0] * size[1] > self.cfg.max_pixels:
-                rows.append(self._error(uri, "too_large", f"{redact(uri)} is {size[0]}x{size[1]} pixels, more than "
-                                                          f"max_pixels={self.cfg.max_pixels}"))
+                rows.append(self.cfg.error_row(uri, "too_large", f"{redact(uri)} is {size[0]}x{size[1]} pixels, "
+                                                                  f"more than max_pixels={self.cfg.max_pixels}"))
                 continue
             items.append((uri, rec["data"]))
         rows.extend(self.predictor(items))
@@ -240,9 +239,8 @@ class SegmentationActor:
         stats = self.predictor.stats
         splits, restarts = stats.batch_splits - self._reported[0], stats.child_restarts - self._reported[1]
         self._reported = (stats.batch_splits, stats.child_restarts)
-        extra = np.zeros(table.num_rows, dtype=np.int32)
-        table = table.append_column("batch_splits", pa.array(_first(extra, splits)))
-        return table.append_column("predictor_restarts", pa.array(_first(extra, restarts)))
+        table = table.append_column("batch_splits", _on_first_row(table.num_rows, splits))
+        return table.append_column("predictor_restarts", _on_first_row(table.num_rows, restarts))
 
     def __del__(self):
         predictor = getattr(self, "predictor", None)
@@ -250,11 +248,9 @@ class SegmentationActor:
             predictor.close()
 
 
-def _first(zeros: np.ndarray, value: int) -> np.ndarray:
-    out = zeros.copy()
-    if len(out):
-        out[0] = value
-    return out
+def _on_first_row(num_rows: int, value: int) -> pa.Array:
+    """An int32 column holding ``value`` on the first row and 0 on the others."""
+    return pa.array([value] + [0] * (num_rows - 1) if num_rows else [], pa.int32())
 
 
 # ---------------------------------------------------------------- stage 3: write parts (tasks)
