@@ -121,9 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     try:
-        check_settings(cfg)  # a user mistake is one line, before Ray starts
+        plan = check_settings(cfg)  # a user mistake is one line, before Ray starts
         connect_ray(args.ray_address, args.num_cpus)
-        summary = run_batch_predict(cfg)
+        summary = run_batch_predict(cfg, plan)
     except JobSettingsError as e:
         if args.debug:
             raise

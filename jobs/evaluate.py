@@ -8,8 +8,9 @@
 Writes OUT/evaluate_result.json ({"done_flag": true, "metrics": {"AP": <mask AP>, "segm": {...},
 "bbox": {...}}, ...}), OUT/coco_results.json (detections with the dataset's image and category
 ids) and OUT/predictions/ (the batch-labelling outputs; a rerun with the same OUT resumes). On
-failure it writes PaddleX's {"done_flag": false, "err_type", "err_msg"} and exits 1; it also exits
-1 when some images could not be predicted (they count as misses).
+failure it writes PaddleX's {"done_flag": false, "err_type", "err_msg"}: a user mistake (dataset, model,
+labels, settings) is one line and exit code 2 before Ray starts; other failures exit 1, as do runs
+where some images could not be predicted (they count as misses).
 """
 
 from __future__ import annotations
@@ -48,18 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster to join (default: the running one, else start a local one; "
                                          "'local' always starts a new local one)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray started by this job (default >= 4)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of setting errors")
     return p
+
+
+def _record_failure(cfg, error: BaseException) -> None:
+    """PaddleX's failure record in OUT/evaluate_result.json (best effort: the error is what matters)."""
+    from pipelines.evaluate import RESULT_FILE
+    from pipelines.sinks import write_json
+    from pipelines.storage import join
+
+    try:
+        write_json(join(cfg.output, RESULT_FILE),
+                   {"done_flag": False, "err_type": type(error).__name__, "err_msg": str(error)}, cfg.s3())
+    except Exception:  # noqa: BLE001
+        logging.getLogger("instseg").exception("cannot write %s", RESULT_FILE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if not args.model_name and not args.model_dir:
-        raise SystemExit("give --model NAME or --model-dir DIR")
+        print("error: give --model NAME or --model-dir DIR", file=sys.stderr)
+        return 2
 
-    from pipelines.evaluate import RESULT_FILE, EvaluateConfig, run_evaluate
-    from pipelines.sinks import write_json
-    from pipelines.storage import join
+    from pipelines.batch_predict import JobSettingsError
+    from pipelines.evaluate import EvaluateConfig, LabelMismatchError, prepare_evaluation, run_evaluate
 
     cfg = EvaluateConfig(
         dataset_dir=args.dataset_dir, output=args.output, model_name=args.model_name, model_dir=args.model_dir,
@@ -69,15 +84,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_threads=args.cpu_threads, backend=args.backend, s3_endpoint=args.s3_endpoint, s3_region=args.s3_region,
         progress_interval_s=args.progress_interval_s)
     try:
+        plan = prepare_evaluation(cfg)  # a user mistake is one line, before Ray starts
+    except (JobSettingsError, LabelMismatchError) as e:
+        _record_failure(cfg, e)
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         connect_ray(args.ray_address, args.num_cpus)
-        result = run_evaluate(cfg)
+        result = run_evaluate(cfg, plan)
     except Exception as e:  # noqa: BLE001 - PaddleX's failure record, then a non-zero exit
         logging.getLogger("instseg").exception("evaluation failed")
-        try:
-            write_json(join(args.output, RESULT_FILE),
-                       {"done_flag": False, "err_type": type(e).__name__, "err_msg": str(e)}, cfg.s3())
-        except Exception:  # noqa: BLE001 - the original error is what matters
-            logging.getLogger("instseg").exception("cannot write %s", RESULT_FILE)
+        _record_failure(cfg, e)
         print(f"evaluate: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: result[k] for k in ("metrics", "images", "images_failed", "detections")}, indent=2))

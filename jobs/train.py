@@ -7,7 +7,8 @@ run that works on one machine scales out unchanged::
         -o Global.dataset_dir=s3://bucket/shapes -o Train.num_classes=4 \\
         --num-workers 4 --use-gpu --storage-path s3://bucket/runs --name shapes-ft --max-failures 2
 
-Prints the final metrics and checkpoint location as JSON; exit status 0 on success.
+Prints the final metrics and checkpoint location as JSON; exit status 0 on success, 2 (one line,
+before Ray starts) for a mistake in the config, the dataset or the storage path.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import logging
 import sys
 from typing import Sequence
 
-from instseg_core.config import apply_overrides, check_config, load_config
+from instseg_core.config import ConfigError, apply_overrides, check_config, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,14 +34,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts allowed (default 2)")
     p.add_argument("--ray-address", default=None, help="cluster address; 'local' starts a private local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a locally started Ray")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of setting errors")
     return p
+
+
+def check_job(cfg: dict, args: argparse.Namespace) -> None:
+    """The user's mistakes, before Ray starts: bad Train settings, a dataset that is missing or has
+    another class count than ``Train.num_classes``, a storage path that is a file or unreachable.
+    Raises :class:`pipelines.batch_predict.JobSettingsError` with one line."""
+    import os
+
+    from instseg_core.datasets.coco import DatasetError
+    from instseg_core.training.engine import TrainSettings
+    from pipelines.batch_predict import JobSettingsError, storage_errors
+    from pipelines.evaluate import load_eval_dataset
+    from pipelines.storage import S3Options, fsspec_fs, is_remote
+
+    if args.num_workers < 1 or args.max_failures < 0 or args.cpus_per_worker <= 0:
+        raise JobSettingsError("--num-workers and --cpus-per-worker must be positive, --max-failures >= 0")
+    try:
+        settings = TrainSettings.from_config(cfg)
+    except ValueError as e:
+        raise JobSettingsError(str(e)) from None
+    s3 = S3Options.from_env()
+    with storage_errors("dataset", settings.dataset_dir):
+        try:
+            train = load_eval_dataset(settings.dataset_dir, "train", s3)
+            load_eval_dataset(settings.dataset_dir, "val", s3)
+        except DatasetError as e:
+            raise JobSettingsError(f"dataset: {e}") from None
+    if len(train.category_ids) != settings.num_classes:
+        names = ", ".join(train.category_names[:10]) + (", ..." if len(train.category_names) > 10 else "")
+        raise JobSettingsError(f"Train.num_classes={settings.num_classes} but {train.annotation_uri} has "
+                               f"{len(train.category_ids)} categories ({names}); set -o Train.num_classes="
+                               f"{len(train.category_ids)}")
+    if not is_remote(args.storage_path) and os.path.isfile(args.storage_path):
+        raise JobSettingsError(f"--storage-path {args.storage_path} is a file; give a directory or s3:// prefix")
+    with storage_errors("storage path", args.storage_path):
+        fsspec_fs(args.storage_path, s3).exists(args.storage_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    cfg = apply_overrides(load_config(args.config), list(args.override) + ["Global.mode=train"])
-    check_config(cfg)
+    from pipelines.batch_predict import JobSettingsError
+
+    try:  # a user mistake is one line, before Ray starts
+        cfg = apply_overrides(load_config(args.config), list(args.override) + ["Global.mode=train"])
+        check_config(cfg)
+        check_job(cfg, args)
+    except (ConfigError, JobSettingsError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from jobs.batch_predict import connect_ray
     from pipelines.train import fine_tune_on_ray
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +35,8 @@ from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE, check_max_ma
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
 from pipelines.rows import ROW_SCHEMA, error_row, image_id_for, ok_row, rows_to_table
 from pipelines.sinks import done_image_ids, write_part
-from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, redact
+from pipelines.sources import Source, SourceError, input_root, resolve_source
+from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, redact, storage_error_message
 
 log = logging.getLogger("instseg")
 
@@ -274,14 +278,12 @@ def _compute(cfg: BatchPredictConfig):
     return ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors or cfg.min_actors)
 
 
-def build_dataset(cfg: BatchPredictConfig, done_ids: np.ndarray):
+def build_dataset(cfg: BatchPredictConfig, src: Source, done_ids: np.ndarray):
     """The lazy Ray Dataset of the whole chain (nothing runs until it is iterated)."""
     import ray
 
-    from pipelines.sources import resolve_source
     from pipelines.storage import arrow_fs
 
-    src = resolve_source(cfg.input, cfg.extensions, cfg.s3())
     if src.parquet_manifest is not None:
         fs, path = arrow_fs(src.parquet_manifest, cfg.s3())
         ds = ray.data.read_parquet(path, filesystem=fs, columns=[src.uri_column])
@@ -303,30 +305,62 @@ def build_dataset(cfg: BatchPredictConfig, done_ids: np.ndarray):
     # Bounded fault tolerance: an actor Ray itself kills (node memory pressure, a lost node) is
     # recreated and its batch retried a few times, then the job fails with the error; Ray Data's
     # defaults (-1, -1) retry forever, which is how a job used to hang in an OOM-restart loop.
-    ds = ds.map_batches(SegmentationActor, fn_constructor_kwargs={"config": asdict(cfg)},
-                        batch_size=cfg.batch_size, batch_format="pyarrow", compute=_compute(cfg),
-                        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
-                        memory=int(cfg.actor_memory_gb * 2**30) if cfg.actor_memory_gb else None,
-                        max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)
+    with warnings.catch_warnings():
+        # Ray 2.60 names no parameter for max_restarts/max_task_retries yet, and deprecates passing
+        # them as ray_remote_args: this is still the only way to bound the restarts
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        ds = ds.map_batches(SegmentationActor, fn_constructor_kwargs={"config": asdict(cfg)},
+                            batch_size=cfg.batch_size, batch_format="pyarrow", compute=_compute(cfg),
+                            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
+                            memory=int(cfg.actor_memory_gb * 2**30) if cfg.actor_memory_gb else None,
+                            max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)
     ds = ds.map_batches(write_batch, batch_size=cfg.rows_per_file, batch_format="pyarrow",
                         fn_kwargs={"output": cfg.output, "s3": cfg.s3()})
     return ds, total
 
 
+def _duration(seconds: float) -> str:
+    """``95`` -> ``1m35s``; ``7300`` -> ``2h01m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Progress:
-    """Periodic progress lines (images done / total, images/s, errors) for logs and `ray job logs`."""
+    """Progress lines for logs and `ray job logs`: images done / to do, images/s, errors and an ETA,
+    every ``interval_s`` seconds whether or not a part file arrived (a background ticker), so a
+    slow model or a long start-up still says what is happening; ``interval_s <= 0`` logs once per
+    part file instead. Use as a context manager."""
 
     def __init__(self, total: int, already_done: int, interval_s: float):
         self.total, self.already_done, self.interval_s = total, already_done, interval_s
         self.done = self.errors = self.instances = self.batch_splits = self.predictor_restarts = 0
-        self.t0 = self.last = time.monotonic()
+        self.t0 = time.monotonic()
         self.t_first: float | None = None  # first output: start-up (Ray, actors, model load) is over
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def __enter__(self) -> "Progress":
+        if self.interval_s > 0:  # 0: a line per part file instead (update logs)
+            self._ticker = threading.Thread(target=self._tick, name="instseg-progress", daemon=True)
+            self._ticker.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.log()
 
     def update(self, summary: pa.Table) -> None:
-        now = time.monotonic()
         if self.t_first is None:
-            self.t_first = now
-        self.done += summary.num_rows
+            self.t_first = time.monotonic()
         self.errors += sum(1 for s in summary.column("status").to_pylist() if s != "ok")
         self.instances += int(sum(summary.column("num_instances").to_pylist()))
         splits = int(sum(summary.column("batch_splits").to_pylist()))
@@ -335,9 +369,13 @@ class Progress:
                         "crashed, timeout)", splits)
         self.batch_splits += splits
         self.predictor_restarts += int(sum(summary.column("predictor_restarts").to_pylist()))
-        if now - self.last >= self.interval_s:
-            self.last = now
+        self.done += summary.num_rows  # last: the ticker reads it without a lock
+        if self.interval_s <= 0:
             self.log()
+
+    @property
+    def todo(self) -> int:
+        return max(self.total - self.already_done, 0)
 
     @property
     def rate(self) -> float:
@@ -347,16 +385,39 @@ class Progress:
     def time_to_first_output(self) -> float | None:
         return None if self.t_first is None else self.t_first - self.t0
 
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate since the first output (start-up excluded); None before it."""
+        if self.t_first is None or self.done == 0:
+            return None
+        steady = self.done / max(time.monotonic() - self.t_first, 1e-9)
+        return max(self.todo - self.done, 0) / steady
+
     def log(self, prefix: str = "progress") -> None:
-        todo = max(self.total - self.already_done, 0)
-        log.info("%s: %d/%d images this run (%d done before), %.2f images/s, %d errors",
-                 prefix, self.done, todo, self.already_done, self.rate, self.errors)
+        elapsed = _duration(time.monotonic() - self.t0)
+        if self.done == 0 and prefix == "progress":
+            log.info("%s: 0/%d images this run (%d done before), %s elapsed: starting actors and loading the "
+                     "model; results arrive per part file", prefix, self.todo, self.already_done, elapsed)
+            return
+        eta = self.eta_s()
+        pct = 100.0 * self.done / self.todo if self.todo else 100.0
+        log.info("%s: %d/%d images this run (%.1f%%, %d done before), %.2f images/s, %d errors, %s elapsed%s",
+                 prefix, self.done, self.todo, pct, self.already_done, self.rate, self.errors, elapsed,
+                 f", ETA {_duration(eta)}" if eta is not None and self.done < self.todo else "")
 
 
-def check_settings(cfg: BatchPredictConfig):
-    """Check what can be checked before any Ray work (numbers in range, the output not a file, the
-    model loadable on this machine); normalises ``cfg`` in place and returns the model's dir.
-    Raises :class:`JobSettingsError` with a one-line message naming the setting."""
+@dataclass(frozen=True)
+class JobPlan:
+    """What :func:`check_settings` found before any Ray work: the model and the images."""
+
+    model: Any  # instseg_core.inference.model_dir.ModelDir: labels, model name, draw_threshold
+    source: Source
+
+
+def check_settings(cfg: BatchPredictConfig) -> JobPlan:
+    """Check everything that can be checked before any Ray work: numbers in range, the output not
+    a file and reachable, the model loadable on this machine, the input listing (or manifest) with
+    at least one image. Normalises ``cfg`` in place. Raises :class:`JobSettingsError` with a
+    one-line message naming the setting."""
     from pipelines.model_source import validate_model_source
 
     try:
@@ -377,10 +438,34 @@ def check_settings(cfg: BatchPredictConfig):
         raise JobSettingsError("predict_timeout_s and actor_memory_gb must be positive")
     if not is_remote(cfg.output) and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         raise JobSettingsError(f"output {cfg.output} is a file; give a directory (or an s3:// prefix)")
+    s3 = cfg.s3()
+    with storage_errors("output", cfg.output):
+        fsspec_fs(cfg.output, s3).exists(cfg.output)  # credentials and endpoint work for the output
+    with storage_errors("model", cfg.model_dir or ""):
+        try:
+            model = validate_model_source(cfg.model_name, cfg.model_dir, s3)
+        except (ValueError, OSError) as e:  # ModelDirError, a missing/unreadable dir, a failed download
+            raise JobSettingsError(f"model: {e}") from None
+    with storage_errors("input", cfg.input):
+        try:
+            source = resolve_source(cfg.input, cfg.extensions, s3)
+        except SourceError as e:
+            raise JobSettingsError(f"input: {e}") from None
+    return JobPlan(model=model, source=source)
+
+
+@contextmanager
+def storage_errors(setting: str, uri: str) -> Iterator[None]:
+    """Turn a storage failure a user can fix (no credentials, access denied, ...) into one line."""
     try:
-        return validate_model_source(cfg.model_name, cfg.model_dir, cfg.s3())
-    except (ValueError, OSError) as e:  # ModelDirError, a missing/unreadable dir, a failed download
-        raise JobSettingsError(f"model: {e}") from None
+        yield
+    except JobSettingsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only the storage errors below are translated
+        message = storage_error_message(uri, e)
+        if message is None:
+            raise
+        raise JobSettingsError(f"{setting}: {message}") from None
 
 
 def _largest_node_memory_gb() -> float | None:
@@ -419,8 +504,9 @@ def _size_actors(cfg: BatchPredictConfig) -> None:
                  node_gb, int(node_gb // cfg.actor_memory_gb), cfg.actor_memory_gb)
 
 
-def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
-    """Run (or resume) a labelling job and write every output; returns the summary dict."""
+def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> dict[str, Any]:
+    """Run (or resume) a labelling job and write every output; returns the summary dict. ``plan`` is
+    :func:`check_settings`'s result when the caller already checked ``cfg`` (else it is checked here)."""
     import ray
 
     from pipelines.exports import write_coco_dataset, write_coco_results, write_labelme, iter_rows
@@ -429,27 +515,33 @@ def run_batch_predict(cfg: BatchPredictConfig) -> dict[str, Any]:
 
     cfg.run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     s3 = cfg.s3()
-    source = check_settings(cfg)
-    labels = source.labels
-    cfg.model_name = cfg.model_name or source.model_name
+    plan = plan or check_settings(cfg)
+    labels = plan.model.labels
+    cfg.model_name = cfg.model_name or plan.model.model_name
     # the threshold the actors apply (the flag, else the model's draw_threshold), for the record
-    threshold = cfg.threshold if cfg.threshold is not None else source.draw_threshold
+    threshold = cfg.threshold if cfg.threshold is not None else plan.model.draw_threshold
     _size_actors(cfg)
     started = time.time()
     done_ids = done_image_ids(cfg.output, s3)
     log.info("run %s: %s -> %s with %s (threshold %s, batch %d); %d image(s) already written", cfg.run_id,
              redact(cfg.input), redact(cfg.output), cfg.model_label, threshold, cfg.batch_size, len(done_ids))
-    ds, total = build_dataset(cfg, done_ids)
-    progress = Progress(total, len(done_ids), cfg.progress_interval_s)
-    for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        progress.update(summary)
+    ds, total = build_dataset(cfg, plan.source, done_ids)
+    # Ray core logs "... has constructor arguments in the object store and max_restarts > 0" at
+    # error level for every restartable actor pool: Ray Data keeps the actor's code in the object
+    # store, referenced by the driver for the whole run, so a restart finds it (README: Logs)
+    log.info("expected: Ray's error-level line about 'constructor arguments in the object store' is harmless "
+             "here (see the README, 'Logs')")
+    with Progress(total, len(done_ids), cfg.progress_interval_s) as progress:
+        for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            progress.update(summary)
     progress.log("predicted")
 
     remove_staging_files(cfg.output, s3)
     dropped = deduplicate_parts(cfg.output, s3)
     parts = list_parts(cfg.output, s3)
     n_results = write_coco_results(iter_rows(parts), join(cfg.output, "coco_results.json"), labels)
-    counts = write_coco_dataset(iter_rows(parts), join(cfg.output, "coco_dataset.json"), labels)
+    counts = write_coco_dataset(iter_rows(parts), join(cfg.output, "coco_dataset.json"), labels,
+                                image_root=input_root(cfg.input))
     if cfg.labelme:
         write_labelme(iter_rows(parts), join(cfg.output, "labelme"))
     totals = summarize(cfg.output, s3)

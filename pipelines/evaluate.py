@@ -185,8 +185,10 @@ def _inputs_record(cfg: EvaluateConfig, labels: list[str], model_name: str | Non
     return record
 
 
-def _check_resume(pred_dir: str, record: dict, s3: S3Options) -> None:
-    from pipelines.sinks import list_parts, write_json
+def _check_resume(pred_dir: str, record: dict, s3: S3Options) -> bool:
+    """Refuse to mix predictions of other settings into ``pred_dir``; True when ``record`` is new
+    there (the caller writes it once the rest of the settings are checked)."""
+    from pipelines.sinks import list_parts
 
     uri = join(pred_dir, INPUTS_FILE)
     fs = fsspec_fs(uri, s3)
@@ -201,45 +203,88 @@ def _check_resume(pred_dir: str, record: dict, s3: S3Options) -> None:
             raise ValueError(f"{redact(pred_dir)} already holds predictions of a different run "
                              f"(differs in: {changed or 'no record'}); use a new --output or remove that folder")
         log.info("resuming: predictions already under %s are reused", redact(pred_dir))
-    if previous != record:
-        write_json(uri, record, s3)
+    return previous != record
 
 
 # ---------------------------------------------------------------- the run
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Predict the split's images on Ray, score them, write the result files; returns the result."""
-    from instseg_core.evaluation import evaluate_coco, summary_text
-    from pipelines.batch_predict import BatchPredictConfig, run_batch_predict
-    from pipelines.exports import EXPORT_COLUMNS, iter_rows
-    from pipelines.model_source import validate_model_source
-    from pipelines.sinks import list_parts, write_json
+@dataclass
+class EvaluationPlan:
+    """What :func:`prepare_evaluation` checked and wrote before any Ray work."""
 
-    started = time.time()
+    dataset: EvalDataset
+    labels: list[str]
+    label_mismatch: list[dict[str, Any]]
+    predict: Any  # pipelines.batch_predict.BatchPredictConfig of the prediction run
+    predict_plan: Any  # pipelines.batch_predict.JobPlan
+
+
+def prepare_evaluation(cfg: EvaluateConfig) -> EvaluationPlan:
+    """Everything that can fail because of a user's setting, before Ray starts: the dataset and its
+    annotation file, the model, labels against categories, a rerun's settings against the first
+    run's, the prediction settings. Raises ``ValueError`` subclasses (:class:`DatasetError` is one
+    is wrapped in :class:`pipelines.batch_predict.JobSettingsError`) with one-line messages."""
+    from pipelines.batch_predict import BatchPredictConfig, JobSettingsError, check_settings, storage_errors
+    from pipelines.model_source import validate_model_source
+    from pipelines.sinks import write_json
+
     s3 = cfg.s3()
     if not cfg.model_name and not cfg.model_dir:
-        raise ValueError("give a model name or a model dir")
-    ds = load_eval_dataset(cfg.dataset_dir, cfg.split, s3)
-    source = validate_model_source(cfg.model_name, cfg.model_dir, s3)
+        raise JobSettingsError("give a model name or a model dir")
+    if cfg.backend not in ("pycocotools", "faster"):
+        raise JobSettingsError(f"backend must be 'pycocotools' or 'faster', got {cfg.backend!r}")
+    with storage_errors("dataset", cfg.dataset_dir):
+        try:
+            ds = load_eval_dataset(cfg.dataset_dir, cfg.split, s3)
+        except DatasetError as e:
+            raise JobSettingsError(f"dataset: {e}") from None
+    with storage_errors("model", cfg.model_dir or ""):
+        try:
+            source = validate_model_source(cfg.model_name, cfg.model_dir, s3)
+        except (ValueError, OSError) as e:
+            raise JobSettingsError(f"model: {e}") from None
     labels, model_name = source.labels, source.model_name
     label_mismatch = check_labels(labels, ds)
-    log.info("evaluating %s on %s (%s: %d images, %d annotations, %d categories)",
-             cfg.model_name or redact(cfg.model_dir or ""), redact(ds.root), cfg.split, len(ds.gt["images"]),
-             len(ds.gt["annotations"]), len(ds.category_ids))
-
     pred_dir = join(cfg.output, PREDICTIONS_DIR)
-    _check_resume(pred_dir, _inputs_record(cfg, labels, model_name, ds), s3)
+    record = _inputs_record(cfg, labels, model_name, ds)
+    with storage_errors("output", cfg.output):
+        try:
+            new_record = _check_resume(pred_dir, record, s3)
+        except ValueError as e:
+            raise JobSettingsError(str(e)) from None
     manifest = join(pred_dir, MANIFEST_FILE)
     write_bytes_atomic(manifest, "".join(u + "\n" for u in ds.uri_to_ids).encode("utf-8"), s3)
-
     pred_cfg = BatchPredictConfig(
         input=manifest, output=pred_dir, model_name=cfg.model_name, model_dir=cfg.model_dir,
         batch_size=cfg.batch_size, threshold=cfg.threshold, device=cfg.device, num_actors=cfg.num_actors,
         min_actors=cfg.min_actors, max_actors=cfg.max_actors, num_gpus_per_actor=cfg.num_gpus_per_actor,
         num_cpus_per_actor=cfg.num_cpus_per_actor, cpu_threads=cfg.cpu_threads, s3_endpoint=cfg.s3_endpoint,
         s3_region=cfg.s3_region, progress_interval_s=cfg.progress_interval_s)
-    summary = run_batch_predict(pred_cfg)
+    predict_plan = check_settings(pred_cfg)
+    if new_record:
+        write_json(join(pred_dir, INPUTS_FILE), record, s3)
+    return EvaluationPlan(dataset=ds, labels=labels, label_mismatch=label_mismatch, predict=pred_cfg,
+                          predict_plan=predict_plan)
+
+
+def run_evaluate(cfg: EvaluateConfig, plan: EvaluationPlan | None = None) -> dict[str, Any]:
+    """Predict the split's images on Ray, score them, write the result files; returns the result.
+    ``plan`` is :func:`prepare_evaluation`'s result when the caller already prepared the run."""
+    from instseg_core.evaluation import evaluate_coco, summary_text
+    from pipelines.batch_predict import run_batch_predict
+    from pipelines.exports import EXPORT_COLUMNS, iter_rows
+    from pipelines.sinks import list_parts, write_json
+
+    started = time.time()
+    s3 = cfg.s3()
+    plan = plan or prepare_evaluation(cfg)
+    ds, labels, pred_cfg = plan.dataset, plan.labels, plan.predict
+    log.info("evaluating %s on %s (%s: %d images, %d annotations, %d categories)",
+             cfg.model_name or redact(cfg.model_dir or ""), redact(ds.root), cfg.split, len(ds.gt["images"]),
+             len(ds.gt["annotations"]), len(ds.category_ids))
+    summary = run_batch_predict(pred_cfg, plan.predict_plan)
+    pred_dir = pred_cfg.output
 
     results_uri = join(cfg.output, RESULTS_FILE)
     n_dets = write_dataset_results(iter_rows(list_parts(pred_dir, s3), EXPORT_COLUMNS), ds, labels, results_uri)
@@ -259,7 +304,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "annotations": redact(ds.annotation_uri), "threshold": cfg.threshold, "backend": cfg.backend,
         "images": len(ds.gt["images"]), "images_predicted": summary["images_written"],
         "images_failed": failed, "errors_by_kind": summary["errors_by_kind"], "detections": n_dets,
-        "coco_results": RESULTS_FILE, "predictions": PREDICTIONS_DIR, "label_mismatch": label_mismatch,
+        "coco_results": RESULTS_FILE, "predictions": PREDICTIONS_DIR, "label_mismatch": plan.label_mismatch,
         "wall_time_s": round(time.time() - started, 2),
     }
     write_json(join(cfg.output, RESULT_FILE), result, s3)

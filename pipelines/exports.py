@@ -53,8 +53,8 @@ from fsspec.implementations.local import LocalFileSystem
 from instseg_core.masks import decode_rle, mask_to_polygons
 from pipelines.rows import STATUS_OK
 
-__all__ = ["EXPORT_COLUMNS", "LABELME_VERSION", "iter_rows", "write_coco_results", "write_coco_dataset",
-           "write_labelme"]
+__all__ = ["EXPORT_COLUMNS", "LABELME_VERSION", "coco_file_name", "iter_rows", "write_coco_results",
+           "write_coco_dataset", "write_labelme"]
 
 #: The columns the writers read; pass to :func:`iter_rows` to skip the others (errors, run ids).
 EXPORT_COLUMNS = ["image_id", "uri", "width", "height", "status", "instances"]
@@ -233,9 +233,28 @@ def write_coco_results(rows: Iterable[dict[str, Any]], out_uri: str, categories:
     return arr.count
 
 
-def _image_entry(row: Mapping[str, Any]) -> dict[str, Any]:
+def coco_file_name(uri: str, image_root: str | None = None) -> str:
+    """The COCO ``file_name`` of an image: its path relative to ``image_root`` (the job's input
+    directory or prefix) when it lies under it, else its location without the scheme
+    (``bucket/key``, ``host/path``, a local path without its leading ``/``). Either way two images
+    never share a name, unlike basenames (``a/img.jpg`` and ``b/img.jpg``)."""
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        location = parts.netloc.rpartition("@")[2] + parts.path  # never a user:password@ part
+    else:
+        location = uri.split("://", 1)[1] if "://" in uri else uri
+    if image_root:
+        root = image_root.split("://", 1)[1] if "://" in image_root else image_root
+        root = root.rstrip("/") + "/"
+        if location.startswith(root):
+            return location[len(root):]
+    return location.lstrip("/")
+
+
+def _image_entry(row: Mapping[str, Any], image_root: str | None) -> dict[str, Any]:
     uri = row["uri"]
-    entry: dict[str, Any] = {"id": int(row["image_id"]), "file_name": _basename(uri) or str(row["image_id"]),
+    entry: dict[str, Any] = {"id": int(row["image_id"]),
+                             "file_name": coco_file_name(uri, image_root) or str(row["image_id"]),
                              "width": int(row["width"]), "height": int(row["height"]), "uri": uri}
     if uri.startswith(("http://", "https://")):
         entry["coco_url"] = uri  # COCO's field for a downloadable address
@@ -243,16 +262,18 @@ def _image_entry(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_coco_dataset(rows: Iterable[dict[str, Any]], out_uri: str, categories: Sequence[str], *,
-                       min_score: float = 0.0, info: Mapping[str, Any] | None = None) -> dict[str, int]:
+                       min_score: float = 0.0, info: Mapping[str, Any] | None = None,
+                       image_root: str | None = None) -> dict[str, int]:
     """Write a COCO dataset JSON whose annotations are the predictions in ``rows``.
 
     Layout: ``{"info", "licenses": [], "categories", "annotations", "images"}`` (key order is
     irrelevant to COCO readers; annotations stream straight into the output while the smaller
     images list is spooled and appended).
 
-    * ``images``: one per ok image, ``{"id", "file_name" (the URI's basename), "width", "height",
-      "uri"}``; ``uri`` is the image's full path/URI (not a COCO field: basenames alone are ambiguous
-      across directories, and readers ignore unknown keys); http(s) images also get ``coco_url``.
+    * ``images``: one per ok image, ``{"id", "file_name", "width", "height", "uri"}``;
+      ``file_name`` is the path relative to ``image_root`` (:func:`coco_file_name`: unique, so
+      ``a/img.jpg`` and ``b/img.jpg`` stay apart), ``uri`` the image's full path/URI (not a COCO
+      field; readers ignore unknown keys); http(s) images also get ``coco_url``.
       Images without annotations are kept (negatives).
     * ``categories``: ``{"id": class_id + 1, "name", "supercategory": ""}`` for the whole label list.
     * ``annotations``: instances with ``score >= min_score`` and a non-empty mask (an empty mask
@@ -274,7 +295,7 @@ def write_coco_dataset(rows: Iterable[dict[str, Any]], out_uri: str, categories:
         images = _JsonArray(images_spool)
         for row in _unique_ok_rows(rows):
             image_id = int(row["image_id"])
-            images.append(_image_entry(row))
+            images.append(_image_entry(row, image_root))
             for item in row["instances"] or []:
                 category_id = cats.coco_id(item, row["uri"])  # checked even when filtered out
                 if float(item["score"]) < min_score or int(item["area"]) <= 0:

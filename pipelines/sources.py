@@ -120,6 +120,23 @@ def parquet_uri_column(manifest: str, s3: S3Options | None = None) -> str:
     return _pick_column(names, manifest)
 
 
+def input_root(source: str) -> str | None:
+    """The directory or prefix the images of ``--input`` lie under (what COCO ``file_name``s are
+    relative to): the directory/prefix itself, a glob's fixed leading directories, a single file's
+    directory; None for a manifest (its URIs may lie anywhere)."""
+    lower = source.lower()
+    if lower.endswith(MANIFEST_SUFFIXES) and not _has_glob(source):
+        return None
+    remote = is_remote(source)
+    path = source if remote else os.path.abspath(source)
+    if _has_glob(path):
+        head = path[:min(path.index(ch) for ch in "*?[" if ch in path)]
+        return head.rsplit("/", 1)[0] if "/" in head else head
+    if (not remote and os.path.isfile(path)) or lower.endswith(IMAGE_SUFFIXES):
+        return path.rsplit("/", 1)[0]
+    return path.rstrip("/")
+
+
 def resolve_source(source: str, extensions: tuple[str, ...] = IMAGE_SUFFIXES, s3: S3Options | None = None) -> Source:
     """Turn ``--input`` into a :class:`Source`: manifests by suffix, else a listing."""
     lower = source.lower()

@@ -51,6 +51,33 @@ def redact(uri: str) -> str:
     return re.sub(r"^([a-zA-Z0-9+.-]+://)[^/@]*@", r"\1", uri)
 
 
+def storage_error_message(uri: str, error: BaseException) -> str | None:
+    """One line saying why ``uri`` could not be reached, for the storage errors a user can fix
+    (missing credentials, access denied, unreachable endpoint, no such object); None for others."""
+    where = redact(uri)
+    try:
+        from botocore import exceptions as boto
+    except ImportError:  # no s3fs installed: only local/OS errors are possible
+        boto = None
+    if boto is not None:
+        if isinstance(error, (boto.NoCredentialsError, boto.PartialCredentialsError)):
+            return (f"no AWS credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                    f"AWS_PROFILE, or give the nodes an IAM role")
+        if isinstance(error, boto.EndpointConnectionError):
+            return f"cannot reach the S3 endpoint for {where}: {error} (check --s3-endpoint / AWS_ENDPOINT_URL)"
+        if isinstance(error, boto.ClientError):
+            return f"S3 refused {where}: {error}"
+        if isinstance(error, boto.BotoCoreError):
+            return f"cannot use S3 for {where}: {error}"
+    if isinstance(error, PermissionError):
+        return f"access denied to {where}: {error}"
+    if isinstance(error, FileNotFoundError):
+        return f"{where} does not exist"
+    if isinstance(error, OSError):
+        return f"cannot read {where}: {error}"
+    return None
+
+
 def fsspec_fs(uri: str, s3: S3Options | None = None) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem for a URI (s3fs with the endpoint/region override for ``s3://``)."""
     if is_s3(uri):

@@ -104,6 +104,7 @@ def test_local_run_bad_inputs_and_outputs(ray_local, tiny_model_dirs, test_image
 
     coco = COCO(str(out / "coco_dataset.json"))
     assert len(coco.getImgIds()) == len(good) + 4
+    assert coco.imgs[r["image_id"]]["file_name"] == f"nested/{good[0].name}"  # relative to --input
     anns = coco.loadAnns(coco.getAnnIds(imgIds=[r["image_id"]]))
     assert len(anns) == len(direct)
     np.testing.assert_array_equal(np.sort([coco.annToMask(a).sum() for a in anns]),

@@ -129,7 +129,13 @@ def test_user_mistakes_are_one_line_before_ray_starts(tmp_path):
     shapes, model = str(REPO / "samples" / "shapes"), str(REPO / "samples" / "model")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty.txt").write_text("# a manifest with only a comment\n")
     cases = [
+        (["--input", str(tmp_path / "no_images")], "no image files"),
+        (["--input", str(tmp_path / "nowhere")], "does not exist"),
+        (["--input", str(tmp_path / "empty.txt")], "lists no URIs"),
         (["--threshold", "2"], "threshold"),
         (["--max-mask-side", "10"], "max_mask_side"),
         (["--batch-size", "0"], "batch_size must be a positive integer"),
@@ -150,6 +156,26 @@ def test_user_mistakes_are_one_line_before_ray_starts(tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+def test_s3_without_credentials_is_one_line_before_ray_starts(tmp_path, s3_server):
+    """No AWS credentials anywhere: one line naming the input or output and what to set (it used to
+    be a 78-line botocore traceback after Ray had started)."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="nocreds")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") or k == "AWS_ENDPOINT_URL"}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+    model = str(REPO / "samples" / "model")
+    for inp, out, words in [("s3://nocreds/images/", str(tmp_path / "o"), "input: no AWS credentials for s3://nocreds"),
+                            (str(REPO / "samples" / "shapes"), "s3://nocreds/out", "output: no AWS credentials")]:
+        proc = subprocess.run([sys.executable, "-m", "jobs.batch_predict", "--input", inp, "--output", out,
+                               "--model-dir", model, "--ray-address", "local"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert words in proc.stderr and "AWS_ACCESS_KEY_ID" in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "Started a local Ray" not in proc.stderr, proc.stderr[-3000:]
+
+
 COCO_PHOTOS = REPO.parent / "shared" / "data" / "coco_tiny_val2017" / "val2017"
 
 
@@ -168,3 +194,34 @@ def test_readme_batch_command_on_80_coco_photos(tmp_path):
     assert summary["by_status"] == {"ok": 80} and summary["predictor_restarts"] == 0
     assert summary["threshold"] == 0.5  # the effective one: the model's draw_threshold, not null
     assert "each actor reserves" in proc.stderr
+
+
+def test_progress_is_time_based_with_an_eta(caplog):
+    """Lines arrive every interval while nothing is written (start-up, a slow model), and carry an
+    ETA once results flow (it used to log only when a part file arrived)."""
+    import logging
+
+    import pyarrow as pa
+
+    from pipelines.batch_predict import Progress
+
+    def part(n: int) -> pa.Table:
+        return pa.table({"status": ["ok"] * (n - 1) + ["error"], "num_instances": [2] * n,
+                         "batch_splits": [0] * n, "predictor_restarts": [0] * n})
+
+    caplog.set_level(logging.INFO, logger="instseg")
+    with Progress(total=100, already_done=20, interval_s=0.1) as progress:
+        time.sleep(0.45)  # no output yet: the ticker still reports
+        waiting = [r.getMessage() for r in caplog.records]
+        assert len(waiting) >= 3 and all("0/80 images this run" in m and "loading the model" in m for m in waiting)
+        caplog.clear()
+        progress.update(part(20))
+        time.sleep(0.25)
+    lines = [r.getMessage() for r in caplog.records if "loading the model" not in r.getMessage()]  # a tick may race
+    assert len(lines) >= 1 and all("20/80 images this run (25.0%, 20 done before)" in m for m in lines), lines
+    assert all("1 errors" in m and "ETA " in m for m in lines), lines
+    eta = progress.eta_s()
+    assert eta is not None and eta > 0
+    caplog.clear()
+    time.sleep(0.3)
+    assert not caplog.records  # the ticker stopped with the context

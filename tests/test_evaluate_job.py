@@ -95,7 +95,7 @@ def test_job_ap_equals_direct_evaluation(ray_local, tiny_model_dirs, tmp_path):
     assert summary["images_this_run"] == 0 and summary["images_before_this_run"] == len(IMAGE_IDS)
 
     # ... but not with other settings: predictions of another threshold must not be mixed in
-    assert main(argv + ["--threshold", "0.5"]) == 1
+    assert main(argv + ["--threshold", "0.5"]) == 2  # a settings error, before any Ray work
     failed = json.loads((out / "evaluate_result.json").read_text())
     assert failed["done_flag"] is False and "threshold" in failed["err_msg"]
 
@@ -112,7 +112,7 @@ def test_label_count_mismatch_is_a_clear_error(ray_local, tiny_model_dirs, tmp_p
         check_labels([f"c{i}" for i in range(80)], load_eval_dataset(str(root), "val"))
     # the job fails before any Ray work, with PaddleX's failure record
     out = tmp_path / "eval"
-    assert main(["--model-dir", str(tiny_model_dirs(MODEL)), "--dataset-dir", str(root), "--output", str(out)]) == 1
+    assert main(["--model-dir", str(tiny_model_dirs(MODEL)), "--dataset-dir", str(root), "--output", str(out)]) == 2
     failed = json.loads((out / "evaluate_result.json").read_text())
     assert failed == {"done_flag": False, "err_type": "LabelMismatchError", "err_msg": failed["err_msg"]}
     assert "80 labels" in failed["err_msg"]

@@ -142,9 +142,10 @@ def test_coco_dataset_loads_and_evaluates_perfectly(parts, tmp_path):
                                   {"id": 2, "name": "car", "supercategory": ""}]
     images = {im["uri"]: im for im in data["images"]}
     assert list(images) == OK_URIS
-    assert images[A_URI] == {"id": image_id_for(A_URI), "file_name": "cat.jpg", "width": W, "height": H,
+    assert images[A_URI] == {"id": image_id_for(A_URI), "file_name": "data/a/cat.jpg", "width": W, "height": H,
                              "uri": A_URI}
-    assert images[C_URI]["file_name"] == "empty.jpg" and images[C_URI]["coco_url"] == C_URI
+    assert images[B_URI]["file_name"] == "src/b/cat.png"
+    assert images[C_URI]["file_name"] == "example.com/imgs/empty.jpg" and images[C_URI]["coco_url"] == C_URI
     assert [a["id"] for a in data["annotations"]] == [1, 2, 3, 4, 5]
     a0 = data["annotations"][0]
     assert a0["area"] == int(A_MASKS[0].sum()) and a0["iscrowd"] == 0 and a0["category_id"] == 1
@@ -281,3 +282,28 @@ def test_s3_round_trip(s3_bucket, tmp_path, monkeypatch):
     # nothing but the outputs and the parts was left in the bucket
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)) == \
         ["coco_dataset.json", "coco_results.json", "labelme", "parts"]
+
+
+def test_coco_file_names_are_unique_and_relative_to_the_input(tmp_path):
+    """Two images with one basename in different folders keep apart: ``file_name`` is the path
+    under the job's input root (it used to be the basename, so both were ``img.jpg``)."""
+    same = dict(masks=[_rect(5, 5, 30, 30)], class_ids=[0], scores=[0.9])
+    uris = ["/data/in/a/img.jpg", "/data/in/b/img.jpg", "/elsewhere/img.jpg", "http://u:pw@host/x/img.jpg?sig=1"]
+    rows = [ok_row(u, _instances(**same), LABELS, RUN, MODEL) for u in uris]
+    out = tmp_path / "coco_dataset.json"
+    exports.write_coco_dataset(iter(rows), str(out), LABELS, image_root="/data/in/")
+    names = [im["file_name"] for im in json.loads(out.read_text())["images"]]
+    assert names == ["a/img.jpg", "b/img.jpg", "elsewhere/img.jpg", "host/x/img.jpg"]  # no credentials
+    assert exports.coco_file_name("s3://bucket/in/a/img.jpg", "s3://bucket/in") == "a/img.jpg"
+    assert exports.coco_file_name("s3://bucket/input2/img.jpg", "s3://bucket/in") == "bucket/input2/img.jpg"
+
+
+def test_input_root_of_each_kind_of_input(tmp_path):
+    from pipelines.sources import input_root
+
+    (tmp_path / "one.jpg").write_bytes(b"")
+    assert input_root(str(tmp_path)) == input_root(str(tmp_path) + "/") == str(tmp_path)
+    assert input_root(str(tmp_path / "one.jpg")) == str(tmp_path)
+    assert input_root("s3://b/imgs/") == "s3://b/imgs"
+    assert input_root("s3://b/imgs/2024-*/*.jpg") == "s3://b/imgs"
+    assert input_root("s3://b/list.csv") is None and input_root(str(tmp_path / "m.parquet")) is None
