@@ -60,11 +60,16 @@ def _predict(args: argparse.Namespace) -> int:
         n = skipped = 0
         names = _OutputNames(args.input)
         save_file = _save_file_kind(args.save_path)
+        progress = _progress_for(args)
         for res in _results(model, args):
             if isinstance(res, InputError):  # --skip-errors: report and go on
                 print(f"instseg: skipped: {res}", file=sys.stderr)
                 skipped += 1
+                if progress:
+                    progress.step(errors=1)
                 continue
+            if progress:
+                progress.step()
             if not args.quiet:
                 res.print(format_json=False)
             if save_file and n == 1:
@@ -81,8 +86,30 @@ def _predict(args: argparse.Namespace) -> int:
     except (InputError, ModelDirError, ValueError) as e:
         print(f"instseg: error: {e}", file=sys.stderr)
         return 2
-    logging.getLogger("instseg").info("predicted %d image(s)%s", n, f", skipped {skipped}" if skipped else "")
+    if progress:
+        progress.prefix = "predicted"
+        logging.getLogger("instseg").info("%s", progress.line())
+    else:
+        logging.getLogger("instseg").info("predicted %d image(s)%s", n, f", skipped {skipped}" if skipped else "")
     return 1 if skipped else 0
+
+
+def _progress_for(args: argparse.Namespace) -> Any:
+    """A :class:`~instseg_core.progress.ProgressLog` when the input is a directory, prefix or list
+    (the total counted from one listing), else None: one image needs no progress line."""
+    from instseg_core.inputs import InputError, iter_input_items
+    from instseg_core.progress import ProgressLog
+
+    if args.progress_interval_s < 0:
+        return None
+    single = isinstance(args.input, str) and not os.path.isdir(args.input) and "://" not in args.input
+    if single:
+        return None
+    try:
+        total = sum(1 for _ in iter_input_items(args.input))  # a listing, no image read
+    except InputError:
+        return None  # the prediction itself reports it, in input order
+    return ProgressLog(total, args.progress_interval_s) if total > 1 else None
 
 
 def _save_file_kind(save_path: str | None) -> str | None:
@@ -151,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest side at which the graph draws masks; larger photos are presented scaled down and "
                          "their kept masks upsampled (default 1333; 'none': full size, as PaddleX)")
     pr.add_argument("--quiet", action="store_true", help="do not print each result")
+    pr.add_argument("--progress-interval-s", type=float, default=10.0,
+                    help="over several images: a progress line (done/total, images/s, ETA) at most every this "
+                         "many seconds (default 10; 0: after every image; -1: none)")
     pr.add_argument("--skip-errors", action="store_true",
                     help="report an unreadable input and go on (exit code 1 at the end) instead of stopping")
     pr.set_defaults(func=_predict)

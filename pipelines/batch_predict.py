@@ -33,6 +33,7 @@ import pyarrow as pa
 from instseg_core.inference.memory import estimate_predictor_memory
 from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE, check_max_mask_side, check_threshold
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
+from instseg_core.progress import eta_seconds, format_duration
 from pipelines.rows import ROW_SCHEMA, error_row, image_id_for, ok_row, rows_to_table
 from pipelines.sinks import done_image_ids, write_part
 from pipelines.sources import Source, SourceError, input_root, resolve_source
@@ -319,16 +320,6 @@ def build_dataset(cfg: BatchPredictConfig, src: Source, done_ids: np.ndarray):
     return ds, total
 
 
-def _duration(seconds: float) -> str:
-    """``95`` -> ``1m35s``; ``7300`` -> ``2h01m``."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
 class Progress:
     """Progress lines for logs and `ray job logs`: images done / to do, images/s, errors and an ETA,
     every ``interval_s`` seconds whether or not a part file arrived (a background ticker), so a
@@ -387,13 +378,10 @@ class Progress:
 
     def eta_s(self) -> float | None:
         """Seconds left at the rate since the first output (start-up excluded); None before it."""
-        if self.t_first is None or self.done == 0:
-            return None
-        steady = self.done / max(time.monotonic() - self.t_first, 1e-9)
-        return max(self.todo - self.done, 0) / steady
+        return None if self.t_first is None else eta_seconds(self.done, self.todo, time.monotonic() - self.t_first)
 
     def log(self, prefix: str = "progress") -> None:
-        elapsed = _duration(time.monotonic() - self.t0)
+        elapsed = format_duration(time.monotonic() - self.t0)
         if self.done == 0 and prefix == "progress":
             log.info("%s: 0/%d images this run (%d done before), %s elapsed: starting actors and loading the "
                      "model; results arrive per part file", prefix, self.todo, self.already_done, elapsed)
@@ -402,7 +390,7 @@ class Progress:
         pct = 100.0 * self.done / self.todo if self.todo else 100.0
         log.info("%s: %d/%d images this run (%.1f%%, %d done before), %.2f images/s, %d errors, %s elapsed%s",
                  prefix, self.done, self.todo, pct, self.already_done, self.rate, self.errors, elapsed,
-                 f", ETA {_duration(eta)}" if eta is not None and self.done < self.todo else "")
+                 f", ETA {format_duration(eta)}" if eta is not None and self.done < self.todo else "")
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,28 @@ def test_save_path_file_and_skip_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipped: " in err and "b.jpg" in err
     assert sorted(p.name for p in out.glob("*_res.json")) == ["a_res.json", "c_res.json"]
+
+
+def test_progress_over_a_directory(tmp_path, caplog):
+    """Over several images `instseg predict` logs done/total, the rate and an ETA (time-based:
+    --progress-interval-s 0 logs after every image), counting skipped images as errors; one image
+    logs no progress line."""
+    import logging
+
+    from instseg_core.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.jpg").write_bytes((REPO / "samples" / "shapes_0.jpg").read_bytes())
+    (src / "9_bad.jpg").write_bytes(b"not a jpeg")
+    caplog.set_level(logging.INFO, logger="instseg")
+    assert main(["predict", "--model-dir", str(DEMO), "--input", str(src), "--quiet", "--skip-errors",
+                 "--progress-interval-s", "0"]) == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("progress:", "predicted:"))]
+    assert [ln.split(",")[0] for ln in lines] == [f"progress: {i}/5 images ({20 * i:.1f}%)" for i in range(1, 6)] \
+        + ["predicted: 5/5 images (100.0%)"], lines
+    assert "ETA " in lines[2] and lines[-1].split(", ")[2] == "1 errors", lines
+    caplog.clear()
+    assert main(["predict", "--model-dir", str(DEMO), "--input", str(src / "0.jpg"), "--quiet"]) == 0
+    assert not [r for r in caplog.records if r.getMessage().startswith("progress:")]
