@@ -22,7 +22,7 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Convert (LabelMe) -> split -> check -> analyse, in PaddleX's order."""
+    """Convert (LabelMe or standard COCO) -> split -> check -> analyse, in PaddleX's order."""
     from instseg_core.datasets.check import check_dataset, summary_lines
 
     g, cd = _section(cfg, "Global"), _section(cfg, "CheckDataset")
@@ -31,13 +31,10 @@ def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("Global.dataset_dir is not set")
     convert = cd.get("convert") or {}
     if convert.get("enable"):
-        src_type = convert.get("src_dataset_type")
-        if src_type != "LabelMe":
-            raise ValueError(f"CheckDataset.convert.src_dataset_type must be LabelMe (the only convertible "
-                             f"format), got {src_type!r}")
-        from instseg_core.datasets.labelme import convert_labelme_to_coco
+        from instseg_core.datasets.convert import conversion_log_lines, convert_dataset
 
-        log.info("converting LabelMe annotations in %s: %s", dataset_dir, convert_labelme_to_coco(dataset_dir))
+        for level, line in conversion_log_lines(convert_dataset(dataset_dir, convert.get("src_dataset_type"))):
+            log.log(level, "%s", line)
     split = cd.get("split") or {}
     if split.get("enable"):
         from instseg_core.datasets.split import split_coco_dataset

@@ -243,14 +243,30 @@ def test_outputs_backed_up_never_deleted(tmp_path):
     assert (ann / "instance_val.json.bak").is_file() and not (ann / "instance_val.json.bak.1").exists()
 
 
-def test_missing_train_list(tmp_path):
+def test_paddlex_layout_without_list_files_uses_every_labelme_file(tmp_path):
+    """images/ + annotations/*.json without train_anno_list.txt used to be refused: now every LabelMe
+    file is converted (seeded 80/20 split) and no list file is written."""
     root = make_dataset(tmp_path / "ds")
     (root / "train_anno_list.txt").unlink()
+    stats = convert_labelme_to_coco(root)
+    assert stats["layout"] == "folder" and stats["errors"] == [] and stats["images_linked"] == 0
+    assert (stats["train"]["images"], stats["val"]["images"]) == (2, 1)
+    assert stats["train"]["annotations"] + stats["val"]["annotations"] == 12
+    assert not (root / "train_anno_list.txt").exists() and not (root / "val_anno_list.txt").exists()
+    names = sorted(i["file_name"] for s in ("train", "val") for i in load(root, s)["images"])
+    assert names == [f"{n}.jpg" for n in VOC]  # already under images/: used in place
+
+
+def test_val_list_without_train_list(tmp_path):
+    root = make_dataset(tmp_path / "ds", val=["2011_000025"])
+    (root / "train_anno_list.txt").unlink()
+    before = hashes(root)
     from instseg_core.datasets.check import DatasetError
 
     with pytest.raises(DatasetError, match="train_anno_list.txt") as err:
         convert_labelme_to_coco(root)
     assert isinstance(err.value, ConvertError) and isinstance(err.value, ValueError)
+    assert hashes(root) == before
 
 
 def test_listed_file_missing(tmp_path):
@@ -267,4 +283,189 @@ def test_corrupt_json_names_file_and_changes_nothing(tmp_path):
     before = hashes(root)
     with pytest.raises(ConvertError, match="2011_000006.json"):
         convert_labelme_to_coco(root)
+    assert hashes(root) == before
+
+
+# ----------------------------------------------------------------------------- LabelMe's own layout (issue 16, item 11)
+
+EXAMPLE = ANNOTATED.parent  # labels.txt + data_annotated/ (JSON next to each photo), as LabelMe ships it
+VOC_LABELS = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+              "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv/monitor"]
+
+
+def labelme_layout(root: Path, *, labels: bool = True, images: bool = True) -> Path:
+    """A copy of LabelMe's instance-segmentation example: ``labels.txt`` and ``data_annotated/``."""
+    (root / "data_annotated").mkdir(parents=True)
+    for n in VOC:
+        shutil.copy(ANNOTATED / f"{n}.json", root / "data_annotated")
+        if images:
+            shutil.copy(ANNOTATED / f"{n}.jpg", root / "data_annotated")
+    if labels:
+        shutil.copy(EXAMPLE / "labels.txt", root)
+    return root
+
+
+def test_labelme_own_layout_with_labels_txt(tmp_path):
+    root = labelme_layout(tmp_path / "ds")
+    before = hashes(root)
+    stats = convert_labelme_to_coco(root)
+
+    assert stats["layout"] == "folder" and stats["errors"] == [] and stats["labels_file"] == str(root / "labels.txt")
+    assert stats["images_linked"] + stats["images_copied"] == 3 and stats["ignored_shapes"] == 2
+    train, val = load(root, "train"), load(root, "val")
+    # labels.txt order (after __ignore__ and _background_) gives the ids, every label is a category
+    assert train["categories"] == val["categories"]
+    assert [(c["id"], c["name"]) for c in train["categories"]] == list(enumerate(VOC_LABELS, 1))
+    assert stats["num_classes"] == 20
+    names = {c["id"]: c["name"] for c in train["categories"]}
+    used = sorted({names[a["category_id"]] for d in (train, val) for a in d["annotations"]})
+    assert used == ["bottle", "bus", "car", "chair", "person", "sofa"]
+    assert len(train["annotations"]) + len(val["annotations"]) == 12
+    # photos placed under images/ with their path below the root; the sources untouched
+    files = sorted(i["file_name"] for d in (train, val) for i in d["images"])
+    assert files == [f"data_annotated/{n}.jpg" for n in VOC]
+    for f in files:
+        assert (root / "images" / f).read_bytes() == (root / f).read_bytes()
+    after = hashes(root)
+    assert all(after[k] == v for k, v in before.items())
+    assert not (root / "train_anno_list.txt").exists() and stats["backups"] == []
+
+    # the result passes the dataset check; a second conversion reuses the placed photos
+    from instseg_core.datasets.check import check_dataset
+
+    result = check_dataset(root, tmp_path / "out")
+    assert result["check_pass"] and result["attributes"]["num_classes"] == 20
+    again = convert_labelme_to_coco(root)
+    assert again["images_linked"] + again["images_copied"] == 0 and again["errors"] == []
+    assert load(root, "train") == train and len(again["backups"]) == 2
+
+
+def test_flat_folder_without_labels_txt(tmp_path):
+    """JSON and photos side by side in the dataset folder itself; first-seen category order."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    for n in VOC:
+        shutil.copy(ANNOTATED / f"{n}.json", root)
+        shutil.copy(ANNOTATED / f"{n}.jpg", root)
+    (tmp_path / "labels.txt").write_text("__ignore__\nperson\n")  # in the parent: not read, but mentioned
+    stats = convert_labelme_to_coco(root, seed=3)
+    assert stats["labels_file"] is None and any("is not used" in w for w in stats["warnings"])
+    files = sorted(i["file_name"] for s in ("train", "val") for i in load(root, s)["images"])
+    assert files == [f"{n}.jpg" for n in VOC]
+    assert all((root / "images" / f).is_file() for f in files)
+    cats = load(root, "train")["categories"]
+    assert [c["id"] for c in cats] == list(range(1, 7)) and "__ignore__" not in {c["name"] for c in cats}
+
+
+def test_labels_txt_in_paddlex_layout(tmp_path):
+    root = make_dataset(tmp_path / "ds", val=["2011_000025"])
+    (root / "labels.txt").write_text("__ignore__\n_background_\n\nsofa\nperson\nbottle\nchair\nbus\ncar\ndog\n")
+    stats = convert_labelme_to_coco(root)
+    assert stats["categories"] == ["sofa", "person", "bottle", "chair", "bus", "car", "dog"]
+    names = {c["id"]: c["name"] for c in load(root, "val")["categories"]}
+    assert names[1] == "sofa" and names[2] == "person" and names[7] == "dog"
+
+
+def test_label_missing_from_labels_txt_is_an_error(tmp_path):
+    root = labelme_layout(tmp_path / "ds")
+    (root / "labels.txt").write_text("__ignore__\n_background_\nperson\nbottle\n")
+    before = hashes(root)
+    with pytest.raises(ConvertError, match=r"not in .*labels.txt") as err:
+        convert_labelme_to_coco(root)
+    assert "'sofa'" in str(err.value) and "nothing was written" in str(err.value)
+    assert hashes(root) == before
+
+
+def test_read_labels(tmp_path):
+    from instseg_core.datasets.labelme import read_labels
+
+    path = tmp_path / "labels.txt"
+    path.write_text("\ufeff__ignore__\r\n_background_\r\n cat \r\n\r\ndog\r\n", encoding="utf-8")
+    assert read_labels(path) == ["cat", "dog"]
+    assert read_labels(EXAMPLE / "labels.txt") == VOC_LABELS
+    path.write_text("cat\ndog\ncat\n")
+    with pytest.raises(ConvertError, match=r"labels.txt, line 3: label 'cat' is listed twice"):
+        read_labels(path)
+    path.write_text("__ignore__\n_background_\n")
+    with pytest.raises(ConvertError, match="lists no label"):
+        read_labels(path)
+
+
+@pytest.mark.parametrize("layout", ["folder", "paddlex_lists"])
+def test_no_image_found_stops_before_writing(tmp_path, layout):
+    """Used to write empty COCO files and back up the list file; now one error naming the folders."""
+    if layout == "folder":
+        root = labelme_layout(tmp_path / "ds", images=False)
+    else:
+        root = make_dataset(tmp_path / "ds")  # no val list: would auto-split (and back up) if it went on
+        for n in VOC:
+            (root / "images" / f"{n}.jpg").unlink()
+    before = hashes(root)
+    with pytest.raises(ConvertError) as err:
+        convert_labelme_to_coco(root)
+    msg = str(err.value)
+    assert msg.startswith("no image found for any of the 3 LabelMe file(s)") and "nothing was written" in msg
+    assert str(root / "images") in msg and "\n" not in msg
+    assert hashes(root) == before
+    assert not (root / "annotations" / "instance_train.json").exists()
+
+
+def test_no_labelme_file(tmp_path):
+    (tmp_path / "ds" / "sub").mkdir(parents=True)
+    (tmp_path / "ds" / "sub" / "other.json").write_text('{"images": []}')
+    with pytest.raises(ConvertError, match=r"no LabelMe file .* found in .*ds.*accepted layouts"):
+        convert_labelme_to_coco(tmp_path / "ds")
+    with pytest.raises(ConvertError, match="does not exist"):
+        convert_labelme_to_coco(tmp_path / "nope")
+
+
+def test_taken_image_target_is_an_error(tmp_path):
+    root = labelme_layout(tmp_path / "ds")
+    taken = root / "images" / "data_annotated" / "2011_000006.jpg"
+    taken.parent.mkdir(parents=True)
+    taken.write_bytes(b"another photo")
+    before = hashes(root)
+    with pytest.raises(ConvertError, match=r"2011_000006.jpg already exists and is not a copy of"):
+        convert_labelme_to_coco(root)
+    assert hashes(root) == before
+
+
+def test_single_file_goes_to_train(tmp_path):
+    root = tmp_path / "one"
+    root.mkdir()
+    shutil.copy(ANNOTATED / "2011_000003.json", root)
+    shutil.copy(ANNOTATED / "2011_000003.jpg", root)
+    stats = convert_labelme_to_coco(root)
+    assert (stats["train"]["images"], stats["val"]["images"]) == (1, 0)  # int(0.8 * 1) = 0 would leave train empty
+
+
+@pytest.mark.parametrize("src_type", ["labelme", "LabelMe", "LABELME", " Labelme "])
+def test_cli_converts_labelme_layout_in_any_case(tmp_path, src_type, caplog):
+    import logging
+
+    from instseg_core.cli import main
+
+    root = labelme_layout(tmp_path / "ds")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="instseg"):
+        rc = main(["run", "-c", "shapes_tiny", "-o", "Global.mode=check_dataset", "-o", f"Global.dataset_dir={root}",
+                   "-o", f"Global.output={out}", "-o", "CheckDataset.convert.enable=True",
+                   "-o", f"CheckDataset.convert.src_dataset_type={src_type}"])
+    assert rc == 0, caplog.text
+    assert "converted LabelMe (LabelMe files found in the folder)" in caplog.text
+    assert "20 categories from" in caplog.text and "dataset check passed" in caplog.text
+    assert json.loads((out / "check_dataset_result.json").read_text())["check_pass"] is True
+
+
+@pytest.mark.parametrize("src_type", ["VOC", "None"])
+def test_cli_rejects_unknown_src_dataset_type(tmp_path, src_type, caplog):
+    from instseg_core.cli import main
+
+    root = labelme_layout(tmp_path / "ds")
+    before = hashes(root)
+    rc = main(["run", "-c", "shapes_tiny", "-o", "Global.mode=check_dataset", "-o", f"Global.dataset_dir={root}",
+               "-o", f"Global.output={tmp_path / 'out'}", "-o", "CheckDataset.convert.enable=True",
+               "-o", f"CheckDataset.convert.src_dataset_type={src_type}"])
+    assert rc == 1
+    assert "src_dataset_type must be LabelMe or COCO (any case)" in caplog.text and "Traceback" not in caplog.text
     assert hashes(root) == before

@@ -33,14 +33,15 @@ import os
 import random
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, TypeVar
 
 from instseg_core.datasets.check import DatasetError
 from instseg_core.io import atomic_write
 
-__all__ = ["SplitError", "split_coco_dataset", "backup_existing", "write_json_replacing"]
+__all__ = ["SplitError", "split_coco_dataset", "backup_existing", "seeded_cut", "write_json_replacing"]
 
 SPLITS = ("train", "val")
+T = TypeVar("T")
 
 
 class SplitError(DatasetError, ValueError):
@@ -65,6 +66,15 @@ def backup_existing(path: Path) -> Path | None:
         candidate = path.with_name(f"{path.name}.bak.{n}")
     os.rename(path, candidate)
     return candidate
+
+
+def seeded_cut(items: Sequence[T], seed: int, train_ratio: float) -> tuple[list[T], list[T]]:
+    """Shuffle ``items`` with ``random.Random(seed)``; the first ``int(train_ratio * n)`` (at least one
+    when there are items) go to train, the rest to val. Used by the converters' automatic 80/20 split."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    n_train = max(1, int(train_ratio * len(shuffled))) if shuffled else 0
+    return shuffled[:n_train], shuffled[n_train:]
 
 
 def write_json_replacing(path: Path, obj: Any) -> Path | None:
