@@ -20,11 +20,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from instseg_core.datasets.layout import layout_hint
+
 ANNOTATION_FILES: dict[str, str] = {"train": "instance_train.json", "val": "instance_val.json"}
 LAYOUT_HELP = (
     "expected layout: <dataset_dir>/**/<root>/images/<image files>, "
     "<root>/annotations/instance_train.json and <root>/annotations/instance_val.json"
 )
+
+
+def _with_hint(message: str, folder: str | os.PathLike[str]) -> str:
+    """``message`` plus the conversion advice for ``folder`` when its layout is recognised."""
+    hint = layout_hint(folder)
+    return f"{message}; {hint}" if hint else f"{message}; {LAYOUT_HELP}"
 
 
 class DatasetError(Exception):
@@ -45,7 +53,7 @@ def find_dataset_root(dataset_dir: str | os.PathLike[str]) -> Path:
         raise DatasetError(f"dataset directory {str(base)!r} does not exist or is not a directory; {LAYOUT_HELP}")
     found = sorted(p for p in base.glob("**/images") if p.is_dir())
     if not found:
-        raise DatasetError(f"no 'images' directory found under {str(base)!r}; {LAYOUT_HELP}")
+        raise DatasetError(_with_hint(f"no 'images' directory found under {str(base)!r}", base))
     if len(found) > 1:
         shown = ", ".join(repr(str(p)) for p in found[:10])
         if len(found) > 10:
@@ -60,9 +68,10 @@ def annotation_path(root: str | os.PathLike[str], split: str) -> Path:
     """``<root>/annotations/instance_<split>.json``; raises :class:`DatasetError` if it is missing."""
     path = Path(root) / "annotations" / ANNOTATION_FILES[split]
     if not path.is_file():
-        raise DatasetError(
-            f"annotation file {str(path)!r} not found; ensure that both instance_train.json and "
-            f"instance_val.json exist in {str(Path(root) / 'annotations')!r}")
+        message = (f"annotation file {str(path)!r} not found; ensure that both instance_train.json and "
+                   f"instance_val.json exist in {str(Path(root) / 'annotations')!r}")
+        hint = layout_hint(root)
+        raise DatasetError(f"{message}; {hint}" if hint else message)
     return path
 
 
