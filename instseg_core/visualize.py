@@ -15,6 +15,12 @@ Deliberate differences from PaddleX:
   nothing is downloaded.
 * An all-zero mask is skipped instead of raising (PaddleX's SOLOv2 path fails on one).
 * Box line width is at least 1 px (PaddleX's ``int(max(W, H) * 0.002)`` is 0 below 500 px).
+* Label text is at least ``MIN_TEXT_PX`` high (PaddleX's ``0.018 * W + 2`` is 4 px on a 160 px
+  image), and SOLOv2 tags scale with the image like the others (PaddleX's fixed cv2 scale 0.3 is
+  unreadable on a 12 MP photo).
+* Same-class masks cycle through three shades of their colour (PaddleX lightens the colour again
+  for every instance, so the 17th star of an image is drawn almost white and vanishes). The first
+  two instances of a class keep PaddleX's values.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ _WHITE: Color = (255, 255, 255)
 _DARK_TEXT: Color = (20, 14, 53)
 
 MASK_ALPHA = 0.7  # weight of the colour on masked pixels (0.3 * pixel + 0.7 * colour)
+MIN_TEXT_PX = 10  # smallest label font size that stays legible
+# lightening steps of a class colour for its 1st, 2nd, 3rd, 4th... instance (PaddleX: 1, 2, 3, 4...)
+_SHADE_STEPS = (1, 2, 0)
 
 
 def label_for(labels: Sequence[str], class_id: int) -> str:
@@ -65,9 +74,17 @@ def draw_instances(image_bgr: np.ndarray, instances: Instances, labels: Sequence
 # masks
 
 
-def _whiten(color: list[int]) -> None:
-    """Lighten a colour in place (PaddleX does this once per instance, so repeats get paler)."""
-    color[:] = [int(c * 0.6 + 102) for c in color]
+def _shade(base: Color, steps: int) -> list[int]:
+    """``base`` lightened ``steps`` times as PaddleX lightens (``int(c * 0.6 + 102)`` per step)."""
+    color = list(base)
+    for _ in range(steps):
+        color = [int(c * 0.6 + 102) for c in color]
+    return color
+
+
+def _text_px(width: int) -> int:
+    """Label font size for an image ``width`` px wide: PaddleX's ``0.018 * W + 2``, at least legible."""
+    return max(MIN_TEXT_PX, int(0.018 * width) + 2)
 
 
 def _mask_regions(instances: Instances) -> list[tuple[int, int, int, int] | None]:
@@ -104,14 +121,16 @@ def _union(regions: list[tuple[int, int, int, int] | None]) -> tuple[int, int, i
 def _blend_masks(rgb: np.ndarray, instances: Instances) -> list[list[int]]:
     """Blend each mask into ``rgb`` (in place) with its class colour; returns each instance's colour.
 
-    A class takes ``PALETTE[i % 20]`` at its first instance ``i`` and is whitened once per instance
-    (even one with an empty mask), as PaddleX does. The arithmetic mirrors PaddleX too (float32
+    A class takes ``PALETTE[i % 20]`` at its first instance ``i``; its k-th instance (counting
+    empty masks, as PaddleX does) is that colour lightened ``_SHADE_STEPS[k % 3]`` times, so repeats
+    stay distinguishable without fading to white. The arithmetic mirrors PaddleX (float32
     canvas, ``*= 0.3`` then ``+= 0.7 * colour``, a single uint8 cast at the end), so overlapping
     masks give the same pixel values; the float canvas only spans the union of the mask regions.
     """
     regions = _mask_regions(instances)
     union = _union(regions)
-    class_colors: dict[int, list[int]] = {}
+    class_base: dict[int, Color] = {}
+    class_count: dict[int, int] = {}
     instance_colors: list[list[int]] = []
     keep = np.float32(1.0 - MASK_ALPHA)
     canvas = None
@@ -119,9 +138,10 @@ def _blend_masks(rgb: np.ndarray, instances: Instances) -> list[list[int]]:
         ux0, uy0, ux1, uy1 = union
         canvas = rgb[uy0:uy1, ux0:ux1].astype(np.float32)
     for i, region in enumerate(regions):
-        color = class_colors.setdefault(int(instances.class_ids[i]), list(PALETTE[i % len(PALETTE)]))
-        _whiten(color)
-        instance_colors.append(list(color))
+        cid = int(instances.class_ids[i])
+        k = class_count[cid] = class_count.get(cid, -1) + 1
+        color = _shade(class_base.setdefault(cid, PALETTE[i % len(PALETTE)]), _SHADE_STEPS[k % len(_SHADE_STEPS)])
+        instance_colors.append(color)
         if region is None:
             continue
         crop = _mask_crop(instances, i, region)
@@ -164,7 +184,7 @@ def _draw_box_model(rgb: np.ndarray, instances: Instances, labels: Sequence[str]
     image = Image.fromarray(rgb)
     width, height = image.size
     thickness = max(1, int(max(width, height) * 0.002))
-    font = _font(int(0.018 * width) + 2)
+    font = _font(_text_px(width))
     draw = ImageDraw.Draw(image)
     for (label, pidx), box, score in zip(_box_colors(instances, labels), instances.boxes, instances.scores):
         x1, y1, x2, y2 = (float(v) for v in box)
@@ -193,17 +213,20 @@ def _draw_tag(draw: ImageDraw.ImageDraw, text: str, x: float, y: float, font: Fo
 def _draw_solov2(rgb: np.ndarray, instances: Instances, labels: Sequence[str]) -> Image.Image:
     colors = _blend_masks(rgb, instances)
     h, w = instances.image_size
-    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.3
+    # cv2's Hershey simplex is about 22 px high at scale 1: the same height as the box models' text
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, _text_px(w) / 22.0
+    weight = max(1, round(scale))
+    line = max(1, int(max(w, h) * 0.002))  # as the box models' boxes
     for i, color in enumerate(colors):
         x0, y0, x1, y1 = (round(float(v)) for v in instances.boxes[i])  # exclusive mask extent
         if min(x1, w) <= max(x0, 0) or min(y1, h) <= max(y0, 0):
             continue  # empty mask: nothing to frame
         color_t = tuple(int(c) for c in color)
-        cv2.rectangle(rgb, (x0, y0), (x1 - 1, y1 - 1), color_t, 1)
+        cv2.rectangle(rgb, (x0, y0), (x1 - 1, y1 - 1), color_t, line)
         text = "%s %.2f" % (label_for(labels, int(instances.class_ids[i])), float(instances.scores[i]))
-        (tw, th), baseline = cv2.getTextSize(text, font, scale, 1)
+        (tw, th), baseline = cv2.getTextSize(text, font, scale, weight)
         tag_h = th + baseline + 2
         top = y0 - tag_h if y0 >= tag_h else y0  # inside the rectangle when it touches the top
         cv2.rectangle(rgb, (x0, top), (x0 + tw, top + tag_h), color_t, -1)
-        cv2.putText(rgb, text, (x0, top + th + 1), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(rgb, text, (x0, top + th + 1), font, scale, (0, 0, 0), weight, cv2.LINE_AA)
     return Image.fromarray(rgb)

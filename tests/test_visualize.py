@@ -123,3 +123,39 @@ def test_rle_instances_draw_like_dense():
 def test_image_size_mismatch_is_reported():
     with pytest.raises(ValueError, match="does not match"):
         draw_instances(np.zeros((10, 10, 3), np.uint8), _square_instances(), ["person"])
+
+
+def test_many_instances_of_one_class_stay_visible():
+    """17 'star' masks of one class: each keeps a saturated colour (PaddleX lightens once more per
+    instance, so the later ones come out near white on a white background and vanish)."""
+    h, w = 200, 360
+    masks = np.zeros((17, h, w), dtype=bool)
+    boxes = []
+    for k in range(17):
+        x0, y0 = 10 + 20 * k, 80
+        masks[k, y0:y0 + 15, x0:x0 + 15] = True
+        boxes.append([x0, y0, x0 + 15, y0 + 15])
+    inst = Instances(np.array(boxes, float), [0.9] * 17, [0] * 17, masks, (h, w))
+    out = np.asarray(draw_instances(np.full((h, w, 3), 255, np.uint8), inst, ["star"])).astype(int)
+    inside = [out[87, 17 + 20 * k] for k in range(17)]
+    assert all(px.max() - px.min() >= 60 for px in inside), [tuple(p) for p in inside]  # a colour, not white
+    paddlex_17th = np.array(PALETTE[0], float)
+    for _ in range(17):  # PaddleX's rule: lightened once per instance
+        paddlex_17th = np.floor(paddlex_17th * 0.6 + 102)
+    assert np.ptp(0.3 * 255 + 0.7 * paddlex_17th) < 2  # what this test guards against: white on white
+    assert len({tuple(p) for p in inside[:3]}) == 3  # neighbours of one class are told apart
+
+
+@pytest.mark.parametrize("solo", [False, True])
+def test_label_text_scales_with_the_image(solo):
+    """Tags are at least 10 px high on a 160 px image and grow with a 4000 px photo (both styles)."""
+    for (h, w), low, high in [((120, 160), 10, 30), ((3000, 4000), 50, 140)]:
+        masks = np.zeros((1, h, w), dtype=bool)
+        y0, x0 = h // 2, w // 4
+        masks[0, y0:y0 + h // 4, x0:x0 + w // 4] = True
+        inst = Instances(np.array([[x0, y0, x0 + w // 4, y0 + h // 4]], float), [0.9], [0], masks, (h, w),
+                         boxes_from_masks=solo)
+        out = np.asarray(draw_instances(np.zeros((h, w, 3), np.uint8), inst, ["person"]))
+        column = out[:y0, x0 + 2]  # the tag sits on top of the box's left edge
+        tag_rows = int(np.any(column != 0, axis=1).sum())
+        assert low <= tag_rows <= high, (solo, w, tag_rows)
