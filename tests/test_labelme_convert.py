@@ -469,3 +469,24 @@ def test_cli_rejects_unknown_src_dataset_type(tmp_path, src_type, caplog):
     assert rc == 1
     assert "src_dataset_type must be LabelMe or COCO (any case)" in caplog.text and "Traceback" not in caplog.text
     assert hashes(root) == before
+
+
+def test_malformed_shapes_name_the_file(tmp_path):
+    """A list as group_id used to end in "TypeError: unhashable type" and NaN coordinates were written
+    into the COCO file (invalid JSON); a shape that is not an object raised AttributeError."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    shutil.copy(ANNOTATED / "2011_000003.jpg", root)
+    data = json.loads((ANNOTATED / "2011_000003.json").read_text())
+    first = data["shapes"][0]
+    jp = root / "2011_000003.json"
+    jp.write_text(json.dumps({**data, "shapes": [{**first, "group_id": [1]}, {**first, "group_id": [1]}, "oops"]}))
+    stats = convert_labelme_to_coco(root)
+    assert stats["train"]["annotations"] == 2 and stats["skipped_shapes"] == {"not_an_object": 1}
+    assert any("unusable group_id [1]" in w for w in stats["warnings"])
+
+    jp.write_text(json.dumps({**data, "shapes": [{**first, "points": [[1, float("nan")], [3, 4], [5, 6]]}]}))
+    before = hashes(root)
+    with pytest.raises(ConvertError, match=r"2011_000003.json: shape 0 \('person'\) has a NaN or infinite coordinate"):
+        convert_labelme_to_coco(root)
+    assert hashes(root) == before

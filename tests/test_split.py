@@ -163,3 +163,22 @@ def test_missing_files(tmp_path, source):
     (tmp_path / "annotations").mkdir()
     with pytest.raises(SplitError, match="instance_train.json"):
         split_coco_dataset(tmp_path, 80, 20)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"images": ["a.jpg"]}, r"images\[0\] is not a JSON object"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [3]}, r"annotations\[0\] is not a JSON object"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "image_id": [1]}]},
+     r"annotations\[0\] has no integer 'image_id'"),
+    ({"categories": [{"id": [1], "name": "x"}]}, r"categories\[0\] has no integer 'id'"),
+    (b'{"images": [], "info": "caf\xe9"}', "not UTF-8 text"),
+])
+def test_malformed_entries_name_the_file(tmp_path, content, message):
+    """Used to end in AttributeError/TypeError/UnicodeDecodeError without naming the file."""
+    path = tmp_path / "annotations" / "instance_train.json"
+    path.parent.mkdir()
+    path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    with pytest.raises(SplitError, match=message) as err:
+        split_coco_dataset(tmp_path, 80, 20)
+    assert str(path) in str(err.value)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["instance_train.json"]  # nothing written

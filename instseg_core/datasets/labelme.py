@@ -295,8 +295,10 @@ def _collect_instances(data: dict[str, Any], json_path: Path, stats: dict[str, A
         stype = shape.get("shape_type") or "polygon"
         try:
             pts = np.asarray(shape.get("points") or [], dtype=float).reshape(-1, 2)
-        except ValueError:
+        except (ValueError, TypeError):
             raise ConvertError(f"{json_path}: shape {idx} ({label!r}) has malformed points") from None
+        if not np.isfinite(pts).all():
+            raise ConvertError(f"{json_path}: shape {idx} ({label!r}) has a NaN or infinite coordinate")
         polygon: list[float] | None = None
         mask_part = None
         if stype == "polygon" or (stype == "rectangle" and len(pts) >= 3):
@@ -315,6 +317,11 @@ def _collect_instances(data: dict[str, Any], json_path: Path, stats: dict[str, A
             skipped[key_name] = skipped.get(key_name, 0) + 1
             continue
         gid = shape.get("group_id")
+        if not isinstance(gid, (int, float, str)) or isinstance(gid, bool):  # null, or a malformed (list...) id
+            if gid is not None:
+                stats["warnings"].append(f"{json_path}: shape {idx} ({label!r}) has an unusable group_id {gid!r}; "
+                                         "treated as none")
+            gid = None
         key = (label, gid) if gid is not None else (label, None, idx)  # ungrouped shapes stay separate
         inst = instances.setdefault(key, _Instance(label))
         if polygon is not None:

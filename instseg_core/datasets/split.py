@@ -94,22 +94,41 @@ def write_json_replacing(path: Path, obj: Any) -> Path | None:
 
 
 def _load_coco(path: Path) -> dict[str, Any]:
+    """An annotation file with the structure the split relies on; any problem is a :class:`SplitError`
+    naming the file and the entry."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise SplitError(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise SplitError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8 JSON") from e
+    except OSError as e:
+        raise SplitError(f"cannot read {path}: {e}") from e
     if not isinstance(data, dict):
         raise SplitError(f"{path}: expected a JSON object with images/annotations/categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key, []), list):
             raise SplitError(f"{path}: '{key}' must be a list")
+        for i, entry in enumerate(data.get(key, [])):
+            if not isinstance(entry, dict):
+                raise SplitError(f"{path}: {key}[{i}] is not a JSON object")
     ids = [img.get("id") for img in data.get("images", [])]
+    if not all(_is_int(i) for i in ids):
+        raise SplitError(f"{path}: every image needs an integer 'id'")
     if len(set(ids)) != len(ids):
         raise SplitError(f"{path}: duplicate image ids")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise SplitError(f"{path}: every image needs an integer 'id'")
+    for i, ann in enumerate(data.get("annotations", [])):
+        if not _is_int(ann.get("image_id")):
+            raise SplitError(f"{path}: annotations[{i}] has no integer 'image_id'")
+    for i, cat in enumerate(data.get("categories", [])):
+        if not _is_int(cat.get("id")):
+            raise SplitError(f"{path}: categories[{i}] has no integer 'id'")
     return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_percents(train_percent: Any, val_percent: Any) -> None:
@@ -150,7 +169,7 @@ def split_coco_dataset(dataset_dir: str | os.PathLike, train_percent: int, val_p
                 raise SplitError(f"category id {cid} is named {categories[cid].get('name')!r} in one file "
                                  f"and {cat.get('name')!r} in {paths[s]}")
             categories.setdefault(cid, cat)
-    merged_categories = [categories[k] for k in sorted(categories, key=lambda c: (str(type(c)), c))]
+    merged_categories = [categories[k] for k in sorted(categories)]
 
     # --- images: make ids unique, carry each image's annotations along ---
     images: list[dict[str, Any]] = []
