@@ -182,3 +182,11 @@ def test_malformed_entries_name_the_file(tmp_path, content, message):
         split_coco_dataset(tmp_path, 80, 20)
     assert str(path) in str(err.value)
     assert sorted(p.name for p in path.parent.iterdir()) == ["instance_train.json"]  # nothing written
+
+
+def test_standard_coco_layout_gets_the_conversion_hint(tmp_path):
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text('{"images": []}')
+    with pytest.raises(SplitError, match="src_dataset_type=COCO"):
+        split_coco_dataset(tmp_path, 80, 20)

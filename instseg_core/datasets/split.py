@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 from instseg_core.datasets.check import DatasetError
+from instseg_core.datasets.layout import layout_hint
 from instseg_core.io import atomic_write
 
 __all__ = ["SplitError", "split_coco_dataset", "backup_existing", "seeded_cut", "write_json_replacing"]
@@ -156,7 +157,8 @@ def split_coco_dataset(dataset_dir: str | os.PathLike, train_percent: int, val_p
     paths = {s: ann_dir / f"instance_{s}.json" for s in SPLITS}
     present = [s for s in SPLITS if paths[s].is_file()]
     if not present:
-        raise SplitError(f"neither {paths['train']} nor {paths['val']} exists")
+        hint = layout_hint(dataset_dir)
+        raise SplitError(f"neither {paths['train']} nor {paths['val']} exists" + (f"; {hint}" if hint else ""))
     data = {s: _load_coco(paths[s]) for s in present}
     warnings: list[str] = [f"{paths[s]} not found; splitting the other file alone" for s in SPLITS if s not in present]
 
