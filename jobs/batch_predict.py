@@ -80,8 +80,16 @@ def config_from_args(args: argparse.Namespace) -> BatchPredictConfig:
     """YAML (if any) overlaid with the flags that were given."""
     values: dict[str, Any] = {}
     if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            values.update(yaml.safe_load(f) or {})
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as e:
+            _fail(f"--config {args.config}: {e.strerror or e}")
+        except yaml.YAMLError as e:
+            _fail(f"--config {args.config} is not valid YAML: {' '.join(str(e).split())}")
+        if not isinstance(loaded, dict):
+            _fail(f"--config {args.config} must hold a mapping of BatchPredictConfig keys")
+        values.update(loaded)
     known = {f.name for f in fields(BatchPredictConfig)}
     unknown = set(values) - known
     if unknown:

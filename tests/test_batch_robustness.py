@@ -132,7 +132,12 @@ def test_user_mistakes_are_one_line_before_ray_starts(tmp_path):
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "notes.txt").write_text("not an image")
     (tmp_path / "empty.txt").write_text("# a manifest with only a comment\n")
+    (tmp_path / "bad.yaml").write_text("batch_size: [1,\n")
+    (tmp_path / "list.yaml").write_text("- 1\n")
     cases = [
+        (["--config", str(tmp_path / "none.yaml")], "No such file"),
+        (["--config", str(tmp_path / "bad.yaml")], "is not valid YAML"),
+        (["--config", str(tmp_path / "list.yaml")], "must hold a mapping"),
         (["--input", str(tmp_path / "no_images")], "no image files"),
         (["--input", str(tmp_path / "nowhere")], "does not exist"),
         (["--input", str(tmp_path / "empty.txt")], "lists no URIs"),
