@@ -182,6 +182,14 @@ def test_errors_stop_before_writing(tmp_path: Path) -> None:
     (root / "annotations" / "instances_val2017.json").write_text('{"images": [{"id": 1}], "annotations": []}')
     with pytest.raises(ConvertError, match=r"instances_val2017.json: image #0 has no usable 'file_name'"):
         convert_standard_coco(root)
+    # a file_name outside the photo folder is not linked into images/
+    root = standard_coco(tmp_path / "escape", {"val2017": 1})
+    (root / "secret.png").write_bytes(b"x")
+    path = root / "annotations" / "instances_val2017.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "../secret.png"}], "annotations": []}))
+    with pytest.raises(ConvertError, match=r"image #0 file_name '../secret.png' leaves .*val2017"):
+        convert_standard_coco(root)
+    assert not (root / "images").exists()
 
 
 def test_some_photos_missing_are_reported_by_the_check(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ The deep checks (ids, polygons, sizes...) are :func:`instseg_core.datasets.check
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from instseg_core.datasets.coco import load_coco
@@ -69,6 +69,10 @@ def _load(src: CocoSource) -> dict[str, Any]:
     for i, img in enumerate(data.get("images", [])):
         if not (isinstance(img, dict) and isinstance(img.get("file_name"), str) and img["file_name"]):
             raise ConvertError(f"{src.annotations}: image #{i} has no usable 'file_name'")
+        name = PurePosixPath(img["file_name"].replace("\\", "/"))
+        if name.is_absolute() or ".." in name.parts:
+            raise ConvertError(f"{src.annotations}: image #{i} file_name {img['file_name']!r} leaves "
+                               f"{src.image_dir}; it must be a path inside that folder")
     for i, ann in enumerate(data.get("annotations", [])):
         if not isinstance(ann, dict):
             raise ConvertError(f"{src.annotations}: annotation #{i} is not an object")

@@ -125,7 +125,11 @@ def find_standard_coco(root: str | os.PathLike[str]) -> tuple[list[CocoSource], 
 def _has_labelme_file(root: Path) -> bool:
     """Cheap look for a LabelMe file in ``root``, ``root/annotations`` or a direct subfolder (hints only)."""
     seen = 0
-    for folder in [root, root / "annotations", *sorted(p for p in root.iterdir() if p.is_dir())]:
+    try:
+        subfolders = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:  # unreadable: no hint rather than a second error
+        return False
+    for folder in [root, root / "annotations", *subfolders]:
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             if _COCO_NAME.match(path.name):
                 continue
