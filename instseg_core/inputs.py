@@ -26,14 +26,18 @@ only a warning. PDF is not supported.
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import cv2
 import numpy as np
+
+from instseg_core.io import redact
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff",
@@ -177,17 +181,31 @@ def read_bytes(location: str) -> bytes:
         raise InputError(f"cannot read {location}: {exc.strerror or exc}", "read_error") from exc
 
 
+def _http_request(url: str) -> urllib.request.Request:
+    """A GET for ``url``; a ``user:password@`` part becomes a Basic ``Authorization`` header
+    (urllib would take it for part of the host name)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+    plain = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return urllib.request.Request(plain, headers={"Authorization": f"Basic {token}"})
+
+
 def _download(url: str) -> bytes:
+    shown = redact(url)  # messages never carry credentials or signatures
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        with urllib.request.urlopen(_http_request(url), timeout=DOWNLOAD_TIMEOUT_S) as response:
             return response.read()
     except urllib.error.HTTPError as exc:
-        raise InputError(f"cannot download {url}: HTTP {exc.code} {exc.reason}",
+        raise InputError(f"cannot download {shown}: HTTP {exc.code} {exc.reason}",
                          "not_found" if exc.code == 404 else "read_error") from None
     except urllib.error.URLError as exc:
-        raise InputError(f"cannot download {url}: {exc.reason}", "read_error") from exc
+        raise InputError(f"cannot download {shown}: {exc.reason}", "read_error") from None
     except (OSError, ValueError) as exc:  # timeouts, resets, malformed URLs
-        raise InputError(f"cannot download {url}: {exc}", "read_error") from exc
+        raise InputError(f"cannot download {shown}: {redact(str(exc))}", "read_error") from None
 
 
 def _read_fsspec(url: str) -> bytes:

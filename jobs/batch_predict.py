@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus-per-actor", type=float)
     p.add_argument("--cpu-threads", type=int)
     p.add_argument("--rows-per-file", type=int)
+    p.add_argument("--shard-size", type=int, help="URIs per input shard, the unit of resume (default 1000)")
+    p.add_argument("--retry-errors", choices=("transient", "all", "none"),
+                   help="on a rerun, redo error rows of transient kinds (default), of every kind, or none")
     p.add_argument("--max-pixels", type=int)
     p.add_argument("--max-mask-side", type=_side, help="longest side at which masks are drawn before upsampling "
                                                        "(default 1333; 'none': full size, as PaddleX)")

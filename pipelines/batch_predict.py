@@ -16,6 +16,7 @@ every id already in a part, and a final pass drops any row that a failure made R
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ import time
 import uuid
 import warnings
 from contextlib import contextmanager
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -34,9 +36,9 @@ from instseg_core.inference.memory import estimate_predictor_memory
 from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE, check_max_mask_side, check_threshold
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
 from instseg_core.progress import eta_seconds, format_duration
-from pipelines.rows import ROW_SCHEMA, error_row, image_id_for, ok_row, rows_to_table
-from pipelines.sinks import done_image_ids, write_part
-from pipelines.sources import Source, SourceError, input_root, resolve_source
+from pipelines.rows import ROW_SCHEMA, error_row, ok_row, rows_to_table
+from pipelines.shards import Shard, SourceError, input_root, probe_input, shard_uris, unique_uris
+from pipelines.sinks import done_ids_of, write_part
 from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, redact, storage_error_message
 
 log = logging.getLogger("instseg")
@@ -64,6 +66,8 @@ class BatchPredictConfig:
     num_cpus_per_actor: float = 1.0
     cpu_threads: int | None = None  # Paddle threads per actor (default: num_cpus_per_actor)
     rows_per_file: int = 1000
+    shard_size: int = 1000  # URIs per input shard: the unit of planning, resume and completion
+    retry_errors: str = "transient"  # on a rerun, redo error rows: transient kinds, "all" or "none"
     read_batch_size: int = 16
     max_pixels: int = 80_000_000  # larger images become error rows instead of exhausting memory
     max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE  # masks drawn at most this large, then upsampled
@@ -91,46 +95,72 @@ class BatchPredictConfig:
 
 # ---------------------------------------------------------------- stage 1: read bytes (tasks)
 
+def expand_shards(batch: pa.Table, s3: S3Options, retry: str) -> Iterator[pa.Table]:
+    """Stage 0 (tasks): each shard becomes its URIs, repeats dropped, minus the images its own
+    parts already hold (a rerun); columns ``source_uri`` (what to read, credentials included),
+    ``uri`` (redacted: what every output shows), ``image_id``, and the shard's id and counts."""
+    for shard_json, parts_json in zip(batch.column("shard").to_pylist(), batch.column("parts").to_pylist()):
+        shard = Shard(**json.loads(shard_json))
+        uris, ids, repeats = unique_uris(shard_uris(shard, s3))
+        done = done_ids_of(json.loads(parts_json), s3, retry=retry)
+        keep = ~np.isin(ids, done) if len(done) else np.ones(len(ids), dtype=bool)
+        todo = [u for u, k in zip(uris, keep.tolist()) if k]
+        n = len(todo)
+        yield pa.table({"source_uri": pa.array(todo, pa.string()),
+                        "uri": pa.array([redact(u) for u in todo], pa.string()),
+                        "image_id": pa.array(ids[keep], pa.int64()),
+                        "shard_id": pa.array([shard.shard_id] * n, pa.string()),
+                        "shard_total": pa.array([len(uris)] * n, pa.int64()),
+                        "shard_duplicates": pa.array([repeats] * n, pa.int64())})
+
+
+READ_ATTEMPTS = 4  # a storage read that fails with a transient error is retried this often in all
+READ_BACKOFF_S = 0.5  # ... after 0.5 s, 1 s, 2 s (then the image becomes a read_error row)
+
+
 def _read(uri: str, s3: S3Options) -> bytes:
-    """Object bytes; S3 through the job's endpoint/region settings, the rest as the predictor reads."""
-    if is_s3(uri):
+    """Object bytes; S3 through the job's endpoint/region settings, the rest as the predictor reads.
+    A transient failure is retried with exponential backoff; a missing object is not."""
+    for attempt in range(READ_ATTEMPTS):
         try:
-            return fsspec_fs(uri, s3).cat_file(uri)
-        except FileNotFoundError:
-            raise InputError(f"{redact(uri)} does not exist", "not_found") from None
-    return read_bytes(uri)
-
-
-def read_batch(batch: pa.Table, done_ids: np.ndarray, s3: S3Options) -> pa.Table:
-    """Attach ``image_id`` and the object's bytes; skip ids already written; read errors are kept
-    as data (``read_error``/``read_error_kind``) so one bad object cannot fail the block."""
-    uris = batch.column("uri").to_pylist()
-    ids = np.array([image_id_for(u) for u in uris], dtype=np.int64)
-    if len(done_ids):
-        pos = np.searchsorted(done_ids, ids).clip(max=len(done_ids) - 1)
-        keep = done_ids[pos] != ids
-    else:
-        keep = np.ones(len(ids), dtype=bool)
-    out: dict[str, list] = {"uri": [], "image_id": [], "data": [], "read_error": [], "read_error_kind": []}
-    for uri, iid, k in zip(uris, ids.tolist(), keep.tolist()):
-        if not k:
-            continue
-        data, err, kind = b"", None, None
-        try:
-            data = _read(uri, s3)
+            if is_s3(uri):
+                try:
+                    return fsspec_fs(uri, s3).cat_file(uri)
+                except FileNotFoundError:
+                    raise InputError(f"{redact(uri)} does not exist", "not_found") from None
+            return read_bytes(uri)
         except InputError as e:
-            err, kind = str(e), e.kind
+            if e.kind != "read_error" or attempt == READ_ATTEMPTS - 1:
+                raise
+        except Exception:  # noqa: BLE001 - storage hiccups (timeouts, 5xx, throttling) are retried
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+        time.sleep(READ_BACKOFF_S * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+SHARD_COLUMNS = ("image_id", "shard_id", "shard_total", "shard_duplicates")
+
+
+def read_batch(batch: pa.Table, s3: S3Options) -> pa.Table:
+    """Stage 1 (tasks): attach the object's bytes; read errors are kept as data (``read_error``/
+    ``read_error_kind``) so one bad object cannot fail the block."""
+    data, errors, kinds = [], [], []
+    for source_uri, uri in zip(batch.column("source_uri").to_pylist(), batch.column("uri").to_pylist()):
+        payload, err, kind = b"", None, None
+        try:
+            payload = _read(source_uri, s3)
+        except InputError as e:
+            err, kind = str(e).replace(source_uri, uri), e.kind
         except Exception as e:  # noqa: BLE001 - any storage failure is this image's error, not the job's
-            err, kind = f"cannot read {redact(uri)}: {type(e).__name__}: {e}", "read_error"
-        out["uri"].append(uri)
-        out["image_id"].append(iid)
-        out["data"].append(data)
-        out["read_error"].append(err)
-        out["read_error_kind"].append(kind)
-    return pa.table({"uri": pa.array(out["uri"], pa.string()), "image_id": pa.array(out["image_id"], pa.int64()),
-                     "data": pa.array(out["data"], pa.binary()),
-                     "read_error": pa.array(out["read_error"], pa.string()),
-                     "read_error_kind": pa.array(out["read_error_kind"], pa.string())})
+            err, kind = f"cannot read {uri}: {type(e).__name__}: {redact(str(e))}", "read_error"
+        data.append(payload)
+        errors.append(err)
+        kinds.append(kind)
+    out = batch.select(["uri", *SHARD_COLUMNS])
+    return (out.append_column("data", pa.array(data, pa.binary()))
+            .append_column("read_error", pa.array(errors, pa.string()))
+            .append_column("read_error_kind", pa.array(kinds, pa.string())))
 
 
 # ---------------------------------------------------------------- stage 2: predict (actor pool)
@@ -240,6 +270,11 @@ class SegmentationActor:
             items.append((uri, rec["data"]))
         rows.extend(self.predictor(items))
         table = rows_to_table(rows)
+        # each row keeps its shard (rows come back in another order: join on the image id)
+        shard_of = {iid: k for k, iid in enumerate(batch.column("image_id").to_pylist())}
+        index = pa.array([shard_of[i] for i in table.column("image_id").to_pylist()], pa.int64())
+        for name in SHARD_COLUMNS[1:]:
+            table = table.append_column(name, batch.column(name).take(index))
         # what this batch cost beyond one plain call, counted once (on the batch's first row)
         stats = self.predictor.stats
         splits, restarts = stats.batch_splits - self._reported[0], stats.child_restarts - self._reported[1]
@@ -261,9 +296,14 @@ def _on_first_row(num_rows: int, value: int) -> pa.Array:
 # ---------------------------------------------------------------- stage 3: write parts (tasks)
 
 def write_batch(batch: pa.Table, output: str, s3: S3Options) -> pa.Table:
-    """Publish the rows as one part file; pass on only what the driver counts."""
-    if batch.num_rows:
-        write_part(batch.select(ROW_SCHEMA.names), output, s3)
+    """Stage 3 (tasks): publish the rows as one part file per shard they belong to; pass on only
+    what the driver counts."""
+    shard_ids = batch.column("shard_id").to_pylist()
+    for shard_id in sorted(set(shard_ids)):
+        rows = batch.filter(pa.array([s == shard_id for s in shard_ids]))
+        write_part(rows.select(ROW_SCHEMA.names), output, s3, shard_id=shard_id,
+                   shard_total=int(rows.column("shard_total")[0].as_py()),
+                   shard_duplicates=int(rows.column("shard_duplicates")[0].as_py()))
     return batch.select(["status", "error_kind", "num_instances", "batch_splits", "predictor_restarts"])
 
 
@@ -279,30 +319,24 @@ def _compute(cfg: BatchPredictConfig):
     return ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors or cfg.min_actors)
 
 
-def build_dataset(cfg: BatchPredictConfig, src: Source, done_ids: np.ndarray):
-    """The lazy Ray Dataset of the whole chain (nothing runs until it is iterated)."""
+def build_dataset(cfg: BatchPredictConfig, shards: list[Shard], parts: dict[str, list[str]]):
+    """The lazy Ray Dataset of the whole chain over ``shards`` (nothing runs until it is iterated);
+    ``parts`` are the part files each shard already has (a rerun)."""
     import ray
 
-    from pipelines.storage import arrow_fs
-
-    if src.parquet_manifest is not None:
-        fs, path = arrow_fs(src.parquet_manifest, cfg.s3())
-        ds = ray.data.read_parquet(path, filesystem=fs, columns=[src.uri_column])
-        if src.uri_column != "uri":
-            ds = ds.rename_columns({src.uri_column: "uri"})
-        total = ds.count()  # from Parquet metadata: no data read
-        # small blocks: a task's work is bounded, so progress streams and a failure redoes little
-        ds = ds.repartition(num_blocks=max(1, -(-total // cfg.read_batch_size)))
-    else:
-        total = len(src.uris)
-        table = pa.table({"uri": src.uris})
-        ds = ray.data.from_arrow([table.slice(i, cfg.read_batch_size)
-                                  for i in range(0, max(total, 1), cfg.read_batch_size)])
+    items = [{"shard": json.dumps(asdict(sh)), "parts": json.dumps(parts.get(sh.shard_id, []))} for sh in shards]
+    # about 4 shards per expansion task: the driver's blocks stay O(shards), tasks stay short
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // 4))))
+    ds = ds.map_batches(expand_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                        fn_kwargs={"s3": cfg.s3(), "retry": cfg.retry_errors})
+    # small blocks (streaming, not a blocking repartition): a read task's work is bounded, so
+    # progress streams and a failure redoes little
+    ds = ds.repartition(target_num_rows_per_block=cfg.read_batch_size)
     # Remote reads run as their own light tasks so object-store latency overlaps inference; local
     # reads are cheap and Ray fuses them into the actor (same resource request), saving a copy.
-    remote = src.parquet_manifest is not None or any(is_remote(u) for u in src.uris.to_pylist()[:1])
+    remote = is_remote(cfg.input)
     ds = ds.map_batches(read_batch, batch_size=cfg.read_batch_size, batch_format="pyarrow",
-                        fn_kwargs={"done_ids": done_ids, "s3": cfg.s3()}, num_cpus=0.25 if remote else 1)
+                        fn_kwargs={"s3": cfg.s3()}, num_cpus=0.25 if remote else 1)
     # Bounded fault tolerance: an actor Ray itself kills (node memory pressure, a lost node) is
     # recreated and its batch retried a few times, then the job fails with the error; Ray Data's
     # defaults (-1, -1) retry forever, which is how a job used to hang in an OOM-restart loop.
@@ -315,9 +349,8 @@ def build_dataset(cfg: BatchPredictConfig, src: Source, done_ids: np.ndarray):
                             num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
                             memory=int(cfg.actor_memory_gb * 2**30) if cfg.actor_memory_gb else None,
                             max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)
-    ds = ds.map_batches(write_batch, batch_size=cfg.rows_per_file, batch_format="pyarrow",
-                        fn_kwargs={"output": cfg.output, "s3": cfg.s3()})
-    return ds, total
+    return ds.map_batches(write_batch, batch_size=cfg.rows_per_file, batch_format="pyarrow",
+                          fn_kwargs={"output": cfg.output, "s3": cfg.s3()})
 
 
 class Progress:
@@ -326,7 +359,7 @@ class Progress:
     slow model or a long start-up still says what is happening; ``interval_s <= 0`` logs once per
     part file instead. Use as a context manager."""
 
-    def __init__(self, total: int, already_done: int, interval_s: float):
+    def __init__(self, total: int | None, already_done: int, interval_s: float):
         self.total, self.already_done, self.interval_s = total, already_done, interval_s
         self.done = self.errors = self.instances = self.batch_splits = self.predictor_restarts = 0
         self.t0 = time.monotonic()
@@ -365,8 +398,9 @@ class Progress:
             self.log()
 
     @property
-    def todo(self) -> int:
-        return max(self.total - self.already_done, 0)
+    def todo(self) -> int | None:
+        """Images this run has to do, when known (a first run over a listing)."""
+        return None if self.total is None else max(self.total - self.already_done, 0)
 
     @property
     def rate(self) -> float:
@@ -378,19 +412,22 @@ class Progress:
 
     def eta_s(self) -> float | None:
         """Seconds left at the rate since the first output (start-up excluded); None before it."""
-        return None if self.t_first is None else eta_seconds(self.done, self.todo, time.monotonic() - self.t_first)
+        if self.t_first is None or self.todo is None:
+            return None
+        return eta_seconds(self.done, self.todo, time.monotonic() - self.t_first)
 
     def log(self, prefix: str = "progress") -> None:
         elapsed = format_duration(time.monotonic() - self.t0)
+        todo = self.todo
+        count = f"{self.done}/{todo}" if todo is not None else f"{self.done}"
         if self.done == 0 and prefix == "progress":
-            log.info("%s: 0/%d images this run (%d done before), %s elapsed: starting actors and loading the "
-                     "model; results arrive per part file", prefix, self.todo, self.already_done, elapsed)
+            log.info("%s: %s images this run, %s elapsed: starting actors and loading the model; results arrive "
+                     "per part file", prefix, count, elapsed)
             return
+        pct = f" ({100.0 * self.done / todo if todo else 100.0:.1f}%)" if todo is not None else ""
         eta = self.eta_s()
-        pct = 100.0 * self.done / self.todo if self.todo else 100.0
-        log.info("%s: %d/%d images this run (%.1f%%, %d done before), %.2f images/s, %d errors, %s elapsed%s",
-                 prefix, self.done, self.todo, pct, self.already_done, self.rate, self.errors, elapsed,
-                 f", ETA {format_duration(eta)}" if eta is not None and self.done < self.todo else "")
+        log.info("%s: %s images this run%s, %.2f images/s, %d errors, %s elapsed%s", prefix, count, pct, self.rate,
+                 self.errors, elapsed, f", ETA {format_duration(eta)}" if eta is not None and self.done < todo else "")
 
 
 @dataclass(frozen=True)
@@ -398,7 +435,6 @@ class JobPlan:
     """What :func:`check_settings` found before any Ray work: the model and the images."""
 
     model: Any  # instseg_core.inference.model_dir.ModelDir: labels, model name, draw_threshold
-    source: Source
 
 
 def check_settings(cfg: BatchPredictConfig) -> JobPlan:
@@ -414,7 +450,7 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
         cfg.max_mask_side = check_max_mask_side(cfg.max_mask_side)
     except ValueError as e:
         raise JobSettingsError(str(e)) from None
-    for name in ("batch_size", "rows_per_file", "read_batch_size", "max_pixels", "min_actors"):
+    for name in ("batch_size", "rows_per_file", "shard_size", "read_batch_size", "max_pixels", "min_actors"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise JobSettingsError(f"{name} must be a positive integer, got {value!r}")
@@ -434,12 +470,14 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
             model = validate_model_source(cfg.model_name, cfg.model_dir, s3)
         except (ValueError, OSError) as e:  # ModelDirError, a missing/unreadable dir, a failed download
             raise JobSettingsError(f"model: {e}") from None
+    if cfg.retry_errors not in ("transient", "all", "none"):
+        raise JobSettingsError(f"retry_errors must be 'transient', 'all' or 'none', got {cfg.retry_errors!r}")
     with storage_errors("input", cfg.input):
         try:
-            source = resolve_source(cfg.input, cfg.extensions, s3)
+            probe_input(cfg.input, cfg.extensions, s3)
         except SourceError as e:
             raise JobSettingsError(f"input: {e}") from None
-    return JobPlan(model=model, source=source)
+    return JobPlan(model=model)
 
 
 @contextmanager
@@ -492,13 +530,52 @@ def _size_actors(cfg: BatchPredictConfig) -> None:
                  node_gb, int(node_gb // cfg.actor_memory_gb), cfg.actor_memory_gb)
 
 
+def _finish_shards(output: str, groups: list[tuple[str, list[str]]], s3: S3Options) -> list[dict[str, Any]]:
+    from pipelines.sinks import finish_shard
+
+    return [finish_shard(output, shard_id, parts, s3) for shard_id, parts in groups]
+
+
+def finish_all(output: str, parts: dict[str, list[str]], s3: S3Options) -> dict[str, Any]:
+    """De-duplicate and count every shard that has parts, in Ray tasks (32 shards each, at most
+    32 in flight); returns the totals over shards (the driver holds only running sums)."""
+    import ray
+
+    from pipelines.sinks import remove_staging_files
+
+    remove_staging_files(output, s3)
+    finish = ray.remote(num_cpus=0.25, max_retries=3)(_finish_shards)
+    groups = sorted(parts.items())
+    chunks = [groups[i:i + 32] for i in range(0, len(groups), 32)]
+    totals: dict[str, Any] = {"images": 0, "images_total": 0, "by_status": Counter(), "errors_by_kind": Counter(),
+                              "instances": 0, "duplicates_removed": 0, "source_duplicates": 0,
+                              "incomplete_shards": 0}
+    pending: list = []
+    while chunks or pending:
+        while chunks and len(pending) < 32:
+            pending.append(finish.remote(output, chunks.pop(), s3))
+        ready, pending = ray.wait(pending, num_returns=1)
+        for c in ray.get(ready[0]):
+            totals["images"] += c["images"]
+            totals["images_total"] += c["total"] or 0
+            totals["by_status"].update(c["by_status"])
+            totals["errors_by_kind"].update(c["errors_by_kind"])
+            totals["instances"] += c["instances"]
+            totals["duplicates_removed"] += c.get("duplicates_removed", 0)
+            totals["source_duplicates"] += c.get("source_duplicates", 0)
+            totals["incomplete_shards"] += 0 if c["complete"] else 1
+    totals["by_status"], totals["errors_by_kind"] = dict(totals["by_status"]), dict(totals["errors_by_kind"])
+    return totals
+
+
 def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> dict[str, Any]:
     """Run (or resume) a labelling job and write every output; returns the summary dict. ``plan`` is
     :func:`check_settings`'s result when the caller already checked ``cfg`` (else it is checked here)."""
     import ray
 
     from pipelines.exports import write_coco_dataset, write_coco_results, write_labelme, iter_rows
-    from pipelines.sinks import deduplicate_parts, list_parts, remove_staging_files, summarize, write_json
+    from pipelines.shards import load_or_make_plan
+    from pipelines.sinks import clear_markers, done_shards, list_parts, parts_by_shard, write_json
     from pipelines.storage import join
 
     cfg.run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -510,36 +587,50 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
     threshold = cfg.threshold if cfg.threshold is not None else plan.model.draw_threshold
     _size_actors(cfg)
     started = time.time()
-    done_ids = done_image_ids(cfg.output, s3)
-    log.info("run %s: %s -> %s with %s (threshold %s, batch %d); %d image(s) already written", cfg.run_id,
-             redact(cfg.input), redact(cfg.output), cfg.model_label, threshold, cfg.batch_size, len(done_ids))
-    ds, total = build_dataset(cfg, plan.source, done_ids)
+    try:
+        shards_plan = load_or_make_plan(cfg.input, cfg.output, shard_size=cfg.shard_size,
+                                        extensions=cfg.extensions, s3=s3)
+    except SourceError as e:
+        raise JobSettingsError(f"input: {e}") from None
+    finished = done_shards(cfg.output, s3, retry=cfg.retry_errors)
+    parts = parts_by_shard(list_parts(cfg.output, s3))
+    todo = [sh for sh in shards_plan.shards if sh.shard_id not in finished]
+    clear_markers(cfg.output, {sh.shard_id for sh in todo}, s3)  # shards with errors to retry
+    fresh = not finished and not parts
+    log.info("run %s: %s -> %s with %s (threshold %s, batch %d); %d shard(s), %d finished before%s", cfg.run_id,
+             redact(cfg.input), redact(cfg.output), cfg.model_label, threshold, cfg.batch_size,
+             len(shards_plan.shards), len(finished),
+             f", {shards_plan.listed} image(s) listed" if shards_plan.listed is not None else "")
     # Ray core logs "... has constructor arguments in the object store and max_restarts > 0" at
     # error level for every restartable actor pool: Ray Data keeps the actor's code in the object
     # store, referenced by the driver for the whole run, so a restart finds it (README: Logs)
     log.info("expected: Ray's error-level line about 'constructor arguments in the object store' is harmless "
              "here (see the README, 'Logs')")
-    with Progress(total, len(done_ids), cfg.progress_interval_s) as progress:
-        for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            progress.update(summary)
+    with Progress(shards_plan.listed if fresh else None, 0, cfg.progress_interval_s) as progress:
+        if todo:
+            for batch_counts in build_dataset(cfg, todo, parts).iter_batches(batch_format="pyarrow",
+                                                                            batch_size=None):
+                progress.update(batch_counts)
     progress.log("predicted")
 
-    remove_staging_files(cfg.output, s3)
-    dropped = deduplicate_parts(cfg.output, s3)
-    parts = list_parts(cfg.output, s3)
-    n_results = write_coco_results(iter_rows(parts), join(cfg.output, "coco_results.json"), labels)
-    counts = write_coco_dataset(iter_rows(parts), join(cfg.output, "coco_dataset.json"), labels,
+    totals = finish_all(cfg.output, parts_by_shard(list_parts(cfg.output, s3)), s3)
+    part_list = list_parts(cfg.output, s3)  # after de-duplication rewrote some parts
+    n_results = write_coco_results(iter_rows(part_list), join(cfg.output, "coco_results.json"), labels)
+    counts = write_coco_dataset(iter_rows(part_list), join(cfg.output, "coco_dataset.json"), labels,
                                 image_root=input_root(cfg.input))
     if cfg.labelme:
-        write_labelme(iter_rows(parts), join(cfg.output, "labelme"))
-    totals = summarize(cfg.output, s3)
+        write_labelme(iter_rows(part_list), join(cfg.output, "labelme"))
     wall = time.time() - started
     summary = {
         "run_id": cfg.run_id, "model": cfg.model_label, "threshold": threshold, "batch_size": cfg.batch_size,
-        "input": redact(cfg.input), "output": redact(cfg.output), "images_total": total,
-        "images_this_run": progress.done, "images_before_this_run": len(done_ids), "duplicates_removed": dropped,
+        "input": redact(cfg.input), "output": redact(cfg.output), "images_total": totals["images_total"],
+        "images_this_run": progress.done, "images_before_this_run": totals["images"] - progress.done
+        + totals["duplicates_removed"], "duplicates_removed": totals["duplicates_removed"],
+        "duplicate_uris_in_input": totals["source_duplicates"], "shards": len(shards_plan.shards),
+        "incomplete_shards": totals["incomplete_shards"],
         "images_written": totals["images"], "by_status": totals["by_status"],
         "errors_by_kind": totals["errors_by_kind"], "instances": totals["instances"],
+        "retry_errors": cfg.retry_errors,
         "max_mask_side": cfg.max_mask_side, "actor_memory_gb": cfg.actor_memory_gb,
         "batch_splits": progress.batch_splits, "predictor_restarts": progress.predictor_restarts,
         "coco_results": n_results, "coco_images": counts["images"], "coco_annotations": counts["annotations"],

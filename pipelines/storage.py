@@ -12,7 +12,6 @@ that a URI carries.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import fsspec
 import pyarrow.fs as pafs
 
-from instseg_core.io import atomic_write
+from instseg_core.io import atomic_write, redact
 
 
 @dataclass(frozen=True)
@@ -44,11 +43,6 @@ def is_s3(uri: str) -> bool:
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
-
-
-def redact(uri: str) -> str:
-    """The URI without any ``user:secret@`` part, safe to log or store."""
-    return re.sub(r"^([a-zA-Z0-9+.-]+://)[^/@]*@", r"\1", uri)
 
 
 def storage_error_message(uri: str, error: BaseException) -> str | None:

@@ -299,7 +299,7 @@ def test_coco_file_names_are_unique_and_relative_to_the_input(tmp_path):
 
 
 def test_input_root_of_each_kind_of_input(tmp_path):
-    from pipelines.sources import input_root
+    from pipelines.shards import input_root
 
     (tmp_path / "one.jpg").write_bytes(b"")
     assert input_root(str(tmp_path)) == input_root(str(tmp_path) + "/") == str(tmp_path)

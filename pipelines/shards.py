@@ -1,0 +1,433 @@
+"""The job's input as a fixed sequence of shards that Ray tasks expand into URIs.
+
+Nothing on the driver grows with the number of images: the driver holds one small :class:`Shard`
+per ~``shard_size`` URIs (100M images at 1000 per shard: 100k shards, a few MB) and never a URI.
+
+* **Text / CSV manifests** are cut into byte ranges from the file size alone; a line belongs to
+  the range its first byte is in, so ranges never split or repeat a URI.
+* **Parquet manifests** (a file or a folder of files) are cut into row ranges from the footers.
+* **Directories and prefixes** are listed by Ray tasks, one per folder level (fanning out over
+  sub-folders), each writing its files as Parquet pages under ``<output>/_plan/listing/``.
+* **A glob or a single file** is listed on the driver (globs are for modest inputs).
+
+The plan (``<output>/_plan/plan.json`` and the listing pages) is written by the first run; a rerun
+with the same output reads the same shards, which is what makes per-shard resume exact
+(:mod:`pipelines.sinks`). A rerun over a directory/prefix lists it again, and each folder's task
+compares with that folder's earlier pages: images added since become new shards appended to the
+plan (the nightly "label what is new" run), the old shards stay as they were. A URI repeated
+inside a shard is dropped there and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.rows import image_id_for
+from pipelines.storage import S3Options, fsspec_fs, is_remote, join, redact, write_bytes_atomic
+
+log = logging.getLogger("instseg")
+
+PLAN_DIR = "_plan"
+PLAN_FILE = "plan.json"
+LISTING_DIR = "listing"
+PLAN_VERSION = 1
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt", ".lst")
+URI_COLUMNS = ("uri", "url", "path", "file", "file_name", "key")
+_MAX_LINE = 1 << 16  # longest manifest line read past a range's end to finish its last URI
+
+
+class SourceError(ValueError):
+    """A source that cannot be listed or a manifest that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of input: at most about ``shard_size`` URIs, expanded by :func:`expand_shard`."""
+
+    shard_id: str  # "s" + its position in the plan, zero-padded: stable across reruns
+    kind: str  # "lines" (text manifest), "csv", "parquet" (manifest or listing page)
+    source: str  # the manifest or page file
+    start: int = 0  # first byte (lines/csv) or first row (parquet)
+    stop: int = 0  # byte or row stop (exclusive)
+    column: str | None = None  # csv: the URI column's index as text; parquet: its name
+    base: str | None = None  # local manifests: the folder relative paths are relative to
+
+
+@dataclass
+class Plan:
+    """The shards of one job's input, as written under ``<output>/_plan/``."""
+
+    input: str  # redacted
+    shards: list[Shard]
+    listed: int | None = None  # URIs found by listings (None for manifests: known after expansion)
+    listing: bool = False  # a directory/prefix/glob: a rerun lists again and appends new images
+    generation: int = 0  # how many times the input was listed again after the first
+    new: int | None = None  # images the last listing added (None: not a relisting)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "input": self.input, "listed": self.listed, "listing": self.listing,
+                "generation": self.generation, "shards": [asdict(s) for s in self.shards]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Plan":
+        return cls(input=data["input"], listed=data.get("listed"), listing=data.get("listing", False),
+                   generation=data.get("generation", 0), shards=[Shard(**s) for s in data["shards"]])
+
+
+def _shard_id(position: int) -> str:
+    return f"s{position:08d}"
+
+
+def _has_glob(uri: str) -> bool:
+    return any(ch in uri for ch in "*?[")
+
+
+def _with_scheme(path: str, like: str) -> str:
+    return f"{like.split('://', 1)[0]}://{path}" if is_remote(like) and "://" not in path else path
+
+
+def is_manifest(source: str) -> bool:
+    return source.lower().endswith(MANIFEST_SUFFIXES) and not _has_glob(source)
+
+
+# ---------------------------------------------------------------- planning (driver + listing tasks)
+
+
+def load_or_make_plan(source: str, output: str, *, shard_size: int, extensions: tuple[str, ...],
+                      s3: S3Options | None = None) -> Plan:
+    """The plan stored under ``output`` (a rerun), else a new one for ``source``, stored there.
+
+    A stored plan for another input is an error: mixing two inputs' shards under one output would
+    break the exactly-once guarantee."""
+    uri = join(output, PLAN_DIR, PLAN_FILE)
+    fs = fsspec_fs(uri, s3)
+    if fs.exists(uri):
+        with fs.open(uri, "rb") as f:
+            data = json.load(f)
+        if data.get("input") != redact(source):
+            raise SourceError(f"{redact(output)} holds the plan of input {data.get('input')}, not "
+                              f"{redact(source)}: use a new --output (or delete {PLAN_DIR}/ to start over)")
+        plan = Plan.from_json(data)
+        if not plan.listing:
+            return plan
+        plan = relist(plan, source, output, shard_size=shard_size, extensions=extensions, s3=s3)
+    else:
+        plan = make_plan(source, output, shard_size=shard_size, extensions=extensions, s3=s3)
+    write_bytes_atomic(uri, json.dumps(plan.to_json()).encode("utf-8"), s3)
+    return plan
+
+
+def relist(plan: Plan, source: str, output: str, *, shard_size: int, extensions: tuple[str, ...],
+           s3: S3Options | None = None) -> Plan:
+    """``plan`` plus shards for the images that appeared since it was listed (old shards unchanged)."""
+    generation = plan.generation + 1
+    old_pages: dict[str, list[str]] = {}
+    for shard in plan.shards:
+        old_pages.setdefault(_page_group(shard.source), []).append(shard.source)
+    if _has_glob(source) or _is_file(source, s3):
+        known = {u for pages in old_pages.values() for page in pages for u in _page_uris(page, s3)}
+        uris = [u for u in _glob_or_file(source, extensions, s3) if u not in known]
+        pages = _write_pages(uris, join(output, PLAN_DIR, LISTING_DIR), f"glob-g{generation}", shard_size, s3)
+    else:
+        pages, _ = _list_tree(source, output, shard_size, extensions, s3, old_pages, generation)
+    added = _page_shards(pages, first=len(plan.shards))
+    new = sum(n for _, n in pages)
+    return Plan(plan.input, plan.shards + added, listed=(plan.listed or 0) + new, listing=True,
+                generation=generation, new=new)
+
+
+def make_plan(source: str, output: str, *, shard_size: int, extensions: tuple[str, ...],
+              s3: S3Options | None = None) -> Plan:
+    """Shards for ``source`` (see the module doc); listing pages go under ``<output>/_plan/``."""
+    lower = source.lower()
+    if is_manifest(source):
+        fs = fsspec_fs(source, s3)
+        if not fs.exists(source):
+            raise SourceError(f"manifest {redact(source)} does not exist")
+        if lower.endswith(".parquet"):
+            return Plan(redact(source), _parquet_shards(source, shard_size, s3))
+        return Plan(redact(source), _text_shards(source, shard_size, s3))
+    if _has_glob(source) or _is_file(source, s3):
+        uris = _glob_or_file(source, extensions, s3)
+        pages = _write_pages(uris, join(output, PLAN_DIR, LISTING_DIR), "glob", shard_size, s3)
+        return Plan(redact(source), _page_shards(pages), listed=len(uris), listing=True)
+    pages, listed = _list_tree(source, output, shard_size, extensions, s3)
+    if not listed:
+        raise SourceError(f"no image files ({', '.join(extensions)}) found under {redact(source)}")
+    return Plan(redact(source), _page_shards(pages), listed=listed, listing=True)
+
+
+def _is_file(source: str, s3: S3Options | None) -> bool:
+    fs = fsspec_fs(source, s3)
+    if fs.isfile(source):
+        return True
+    if not fs.isdir(source):
+        raise SourceError(f"input {redact(source)} does not exist (no such file, directory or prefix)")
+    return False
+
+
+def _glob_or_file(source: str, extensions: tuple[str, ...], s3: S3Options | None) -> list[str]:
+    fs = fsspec_fs(source, s3)
+    if not _has_glob(source):
+        return [source if is_remote(source) else os.path.abspath(source)]
+    exts = tuple(e.lower() for e in extensions)
+    found = sorted(_with_scheme(p, source) for p in fs.glob(source) if p.lower().endswith(exts))
+    if not found:
+        raise SourceError(f"no image files ({', '.join(exts)}) match {redact(source)}")
+    return found
+
+
+def _text_shards(manifest: str, shard_size: int, s3: S3Options | None) -> list[Shard]:
+    """Byte ranges of about ``shard_size`` lines, sized from the first 64 KiB's mean line length."""
+    fs = fsspec_fs(manifest, s3)
+    size = int(fs.size(manifest))
+    with fs.open(manifest, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise SourceError(f"manifest {redact(manifest)} lists no URIs")
+    column = None
+    if manifest.lower().endswith(".csv"):
+        column = str(_csv_column(head, manifest))
+    lines = max(1, head.count(b"\n"))
+    step = max(4096, int(len(head) / lines * shard_size))
+    base = None if is_remote(manifest) else os.path.dirname(os.path.abspath(manifest))
+    kind = "csv" if column is not None else "lines"
+    return [Shard(_shard_id(i), kind, manifest, start, min(start + step, size), column, base)
+            for i, start in enumerate(range(0, size, step))]
+
+
+def _csv_column(head: bytes, manifest: str) -> int:
+    header = next(csv.reader(io.StringIO(head.decode("utf-8", "replace").splitlines()[0])))
+    names = [h.strip() for h in header]
+    for c in URI_COLUMNS:
+        if c in names:
+            return names.index(c)
+    if len(names) == 1:
+        return 0
+    raise SourceError(f"manifest {redact(manifest)} has columns {names}; name the URI column one of {URI_COLUMNS}")
+
+
+def _parquet_files(manifest: str, s3: S3Options | None) -> list[str]:
+    fs = fsspec_fs(manifest, s3)
+    if fs.isdir(manifest):
+        return sorted(_with_scheme(p, manifest) for p in fs.find(manifest) if p.endswith(".parquet"))
+    return [manifest]
+
+
+def _parquet_shards(manifest: str, shard_size: int, s3: S3Options | None) -> list[Shard]:
+    fs = fsspec_fs(manifest, s3)
+    shards: list[Shard] = []
+    column = None
+    for path in _parquet_files(manifest, s3):
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        names = meta.schema.names
+        column = next((c for c in URI_COLUMNS if c in names), names[0] if len(names) == 1 else None)
+        if column is None:
+            raise SourceError(f"manifest {redact(path)} has columns {names}; name the URI column one of "
+                              f"{URI_COLUMNS}")
+        base = None if is_remote(path) else os.path.dirname(os.path.abspath(path))
+        for start in range(0, meta.num_rows, shard_size):
+            shards.append(Shard(_shard_id(len(shards)), "parquet", path, start,
+                                min(start + shard_size, meta.num_rows), column, base))
+    if not shards:
+        raise SourceError(f"manifest {redact(manifest)} lists no URIs")
+    return shards
+
+
+def _page_shards(pages: list[tuple[str, int]], first: int = 0) -> list[Shard]:
+    return [Shard(_shard_id(first + i), "parquet", uri, 0, n, "uri") for i, (uri, n) in enumerate(pages)]
+
+
+def _page_group(page_uri: str) -> str:
+    """The folder key of a listing page (``page-<folder hash>-...`` -> ``page-<folder hash>``)."""
+    return "-".join(page_uri.rsplit("/", 1)[-1].split("-")[:2])
+
+
+def _page_uris(page_uri: str, s3: S3Options | None) -> list[str]:
+    with fsspec_fs(page_uri, s3).open(page_uri, "rb") as f:
+        return pq.read_table(f, columns=["uri"]).column("uri").to_pylist()
+
+
+def _write_pages(uris: list[str], folder: str, name: str, shard_size: int,
+                 s3: S3Options | None) -> list[tuple[str, int]]:
+    """``uris`` as Parquet pages of at most ``shard_size`` rows; returns (page URI, rows) each."""
+    pages = []
+    for k, start in enumerate(range(0, len(uris), shard_size)):
+        chunk = uris[start:start + shard_size]
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"uri": pa.array(chunk, pa.string())}), buf)
+        uri = join(folder, f"{name}-{k:05d}.parquet")
+        write_bytes_atomic(uri, buf.getvalue(), s3)
+        pages.append((uri, len(chunk)))
+    return pages
+
+
+def list_folder(folder: str, output: str, shard_size: int, extensions: tuple[str, ...],
+                s3: S3Options | None, old_pages: list[str] | None = None,
+                generation: int = 0) -> tuple[list[str], list[tuple[str, int]]]:
+    """One folder level: its image files (those not on ``old_pages``, the folder's pages of earlier
+    listings) written as pages under the output's plan; returns its sub-folders and the new pages.
+    Runs as a Ray task (the driver only sees folder names)."""
+    fs = fsspec_fs(folder, s3)
+    exts = tuple(e.lower() for e in extensions)
+    files, subdirs = [], []
+    for entry in fs.ls(folder, detail=True):
+        path = _with_scheme(entry["name"], folder)
+        if entry.get("type") == "directory":
+            subdirs.append(path)
+        elif path.lower().endswith(exts):
+            files.append(path)
+    if old_pages:
+        known = {u for page in old_pages for u in _page_uris(page, s3)}
+        files = [f for f in files if f not in known]
+    name = "page-" + hashlib.sha1(folder.rstrip("/").encode("utf-8")).hexdigest()[:16]
+    if generation:
+        name += f"-g{generation}"
+    return sorted(subdirs), _write_pages(sorted(files), join(output, PLAN_DIR, LISTING_DIR), name, shard_size, s3)
+
+
+def _list_tree(source: str, output: str, shard_size: int, extensions: tuple[str, ...], s3: S3Options | None,
+               old_pages: dict[str, list[str]] | None = None,
+               generation: int = 0) -> tuple[list[tuple[str, int]], int]:
+    """Breadth-first listing in Ray tasks (at most 64 folders in flight); pages in folder order.
+    ``old_pages`` (folder key -> pages of earlier listings) makes each task list only new files."""
+    import ray
+
+    remote_list = ray.remote(num_cpus=0.25, max_retries=3)(list_folder)
+    root = source.rstrip("/") if is_remote(source) else os.path.abspath(source)
+    results: dict[str, list[tuple[str, int]]] = {}
+    frontier, pending = [root], {}
+    while frontier or pending:
+        while frontier and len(pending) < 64:
+            folder = frontier.pop()
+            key = "page-" + hashlib.sha1(folder.rstrip("/").encode("utf-8")).hexdigest()[:16]
+            pending[remote_list.remote(folder, output, shard_size, extensions, s3,
+                                       (old_pages or {}).get(key), generation)] = folder
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        folder = pending.pop(ready[0])
+        subdirs, pages = ray.get(ready[0])
+        results[folder] = pages
+        frontier.extend(subdirs)
+    pages = [p for folder in sorted(results) for p in results[folder]]
+    return pages, sum(n for _, n in pages)
+
+
+# ---------------------------------------------------------------- expansion (Ray tasks)
+
+
+def _resolve(uri: str, base: str | None) -> str:
+    if base is None or is_remote(uri) or os.path.isabs(uri):
+        return uri
+    return os.path.normpath(os.path.join(base, uri))
+
+
+def _range_lines(shard: Shard, s3: S3Options | None) -> Iterator[str]:
+    """The lines whose first byte lies in ``[start, stop)``."""
+    fs = fsspec_fs(shard.source, s3)
+    with fs.open(shard.source, "rb") as f:
+        if shard.start > 0:
+            f.seek(shard.start - 1)
+            if f.read(1) != b"\n":
+                f.readline()  # the line that began before this range belongs to the previous shard
+        while f.tell() < shard.stop:
+            line = f.readline(_MAX_LINE)
+            if not line:
+                break
+            yield line.decode("utf-8").rstrip("\r\n")
+
+
+def shard_uris(shard: Shard, s3: S3Options | None = None) -> list[str]:
+    """The URIs of one shard, in manifest order (duplicates not yet removed)."""
+    if shard.kind == "parquet":
+        fs = fsspec_fs(shard.source, s3)
+        with fs.open(shard.source, "rb") as f:
+            table = pq.read_table(f, columns=[shard.column])
+        values = table.column(shard.column).slice(shard.start, shard.stop - shard.start).to_pylist()
+        return [_resolve(v.strip(), shard.base) for v in values if v and v.strip()]
+    uris = []
+    index = int(shard.column) if shard.kind == "csv" else None
+    for n, line in enumerate(_range_lines(shard, s3)):
+        if index is not None:
+            if shard.start == 0 and n == 0:
+                continue  # the header
+            fields = next(csv.reader([line]), [])
+            value = fields[index].strip() if index < len(fields) else ""
+        else:
+            value = line.strip()
+            if value.startswith("#"):
+                continue
+        if value:
+            uris.append(_resolve(value, shard.base))
+    return uris
+
+
+def unique_uris(uris: list[str]) -> tuple[list[str], np.ndarray, int]:
+    """``uris`` without repeats (first kept), their image ids, and how many repeats were dropped."""
+    ids = np.fromiter((image_id_for(redact(u)) for u in uris), dtype=np.int64, count=len(uris))
+    _, first = np.unique(ids, return_index=True)
+    first.sort()
+    return [uris[i] for i in first], ids[first], len(uris) - len(first)
+
+
+def probe_input(source: str, extensions: tuple[str, ...], s3: S3Options | None = None,
+                max_listings: int = 20) -> None:
+    """Cheap checks before Ray starts: the input exists and is reachable; a manifest is not empty;
+    a folder/prefix holds an image within the first ``max_listings`` folder listings (a deeper
+    tree is left to the listing tasks). Raises :class:`SourceError` (storage errors propagate)."""
+    fs = fsspec_fs(source, s3)
+    fs.invalidate_cache()
+    if is_manifest(source):
+        if not fs.exists(source):
+            raise SourceError(f"manifest {redact(source)} does not exist")
+        if source.lower().endswith(".parquet"):
+            _parquet_shards(source, 1 << 30, s3)  # reads the footers: columns and row counts
+            return
+        first = _text_shards(source, 1 << 30, s3)[0]  # one shard: the first 64 KiB are enough
+        head = Shard(first.shard_id, first.kind, first.source, 0, min(first.stop, 1 << 16), first.column)
+        if not shard_uris(head, s3):
+            raise SourceError(f"manifest {redact(source)} lists no URIs (in its first 64 KiB)")
+        return
+    if _has_glob(source):
+        _glob_or_file(source, extensions, s3)
+        return
+    if _is_file(source, s3):
+        return
+    exts = tuple(e.lower() for e in extensions)
+    frontier = [source]
+    for _ in range(max_listings):
+        if not frontier:
+            raise SourceError(f"no image files ({', '.join(exts)}) found under {redact(source)}")
+        entries = fs.ls(frontier.pop(0), detail=True)
+        if any(e.get("type") != "directory" and e["name"].lower().endswith(exts) for e in entries):
+            return
+        frontier.extend(e["name"] for e in entries if e.get("type") == "directory")
+
+
+def input_root(source: str) -> str | None:
+    """The directory or prefix the images of ``--input`` lie under (what COCO ``file_name``s are
+    relative to): the directory/prefix itself, a glob's fixed leading directories, a single file's
+    directory; None for a manifest (its URIs may lie anywhere)."""
+    from instseg_core.inputs import IMAGE_SUFFIXES
+
+    if is_manifest(source):
+        return None
+    remote = is_remote(source)
+    path = source if remote else os.path.abspath(source)
+    if _has_glob(path):
+        head = path[:min(path.index(ch) for ch in "*?[" if ch in path)]
+        return head.rsplit("/", 1)[0] if "/" in head else head
+    if (not remote and os.path.isfile(path)) or source.lower().endswith(IMAGE_SUFFIXES):
+        return path.rsplit("/", 1)[0]
+    return path.rstrip("/")

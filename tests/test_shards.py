@@ -1,0 +1,177 @@
+"""Inputs as shards (pipelines.shards) and what the batch job does with them at scale: every URI in
+exactly one shard, repeats dropped and counted, secrets never written, transient read failures
+retried (within a run, and error rows of transient kinds on a rerun), new images of a folder
+picked up by a rerun without redoing the old ones."""
+from __future__ import annotations
+
+import base64
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from pipelines.rows import image_id_for
+from pipelines.shards import _parquet_shards, _text_shards, shard_uris, unique_uris
+from pipelines.storage import redact
+
+
+def _lines(n: int) -> list[str]:
+    rng = random.Random(0)
+    return [f"/data/{'x' * rng.randint(1, 120)}/{i:05d}.jpg" for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "crlf"])
+def test_text_manifest_shards_hold_every_line_once(tmp_path, kind):
+    uris = _lines(3000)
+    path = tmp_path / ("m.csv" if kind == "csv" else "m.txt")
+    nl = "\r\n" if kind == "crlf" else "\n"
+    body = ["# comment"] + uris if kind != "csv" else ["id,uri"] + [f"{i},{u}" for i, u in enumerate(uris)]
+    path.write_text(nl.join(body) + nl, newline="")
+    shards = _text_shards(str(path), 100, None)
+    assert len(shards) > 10 and shards[0].start == 0 and shards[-1].stop == path.stat().st_size
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))  # contiguous byte ranges
+    got = [u for sh in shards for u in shard_uris(sh)]
+    assert got == uris  # each line exactly once, in order, across range boundaries
+
+
+def test_parquet_manifest_shards_are_row_ranges(tmp_path):
+    uris = _lines(2500)
+    pq.write_table(pa.table({"n": list(range(len(uris))), "path": uris}), tmp_path / "m.parquet", row_group_size=700)
+    shards = _parquet_shards(str(tmp_path / "m.parquet"), 1000, None)
+    assert [(s.start, s.stop) for s in shards] == [(0, 1000), (1000, 2000), (2000, 2500)]
+    assert [u for sh in shards for u in shard_uris(sh)] == uris
+
+
+def test_repeats_are_dropped_and_ids_survive_re_signing():
+    signed = "https://host/b/k.jpg?X-Amz-Signature=abc&X-Amz-Credential=AK&X-Amz-Date=1"
+    resigned = "https://host/b/k.jpg?X-Amz-Signature=def&X-Amz-Credential=AK&X-Amz-Date=2"
+    kept, ids, repeats = unique_uris(["/a.jpg", signed, "/a.jpg", resigned, "/b.jpg"])
+    assert kept == ["/a.jpg", signed, "/b.jpg"] and repeats == 2
+    assert ids[1] == image_id_for("https://host/b/k.jpg")
+    assert redact("http://user:pw@h/x.jpg?id=7&token=t&sig=s") == "http://h/x.jpg?id=7"
+
+
+# ---------------------------------------------------------------- the job against a real HTTP server
+
+USER, PASSWORD, SIGNATURE = "labeller", "hunter2pw", "SECRETSIG123"
+
+
+class _Images(BaseHTTPRequestHandler):
+    """Serves the sample photos: /private/* needs Basic auth, /signed/* a signature parameter,
+    /flaky/* fails twice per path with 503, /down/* fails while ``down`` is set."""
+
+    files: dict[str, bytes] = {}
+    hits: dict[str, int] = {}
+    down = True
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        self.hits[path] = self.hits.get(path, 0) + 1
+        if path.startswith("/private/"):
+            want = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+            if self.headers.get("Authorization") != want:
+                return self.send_error(401)
+        if path.startswith("/signed/") and f"X-Amz-Signature={SIGNATURE}" not in query:
+            return self.send_error(403)
+        if path.startswith("/flaky/") and self.hits[path] <= 2:
+            return self.send_error(503)
+        if path.startswith("/down/") and _Images.down:
+            return self.send_error(503)
+        body = self.files.get(path.rsplit("/", 1)[-1])
+        if body is None:
+            return self.send_error(404)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def image_server():
+    photos = sorted((REPO / "samples" / "shapes").glob("*.jpg"))
+    _Images.files = {p.name: p.read_bytes() for p in photos}
+    _Images.hits, _Images.down = {}, True
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", [p.name for p in photos]
+    server.shutdown()
+
+
+def test_job_drops_repeats_redacts_secrets_and_retries(ray_local, image_server, tmp_path):
+    from pipelines.batch_predict import BatchPredictConfig, run_batch_predict
+    from pipelines.sinks import list_parts
+
+    base, names = image_server
+    host = base.removeprefix("http://")
+    uris = [f"http://{USER}:{PASSWORD}@{host}/private/{names[0]}",
+            f"{base}/signed/{names[1]}?X-Amz-Signature={SIGNATURE}&X-Amz-Credential=AKIA%2Fx&size=full",
+            f"{base}/flaky/{names[2]}",
+            f"{base}/down/{names[3]}",
+            str(REPO / "samples" / "shapes" / names[4])]
+    manifest = tmp_path / "images.txt"
+    manifest.write_text("\n".join(uris + [uris[0], uris[4], uris[1]]) + "\n")  # three repeats
+    out = tmp_path / "out"
+    cfg = dict(input=str(manifest), output=str(out), model_dir=str(REPO / "samples" / "model"), batch_size=2,
+               rows_per_file=2, shard_size=2, num_actors=1)
+    first = run_batch_predict(BatchPredictConfig(**cfg))
+    assert first["images_total"] == first["images_written"] == 5 and first["duplicate_uris_in_input"] == 3
+    assert first["by_status"] == {"ok": 4, "error": 1} and first["errors_by_kind"] == {"read_error": 1}
+    assert _Images.hits[f"/flaky/{names[2]}"] == 3  # two 503s retried within the run
+    assert _Images.hits[f"/down/{names[3]}"] == 4  # READ_ATTEMPTS, then a read_error row
+
+    _Images.down = False  # the outage is over: a rerun retries the transient error row only
+    second = run_batch_predict(BatchPredictConfig(**cfg))
+    assert second["images_this_run"] == 1 and second["by_status"] == {"ok": 5}
+    assert second["images_written"] == 5 and second["incomplete_shards"] == 0
+    rows = [r for p in list_parts(str(out)) for r in pq.read_table(p).to_pylist()]
+    assert len(rows) == len({r["image_id"] for r in rows}) == 5  # each image in exactly one row
+
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in written) and (out / "coco_dataset.json").exists()
+    for p in written:
+        data = p.read_bytes()
+        if p.suffix == ".parquet":
+            data = json.dumps(pq.read_table(p).to_pylist(), default=str).encode()
+        for secret in (PASSWORD, SIGNATURE, "AKIA"):
+            assert secret.encode() not in data, (p, secret)
+    kept = {r["uri"] for r in rows}
+    assert f"{base}/signed/{names[1]}?size=full" in kept and f"{base}/private/{names[0]}" in kept
+
+
+def test_rerun_over_a_grown_folder_labels_only_the_new_images(ray_local, tmp_path):
+    """The nightly run: the same --output over a folder that gained images lists again, appends
+    shards for the new images only, and leaves the old shards (and their rows) alone."""
+    from pipelines.batch_predict import BatchPredictConfig, run_batch_predict
+    from pipelines.sinks import list_parts
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photos = sorted((REPO / "samples" / "shapes").glob("*.jpg"))
+    for p in photos[:4]:
+        (src / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    cfg = dict(input=str(src), output=str(out), model_dir=str(REPO / "samples" / "model"), shard_size=3,
+               num_actors=1)
+    first = run_batch_predict(BatchPredictConfig(**cfg))
+    assert first["images_written"] == 4 and first["shards"] == 2
+    before = {p.name for p in (out / "parts").iterdir()}
+    (src / "night2").mkdir()
+    for p in photos[4:6]:
+        (src / "night2" / p.name).write_bytes(p.read_bytes())
+    second = run_batch_predict(BatchPredictConfig(**cfg))
+    assert second["images_this_run"] == 2 and second["images_written"] == 6 and second["shards"] == 3
+    assert before <= {p.name for p in (out / "parts").iterdir()}  # old parts untouched
+    rows = [r for p in list_parts(str(out)) for r in pq.read_table(p).to_pylist()]
+    assert len(rows) == len({r["uri"] for r in rows}) == 6
+    plan = json.loads((out / "_plan" / "plan.json").read_text())
+    assert plan["generation"] == 1 and len(plan["shards"]) == 3
