@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "may use (default: estimated from the model and batch size)")
     p.add_argument("--predict-timeout-s", type=float, help="per image: a predictor silent longer is restarted")
     p.add_argument("--labelme", action="store_true", default=None, help="also write LabelMe JSON per image")
+    p.add_argument("--coco-layout", choices=("auto", "single", "sharded"),
+                   help="one coco_dataset.json/coco_results.json, or coco/dataset-<k>.json files (default auto: "
+                        "single up to 200k images)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--s3-region")
     p.add_argument("--run-id")

@@ -74,6 +74,7 @@ class BatchPredictConfig:
     actor_memory_gb: float | None = None  # memory each actor reserves and its predictor may use (None: estimate)
     predict_timeout_s: float = 600.0  # per image of a batch: a predictor silent for longer is restarted
     labelme: bool = False
+    coco_layout: str = "auto"  # "single" (coco_*.json), "sharded" (coco/*-<k>.json) or "auto" (by size)
     s3_endpoint: str | None = None
     s3_region: str | None = None
     run_id: str | None = None
@@ -470,6 +471,8 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
             model = validate_model_source(cfg.model_name, cfg.model_dir, s3)
         except (ValueError, OSError) as e:  # ModelDirError, a missing/unreadable dir, a failed download
             raise JobSettingsError(f"model: {e}") from None
+    if cfg.coco_layout not in ("auto", "single", "sharded"):
+        raise JobSettingsError(f"coco_layout must be 'auto', 'single' or 'sharded', got {cfg.coco_layout!r}")
     if cfg.retry_errors not in ("transient", "all", "none"):
         raise JobSettingsError(f"retry_errors must be 'transient', 'all' or 'none', got {cfg.retry_errors!r}")
     with storage_errors("input", cfg.input):
@@ -549,7 +552,7 @@ def finish_all(output: str, parts: dict[str, list[str]], s3: S3Options) -> dict[
     chunks = [groups[i:i + 32] for i in range(0, len(groups), 32)]
     totals: dict[str, Any] = {"images": 0, "images_total": 0, "by_status": Counter(), "errors_by_kind": Counter(),
                               "instances": 0, "duplicates_removed": 0, "source_duplicates": 0,
-                              "incomplete_shards": 0}
+                              "incomplete_shards": 0, "shards": []}
     pending: list = []
     while chunks or pending:
         while chunks and len(pending) < 32:
@@ -564,6 +567,9 @@ def finish_all(output: str, parts: dict[str, list[str]], s3: S3Options) -> dict[
             totals["duplicates_removed"] += c.get("duplicates_removed", 0)
             totals["source_duplicates"] += c.get("source_duplicates", 0)
             totals["incomplete_shards"] += 0 if c["complete"] else 1
+            # what the COCO writers need per shard (kept small: one entry per shard on the driver)
+            totals["shards"].append({"shard": c["shard"], "coco_images": c["coco_images"],
+                                     "coco_annotations": c["coco_annotations"]})
     totals["by_status"], totals["errors_by_kind"] = dict(totals["by_status"]), dict(totals["errors_by_kind"])
     return totals
 
@@ -573,7 +579,7 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
     :func:`check_settings`'s result when the caller already checked ``cfg`` (else it is checked here)."""
     import ray
 
-    from pipelines.exports import write_coco_dataset, write_coco_results, write_labelme, iter_rows
+    from pipelines.merge import write_outputs
     from pipelines.shards import load_or_make_plan
     from pipelines.sinks import clear_markers, done_shards, list_parts, parts_by_shard, write_json
     from pipelines.storage import join
@@ -614,12 +620,11 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
     progress.log("predicted")
 
     totals = finish_all(cfg.output, parts_by_shard(list_parts(cfg.output, s3)), s3)
-    part_list = list_parts(cfg.output, s3)  # after de-duplication rewrote some parts
-    n_results = write_coco_results(iter_rows(part_list), join(cfg.output, "coco_results.json"), labels)
-    counts = write_coco_dataset(iter_rows(part_list), join(cfg.output, "coco_dataset.json"), labels,
-                                image_root=input_root(cfg.input))
-    if cfg.labelme:
-        write_labelme(iter_rows(part_list), join(cfg.output, "labelme"))
+    merge_started = time.time()
+    coco = write_outputs(cfg.output, totals["shards"], parts_by_shard(list_parts(cfg.output, s3)), labels,
+                         image_root=input_root(cfg.input), layout=cfg.coco_layout, labelme=cfg.labelme, s3=s3)
+    log.info("wrote COCO (%s) and%s LabelMe files in %.1f s", coco["layout"], "" if cfg.labelme else " no",
+             time.time() - merge_started)
     wall = time.time() - started
     summary = {
         "run_id": cfg.run_id, "model": cfg.model_label, "threshold": threshold, "batch_size": cfg.batch_size,
@@ -633,7 +638,8 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
         "retry_errors": cfg.retry_errors,
         "max_mask_side": cfg.max_mask_side, "actor_memory_gb": cfg.actor_memory_gb,
         "batch_splits": progress.batch_splits, "predictor_restarts": progress.predictor_restarts,
-        "coco_results": n_results, "coco_images": counts["images"], "coco_annotations": counts["annotations"],
+        "coco_layout": coco["layout"], "coco_results": coco["results"], "coco_images": coco["images"],
+        "coco_annotations": coco["annotations"],
         "wall_time_s": round(wall, 2), "images_per_s": round(progress.done / wall, 3) if wall > 0 else None,
         "time_to_first_output_s": None if progress.time_to_first_output is None else round(
             progress.time_to_first_output, 2),

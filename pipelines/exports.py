@@ -53,7 +53,7 @@ from fsspec.implementations.local import LocalFileSystem
 from instseg_core.masks import decode_rle, mask_to_polygons
 from pipelines.rows import STATUS_OK
 
-__all__ = ["EXPORT_COLUMNS", "LABELME_VERSION", "coco_file_name", "iter_rows", "write_coco_results",
+__all__ = ["EXPORT_COLUMNS", "LABELME_VERSION", "coco_file_name", "coco_image_entry", "iter_rows", "write_coco_results",
            "write_coco_dataset", "write_labelme"]
 
 #: The columns the writers read; pass to :func:`iter_rows` to skip the others (errors, run ids).
@@ -251,9 +251,10 @@ def coco_file_name(uri: str, image_root: str | None = None) -> str:
     return location.lstrip("/")
 
 
-def _image_entry(row: Mapping[str, Any], image_root: str | None) -> dict[str, Any]:
+def coco_image_entry(row: Mapping[str, Any], image_id: int, image_root: str | None) -> dict[str, Any]:
+    """The COCO ``images`` entry of an ok row under ``image_id``."""
     uri = row["uri"]
-    entry: dict[str, Any] = {"id": int(row["image_id"]),
+    entry: dict[str, Any] = {"id": image_id,
                              "file_name": coco_file_name(uri, image_root) or str(row["image_id"]),
                              "width": int(row["width"]), "height": int(row["height"]), "uri": uri}
     if uri.startswith(("http://", "https://")):
@@ -295,7 +296,7 @@ def write_coco_dataset(rows: Iterable[dict[str, Any]], out_uri: str, categories:
         images = _JsonArray(images_spool)
         for row in _unique_ok_rows(rows):
             image_id = int(row["image_id"])
-            images.append(_image_entry(row, image_root))
+            images.append(coco_image_entry(row, image_id, image_root))
             for item in row["instances"] or []:
                 category_id = cats.coco_id(item, row["uri"])  # checked even when filtered out
                 if float(item["score"]) < min_score or int(item["area"]) <= 0:
@@ -354,12 +355,15 @@ def _labelme_image_path(uri: str, out_dir: str | None) -> str:
     return uri
 
 
-def write_labelme(rows: Iterable[dict[str, Any]], out_dir_uri: str, *, min_score: float = 0.0) -> int:
+def write_labelme(rows: Iterable[dict[str, Any]], out_dir_uri: str, *, min_score: float = 0.0,
+                  image_root: str | None = None, mirror: bool = False) -> int:
     """Write one LabelMe JSON per ok image into ``out_dir_uri``; returns the number of files.
 
     Files are named ``<image stem>.json``; when a stem was already used (same name in another
     directory; compared case-insensitively for case-insensitive file systems) ``_<image_id>`` is
-    appended. Each file holds polygons traced from the masks with ``score >= min_score``
+    appended. With ``mirror=True`` a file mirrors the image's path below ``image_root`` instead
+    (``a/img.jpg`` -> ``a/img.json``, :func:`coco_file_name`): unique without remembering earlier
+    names, so separate processes can write parts of one folder. Each file holds polygons traced from the masks with ``score >= min_score``
     (``description`` carries the score); ``imagePath`` is relative to the output dir when image and
     output are both local, the image URI otherwise; ``imageData`` is null (LabelMe loads the image).
     Images without instances get a file with no shapes.
@@ -385,17 +389,22 @@ def write_labelme(rows: Iterable[dict[str, Any]], out_dir_uri: str, *, min_score
 
     for row in _unique_ok_rows(rows):
         uri, image_id = row["uri"], int(row["image_id"])
-        stem = posixpath.splitext(_basename(uri))[0] or str(image_id)
-        name = stem
-        while name.casefold() in used:  # loops only if "<stem>_<id>" itself was an earlier stem
-            name = f"{name}_{image_id}"
-        used.add(name.casefold())
+        if mirror:
+            name = posixpath.splitext(coco_file_name(uri, image_root))[0] or str(image_id)
+        else:
+            stem = posixpath.splitext(_basename(uri))[0] or str(image_id)
+            name = stem
+            while name.casefold() in used:  # loops only if "<stem>_<id>" itself was an earlier stem
+                name = f"{name}_{image_id}"
+            used.add(name.casefold())
+        folder = posixpath.dirname(f"{root}/{name}") if local else None
         doc = {"version": LABELME_VERSION, "flags": {}, "shapes": _labelme_shapes(row, min_score),
-               "imagePath": _labelme_image_path(uri, root if local else None), "imageData": None,
+               "imagePath": _labelme_image_path(uri, folder), "imageData": None,
                "imageHeight": int(row["height"]), "imageWidth": int(row["width"])}
         data = _JSON.encode(doc).encode("utf-8")  # compact: indent= would use json's ~10x slower Python encoder
         if local:
             path = os.path.join(root, name + ".json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = _temp_sibling(path)
             try:
                 with open(tmp, "xb") as f:

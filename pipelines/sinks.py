@@ -162,15 +162,21 @@ def clear_markers(output: str, shard_ids: set[str], s3: S3Options | None = None)
 
 
 def _row_counts(tables: list[pa.Table]) -> dict[str, Any]:
+    """Counts of rows, plus what the COCO writers need to hand out sequential ids: ok images
+    (``coco_images``) and their instances with a non-empty mask (``coco_annotations``)."""
     status: Counter = Counter()
     kinds: Counter = Counter()
-    instances = 0
+    instances = annotations = 0
     for t in tables:
         status.update(t.column("status").to_pylist())
         kinds.update(k for k in t.column("error_kind").to_pylist() if k)
         instances += int(pc.sum(t.column("num_instances")).as_py() or 0)
+        ok = t.filter(pc.equal(t.column("status"), STATUS_OK)).column("instances")
+        if len(ok):
+            areas = pc.struct_field(pc.list_flatten(ok), "area")
+            annotations += int(pc.sum(pc.greater(areas, 0)).as_py() or 0)
     return {"images": sum(status.values()), "by_status": dict(status), "errors_by_kind": dict(kinds),
-            "instances": instances}
+            "instances": instances, "coco_images": status.get(STATUS_OK, 0), "coco_annotations": annotations}
 
 
 def finish_shard(output: str, shard_id: str, parts: list[str], s3: S3Options | None = None) -> dict[str, Any]:
@@ -194,7 +200,7 @@ def finish_shard(output: str, shard_id: str, parts: list[str], s3: S3Options | N
             meta = pq.read_schema(f).metadata or {}
         totals.append(int(meta[b"instseg.shard_total"]) if b"instseg.shard_total" in meta else None)
         source_dups.append(int(meta.get(b"instseg.shard_duplicates", b"0")))
-        tables.append(_read_columns(uri, ["image_id", "status", "error_kind", "num_instances"], s3))
+        tables.append(_read_columns(uri, ["image_id", "status", "error_kind", "num_instances", "instances"], s3))
     # which row of each id survives: ok before error, then part order, then row order
     ids = np.concatenate([t.column("image_id").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
     is_error = np.concatenate([np.array([s != STATUS_OK for s in t.column("status").to_pylist()], dtype=bool)

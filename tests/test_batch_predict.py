@@ -104,8 +104,11 @@ def test_local_run_bad_inputs_and_outputs(ray_local, tiny_model_dirs, test_image
 
     coco = COCO(str(out / "coco_dataset.json"))
     assert len(coco.getImgIds()) == len(good) + 4
-    assert coco.imgs[r["image_id"]]["file_name"] == f"nested/{good[0].name}"  # relative to --input
-    anns = coco.loadAnns(coco.getAnnIds(imgIds=[r["image_id"]]))
+    assert sorted(coco.imgs) == list(range(1, len(good) + 5))  # sequential COCO ids (exact as doubles)
+    assert sorted(coco.anns) == list(range(1, len(coco.anns) + 1))
+    coco_id = next(i for i, im in coco.imgs.items() if im["uri"] == r["uri"])
+    assert coco.imgs[coco_id]["file_name"] == f"nested/{good[0].name}"  # relative to --input
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[coco_id]))
     assert len(anns) == len(direct)
     np.testing.assert_array_equal(np.sort([coco.annToMask(a).sum() for a in anns]),
                                   np.sort(direct.dense_masks().sum(axis=(1, 2))))

@@ -175,3 +175,48 @@ def test_rerun_over_a_grown_folder_labels_only_the_new_images(ray_local, tmp_pat
     assert len(rows) == len({r["uri"] for r in rows}) == 6
     plan = json.loads((out / "_plan" / "plan.json").read_text())
     assert plan["generation"] == 1 and len(plan["shards"]) == 3
+
+
+def test_sharded_coco_and_labelme_written_by_tasks(ray_local, tmp_path):
+    """Each group of shards is written by its own Ray task: complete COCO files whose ids are
+    sequential across all of them (from per-shard counts), matching results files, and LabelMe
+    files mirroring the input folders."""
+    from pycocotools.coco import COCO
+
+    from pipelines.batch_predict import BatchPredictConfig, finish_all
+    from pipelines.merge import write_outputs
+    from pipelines.sinks import list_parts, parts_by_shard
+
+    src = tmp_path / "in"
+    photos = sorted((REPO / "samples" / "shapes").glob("*.jpg"))
+    for k, p in enumerate(photos[:5]):
+        (src / f"d{k % 2}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{k % 2}" / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    from pipelines.batch_predict import run_batch_predict
+
+    summary = run_batch_predict(BatchPredictConfig(input=str(src), output=str(out), shard_size=1, num_actors=1,
+                                                   model_dir=str(REPO / "samples" / "model"), coco_layout="single"))
+    single = COCO(str(out / "coco_dataset.json"))
+    totals = finish_all(str(out), parts_by_shard(list_parts(str(out))), None)
+    written = write_outputs(str(out), totals["shards"], parts_by_shard(list_parts(str(out))),
+                            ["circle", "square", "triangle", "star"], image_root=str(src), layout="sharded",
+                            labelme=True, shards_per_task=2)
+    files = sorted((out / "coco").glob("dataset-*.json"))
+    assert len(files) == 3 and written["images"] == summary["coco_images"] == 5  # 5 shards, 2 per task
+    ids, ann_ids, anns_by_uri = [], [], {}
+    for f in files:
+        part = COCO(str(f))
+        ids += list(part.imgs)
+        ann_ids += list(part.anns)
+        for a in part.anns.values():
+            anns_by_uri.setdefault(part.imgs[a["image_id"]]["uri"], []).append(a["area"])
+        results = json.loads(f.with_name(f.name.replace("dataset", "results")).read_text())
+        assert {r["image_id"] for r in results} <= set(part.imgs)
+    assert sorted(ids) == list(range(1, 6)) and sorted(ann_ids) == list(range(1, len(ann_ids) + 1))
+    # the same images and masks as the single file
+    assert anns_by_uri == {im["uri"]: [a["area"] for a in single.imgToAnns[i]] for i, im in single.imgs.items()}
+    labelme = sorted(str(p.relative_to(out / "labelme")) for p in (out / "labelme").rglob("*.json"))
+    assert labelme == sorted(f"d{k % 2}/{p.stem}.json" for k, p in enumerate(photos[:5]))
+    doc = json.loads((out / "labelme" / "d0" / f"{photos[0].stem}.json").read_text())
+    assert (out / "labelme" / "d0" / doc["imagePath"]).resolve() == (src / "d0" / photos[0].name).resolve()

@@ -1,0 +1,176 @@
+"""The job's COCO and LabelMe outputs, written from the parts by Ray tasks in parallel.
+
+No process reads every part: each task takes a group of shards, and the ids it hands out come from
+per-shard counts (:func:`pipelines.sinks.finish_shard`), so COCO ids are sequential ``1..N`` across
+the whole run (exact in tools that read JSON numbers as doubles: browsers, CVAT, Label Studio;
+the 63-bit ``image_id`` stays in Parquet, and each COCO image carries its ``uri``).
+
+* ``layout="single"``: tasks write fragments under ``_merge/``; the driver streams them into one
+  ``coco_results.json`` and one ``coco_dataset.json`` (a local temp file + rename, or one multipart
+  upload on S3: a few MB of buffer, never the whole file in memory or on the head's disk).
+* ``layout="sharded"``: tasks write complete files ``coco/dataset-<k>.json`` and
+  ``coco/results-<k>.json`` (each loadable on its own; ids unique across all of them).
+* ``"auto"``: single up to :data:`SINGLE_FILE_MAX_IMAGES` images, else sharded.
+
+LabelMe files mirror the images' paths below the input root (``labelme/a/img.json``), so tasks
+never need to agree on names.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+from pipelines.exports import (_JSON, _CategoryMap, _f32, _rle, _xywh, coco_image_entry, iter_rows,
+                               write_labelme)
+from pipelines.rows import STATUS_OK
+from pipelines.storage import S3Options, fsspec_fs, is_remote, join, write_bytes_atomic
+
+log = logging.getLogger("instseg")
+
+SINGLE_FILE_MAX_IMAGES = 200_000
+MERGE_DIR = "_merge"
+COCO_DIR = "coco"
+_COLUMNS = ["image_id", "uri", "width", "height", "status", "instances"]
+_SHARDS_PER_TASK = 16
+
+
+@dataclass(frozen=True)
+class Group:
+    """Shards one task writes, and the first COCO ids it hands out."""
+
+    index: int
+    parts: list[str]
+    first_image_id: int
+    first_annotation_id: int
+
+
+def plan_groups(shard_counts: list[dict[str, Any]], parts: dict[str, list[str]],
+                shards_per_task: int = _SHARDS_PER_TASK) -> list[Group]:
+    """Groups of shards in shard order with their first ids (prefix sums of the per-shard
+    ``coco_images`` / ``coco_annotations`` counts)."""
+    ordered = sorted((c for c in shard_counts if c["shard"] in parts), key=lambda c: c["shard"])
+    groups, image_id, ann_id = [], 1, 1
+    for k in range(0, len(ordered), shards_per_task):
+        chunk = ordered[k:k + shards_per_task]
+        groups.append(Group(len(groups), [p for c in chunk for p in sorted(parts[c["shard"]])], image_id, ann_id))
+        image_id += sum(c["coco_images"] for c in chunk)
+        ann_id += sum(c["coco_annotations"] for c in chunk)
+    return groups
+
+
+def _coco_header(categories: Sequence[str]) -> str:
+    now = datetime.now(timezone.utc)
+    info = {"description": "instseg predictions", "version": "1.0", "year": now.year,
+            "date_created": now.isoformat(timespec="seconds")}
+    return ('{"info":' + _JSON.encode(info) + ',"licenses":[],"categories":'
+            + _JSON.encode(_CategoryMap(categories).coco_categories()))
+
+
+def write_group(output: str, group: Group, categories: Sequence[str], image_root: str | None, layout: str,
+                labelme: bool, s3: S3Options | None) -> dict[str, int]:
+    """One task: the COCO images, annotations and results of ``group`` (fragments, or complete
+    files in the sharded layout), and its LabelMe files. Returns the counts written."""
+    cats = _CategoryMap(categories)
+    images, annotations, results = io.StringIO(), io.StringIO(), io.StringIO()
+    image_id, ann_id = group.first_image_id, group.first_annotation_id
+    n_images = n_anns = n_results = 0
+    for row in iter_rows(group.parts, _COLUMNS):
+        if row["status"] != STATUS_OK:
+            continue
+        images.write((",\n" if n_images else "") + _JSON.encode(coco_image_entry(row, image_id, image_root)))
+        n_images += 1
+        for item in row["instances"] or []:
+            category_id = cats.coco_id(item, row["uri"])
+            box, score = _xywh(item["bbox"]), _f32(item["score"])
+            results.write((",\n" if n_results else "") + _JSON.encode(
+                {"image_id": image_id, "category_id": category_id, "segmentation": _rle(item), "bbox": box,
+                 "score": score}))
+            n_results += 1
+            if int(item["area"]) <= 0:
+                continue  # an empty mask is no label
+            annotations.write((",\n" if n_anns else "") + _JSON.encode(
+                {"id": ann_id, "image_id": image_id, "category_id": category_id, "segmentation": _rle(item),
+                 "area": int(item["area"]), "bbox": box, "iscrowd": 0, "score": score}))
+            ann_id += 1
+            n_anns += 1
+        image_id += 1
+    name = f"{group.index:05d}"
+    if layout == "sharded":
+        dataset = (_coco_header(categories) + ',"annotations":[\n' + annotations.getvalue() + '\n],"images":[\n'
+                   + images.getvalue() + "\n]}\n")
+        write_bytes_atomic(join(output, COCO_DIR, f"dataset-{name}.json"), dataset.encode("utf-8"), s3)
+        write_bytes_atomic(join(output, COCO_DIR, f"results-{name}.json"),
+                           ("[\n" + results.getvalue() + "\n]\n").encode("utf-8"), s3)
+    else:
+        for kind, buf in (("images", images), ("annotations", annotations), ("results", results)):
+            write_bytes_atomic(join(output, MERGE_DIR, f"{name}.{kind}"), buf.getvalue().encode("utf-8"), s3)
+    if labelme:
+        write_labelme(iter_rows(group.parts, _COLUMNS), join(output, "labelme"), image_root=image_root, mirror=True)
+    return {"images": n_images, "annotations": n_anns, "results": n_results}
+
+
+def _stream(out_uri: str, pieces: list[tuple[str, list[str]]], s3: S3Options | None) -> None:
+    """Write ``out_uri`` from literal text and fragment files, in order: ``pieces`` is a list of
+    (text before, fragment URIs joined by commas). Copied 8 MiB at a time."""
+    fs = fsspec_fs(out_uri, s3)
+
+    def write(f) -> None:
+        for text, fragments in pieces:
+            f.write(text.encode("utf-8"))
+            first = True
+            for uri in fragments:
+                if not fs.size(uri):
+                    continue  # a group without ok images
+                f.write(b"" if first else b",\n")
+                first = False
+                with fs.open(uri, "rb") as src:
+                    shutil.copyfileobj(src, f, 8 << 20)
+
+    if is_remote(out_uri):
+        with fs.open(out_uri, "wb") as f:  # s3fs: a multipart upload, the object appears on close
+            write(f)
+    else:
+        from instseg_core.io import atomic_write
+
+        atomic_write(out_uri, write)
+
+
+def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[str, list[str]],
+                  categories: Sequence[str], *, image_root: str | None, layout: str = "auto",
+                  labelme: bool = False, s3: S3Options | None = None,
+                  shards_per_task: int = _SHARDS_PER_TASK) -> dict[str, Any]:
+    """Run :func:`write_group` over every group in Ray tasks (at most 16 in flight), then assemble
+    the single files when asked. Returns ``{"layout", "images", "annotations", "results"}``."""
+    import ray
+
+    total_images = sum(c["coco_images"] for c in shard_counts if c["shard"] in parts)
+    if layout == "auto":
+        layout = "single" if total_images <= SINGLE_FILE_MAX_IMAGES else "sharded"
+    groups = plan_groups(shard_counts, parts, shards_per_task)
+    task = ray.remote(num_cpus=0.5, max_retries=3)(write_group)
+    totals = {"images": 0, "annotations": 0, "results": 0}
+    pending: list = []
+    todo = list(reversed(groups))
+    while todo or pending:
+        while todo and len(pending) < 16:
+            pending.append(task.remote(output, todo.pop(), list(categories), image_root, layout, labelme, s3))
+        ready, pending = ray.wait(pending, num_returns=1)
+        for k, v in ray.get(ready[0]).items():
+            totals[k] += v
+    if layout == "single":
+        frag = [f"{g.index:05d}" for g in groups]
+        merge = join(output, MERGE_DIR)
+        _stream(join(output, "coco_results.json"),
+                [("[\n", [join(merge, f"{n}.results") for n in frag]), ("\n]\n", [])], s3)
+        _stream(join(output, "coco_dataset.json"),
+                [(_coco_header(categories) + ',"annotations":[\n', [join(merge, f"{n}.annotations") for n in frag]),
+                 ('\n],"images":[\n', [join(merge, f"{n}.images") for n in frag]), ("\n]}\n", [])], s3)
+        fs = fsspec_fs(merge, s3)
+        if fs.exists(merge):
+            fs.rm(merge, recursive=True)
+    return {"layout": layout, **totals}
