@@ -170,7 +170,10 @@ def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[s
         _stream(join(output, "coco_dataset.json"),
                 [(_coco_header(categories) + ',"annotations":[\n', [join(merge, f"{n}.annotations") for n in frag]),
                  ('\n],"images":[\n', [join(merge, f"{n}.images") for n in frag]), ("\n]}\n", [])], s3)
-        fs = fsspec_fs(merge, s3)
-        if fs.exists(merge):
-            fs.rm(merge, recursive=True)
+        if is_remote(merge):
+            fs = fsspec_fs(merge, s3)
+            if fs.exists(merge):
+                fs.rm(merge, recursive=True)
+        else:
+            shutil.rmtree(merge, ignore_errors=True)
     return {"layout": layout, **totals}
