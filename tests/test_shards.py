@@ -220,3 +220,71 @@ def test_sharded_coco_and_labelme_written_by_tasks(ray_local, tmp_path):
     assert labelme == sorted(f"d{k % 2}/{p.stem}.json" for k, p in enumerate(photos[:5]))
     doc = json.loads((out / "labelme" / "d0" / f"{photos[0].stem}.json").read_text())
     assert (out / "labelme" / "d0" / doc["imagePath"]).resolve() == (src / "d0" / photos[0].name).resolve()
+
+
+class _FaultyS3Proxy(BaseHTTPRequestHandler):
+    """Forwards to moto_server; the first ``failures`` GETs of each image object get HTTP 503
+    (more than botocore's own retries absorb, so the job's read retry has to act)."""
+
+    upstream = ""
+    failures = 0
+    counts: dict[str, int] = {}
+
+    def log_message(self, *args):
+        pass
+
+    def _forward(self):
+        import http.client
+        from urllib.parse import urlsplit
+
+        key = self.path.split("?", 1)[0]
+        if self.command == "GET" and key.endswith(".jpg"):
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if self.counts[key] <= self.failures:
+                body = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        up = urlsplit(self.upstream)
+        conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+        conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+def test_s3_reads_retried_through_injected_faults(ray_local, s3_server, s3_bucket, tmp_path):
+    """Every image GET fails 6 times with 503 before it succeeds: the rows are ok, none is an
+    error, and each object was asked for more often than botocore alone would try."""
+    import boto3
+
+    from pipelines.batch_predict import BatchPredictConfig, run_batch_predict
+
+    photos = sorted((REPO / "samples" / "shapes").glob("*.jpg"))[:3]
+    s3 = boto3.client("s3")
+    for p in photos:
+        s3.put_object(Bucket=s3_bucket, Key=f"flaky/{p.name}", Body=p.read_bytes())
+    _FaultyS3Proxy.upstream, _FaultyS3Proxy.failures, _FaultyS3Proxy.counts = s3_server, 6, {}
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FaultyS3Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        summary = run_batch_predict(BatchPredictConfig(
+            input=f"s3://{s3_bucket}/flaky/", output=str(tmp_path / "out"), model_dir=str(REPO / "samples" / "model"),
+            num_actors=1, s3_endpoint=f"http://127.0.0.1:{proxy.server_port}"))
+    finally:
+        proxy.shutdown()
+    assert summary["by_status"] == {"ok": 3}, summary
+    assert sorted(_FaultyS3Proxy.counts.values()) == [7, 7, 7]  # 6 injected failures, then the read
