@@ -67,6 +67,7 @@ class BatchPredictConfig:
     cpu_threads: int | None = None  # Paddle threads per actor (default: num_cpus_per_actor)
     rows_per_file: int = 1000
     shard_size: int = 1000  # URIs per input shard: the unit of planning, resume and completion
+    shards_per_pass: int = 250  # shards per Ray Dataset execution (see run_batch_predict)
     retry_errors: str = "transient"  # on a rerun, redo error rows: transient kinds, "all" or "none"
     read_batch_size: int = 16
     max_pixels: int = 80_000_000  # larger images become error rows instead of exhausting memory
@@ -451,7 +452,8 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
         cfg.max_mask_side = check_max_mask_side(cfg.max_mask_side)
     except ValueError as e:
         raise JobSettingsError(str(e)) from None
-    for name in ("batch_size", "rows_per_file", "shard_size", "read_batch_size", "max_pixels", "min_actors"):
+    for name in ("batch_size", "rows_per_file", "shard_size", "shards_per_pass", "read_batch_size", "max_pixels",
+                 "min_actors"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise JobSettingsError(f"{name} must be a positive integer, got {value!r}")
@@ -612,10 +614,17 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
     # store, referenced by the driver for the whole run, so a restart finds it (README: Logs)
     log.info("expected: Ray's error-level line about 'constructor arguments in the object store' is harmless "
              "here (see the README, 'Logs')")
+    # One Ray Dataset per pass of shards_per_pass shards: Ray Data keeps statistics for every block
+    # an operator produced (on the driver, for the whole execution), so one execution over 100M
+    # images would grow the driver without bound; passes cap it at one pass's blocks (each pass
+    # starts its own actor pool: one model load per actor per pass).
+    passes = [todo[i:i + cfg.shards_per_pass] for i in range(0, len(todo), cfg.shards_per_pass)]
     with Progress(shards_plan.listed if fresh else None, 0, cfg.progress_interval_s) as progress:
-        if todo:
-            for batch_counts in build_dataset(cfg, todo, parts).iter_batches(batch_format="pyarrow",
-                                                                            batch_size=None):
+        for k, shards in enumerate(passes):
+            if len(passes) > 1:
+                log.info("pass %d/%d: shards %s..%s", k + 1, len(passes), shards[0].shard_id, shards[-1].shard_id)
+            for batch_counts in build_dataset(cfg, shards, parts).iter_batches(batch_format="pyarrow",
+                                                                              batch_size=None):
                 progress.update(batch_counts)
     progress.log("predicted")
 

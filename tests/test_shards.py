@@ -161,7 +161,7 @@ def test_rerun_over_a_grown_folder_labels_only_the_new_images(ray_local, tmp_pat
         (src / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "out"
     cfg = dict(input=str(src), output=str(out), model_dir=str(REPO / "samples" / "model"), shard_size=3,
-               num_actors=1)
+               num_actors=1, shards_per_pass=1)  # one Ray Dataset per shard: passes hand over cleanly
     first = run_batch_predict(BatchPredictConfig(**cfg))
     assert first["images_written"] == 4 and first["shards"] == 2
     before = {p.name for p in (out / "parts").iterdir()}
