@@ -135,9 +135,30 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One private local Ray for the whole session (``address="local"`` never joins a ``ray start``
-    head); the loopback S3 server's AWS_* variables are set first, so every worker inherits them."""
+    head); the loopback S3 server's AWS_* variables are set first, so every worker inherits them.
+
+    Its dashboard address is a port of its own that nothing serves. Without a dashboard Ray still
+    records ``127.0.0.1:8265`` (the default port) as this cluster's state-API address, and Ray
+    Train's placement-group cleaner asks that address every second whether the run's controller
+    is alive: when another local Ray cluster (another test run on the machine) serves its
+    dashboard on 8265, the answer is "no such actor", the cleaner removes the run's placement
+    group and both workers die ("A worker health check failed ... Destroying worker since its
+    placement group was removed"). The port is held (bound, never listening) for the session, so
+    the queries are refused and the cleaner keeps waiting, as on a machine with one cluster.
+    """
+    import socket
+
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True,
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=4, include_dashboard=False, dashboard_port=port, ignore_reinit_error=True,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+    hold = socket.socket()
+    try:
+        hold.bind(("127.0.0.1", port))
+    except OSError:  # taken between choosing and holding it: still not this cluster's, rarely a dashboard
+        pass
     yield
     ray.shutdown()
+    hold.close()
