@@ -307,7 +307,7 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
                                                     world_size=world_size)) / s.batch_size)
         total_steps = int(s.epochs * steps_per_epoch * r.cosine_epochs_factor)
         transform = make_train_transform(r.input_size, r.multiscale, True, r.mean, r.std, r.keep_ratio_max)
-        last: List[Dict[str, Any]] = _previous_entries(s.output) if resume and is_main else []
+        last: List[Dict[str, Any]] = _previous_entries(s.output, start_epoch) if resume and is_main else []
         best: Dict[str, Any] = _previous_best(s.output) if resume and is_main else {}
         if is_main:
             log.info("training %s: %d train / %d val images, %d classes, %d epochs x %d steps, batch %d x %d "
@@ -461,9 +461,20 @@ def _previous_record(output: Path) -> Dict[str, Any]:
         return {}
 
 
-def _previous_entries(output: Path) -> List[Dict[str, Any]]:
+def _previous_entries(output: Path, start_epoch: int) -> List[Dict[str, Any]]:
+    """The ``last_N`` checkpoints ``train_result.json`` in ``output`` lists, newest first, minus
+    those of epochs a run resumed at ``start_epoch`` trains again: a run that died after writing an
+    epoch's checkpoint but before it was reported (Ray Train restarts from the one before) would
+    otherwise list that epoch twice."""
     models = _previous_record(output).get("models", {})
-    return [models[f"last_{i + 1}"] for i in range(KEEP_LAST) if models.get(f"last_{i + 1}")]
+    entries = [models[f"last_{i + 1}"] for i in range(KEEP_LAST) if models.get(f"last_{i + 1}")]
+    return [e for e in entries if _entry_epoch(e) is None or _entry_epoch(e) < start_epoch]
+
+
+def _entry_epoch(entry: Dict[str, Any]) -> int | None:
+    """The 0-based epoch of a ``last_N`` entry (its checkpoint directory is named after it)."""
+    name = Path(str(entry.get("pdparams", ""))).parent.name
+    return int(name) if name.isdigit() else None
 
 
 def _previous_best(output: Path) -> Dict[str, Any]:
