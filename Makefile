@@ -27,6 +27,11 @@ demo: $(VENV)/.installed
 		--batch-size 2 --labelme --progress-interval-s 2
 	@echo "demo outputs in demo_output/: parts/*.parquet, coco_results.json, coco_dataset.json, labelme/, summary.json"
 
+# The tests' CPU instruction-set pin (tests/isa_pin.py, README "Tests"), in the environment from the
+# start; tests/conftest.py sets the same defaults when pytest is run directly.
+test test-fast: export MKL_CBWR ?= COMPATIBLE
+test test-fast: export ONEDNN_MAX_CPU_ISA ?= AVX2
+
 test: $(VENV)/.installed $(PDX_VENV)/.installed
 	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python $(PY) -m pytest -q --durations=25
 

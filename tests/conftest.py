@@ -1,8 +1,14 @@
+"""Shared fixtures of the test-suite; first of all, the CPU instruction-set pin (``tests/isa_pin.py``)."""
 import os
-import subprocess
-from pathlib import Path
 
-import pytest
+import isa_pin
+
+isa_pin.apply()  # first, before anything loads Paddle: every process of the run inherits it
+
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
