@@ -273,6 +273,7 @@ def train(cfg: Dict[str, Any], *, rank: int = 0, world_size: int = 1,
         if is_main:
             with open(s.output / "config.yaml", "w", encoding="utf-8") as f:
                 yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
+            _recover_best_model(s.output)
         train_ds, val_ds = _dataset_splits(s.dataset_dir, s.num_classes)
         _seed_everything(s.seed, -1, 0)  # identical initial weights on every rank
         model = build_model(s.model_name, num_classes=s.num_classes, **s.arch)
@@ -420,22 +421,44 @@ def _swap_back(model: nn.Layer, raw) -> None:
 
 def _save_best(s: TrainSettings, model: nn.Layer, eval_state, ckpt_dir: Path, name: str, ap: float,
                epoch: int, labels: List[str]) -> Dict[str, Any]:
+    """Copy the checkpoint and export the model into ``best_model/``.
+
+    Written into ``best_model.tmp/`` and swapped in by renames once complete, so a process killed
+    during the export (seconds) leaves the previous best model in place, not a partial one.
+    """
     from ..export import export_model
 
-    best_dir = s.output / "best_model"
-    shutil.rmtree(best_dir, ignore_errors=True)
-    best_dir.mkdir(parents=True)
+    best_dir, tmp_dir, old_dir = (s.output / f"best_model{x}" for x in ("", ".tmp", ".old"))
+    for d in (tmp_dir, old_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
     for f in ckpt_dir.iterdir():
         if f.is_file():
-            shutil.copy2(f, best_dir / f"best_model{f.suffix}")
-    (best_dir / "best_model.info.json").write_text(json.dumps({"metric": ap, "epoch": epoch}) + "\n")
+            shutil.copy2(f, tmp_dir / f"best_model{f.suffix}")
+    (tmp_dir / "best_model.info.json").write_text(json.dumps({"metric": ap, "epoch": epoch}) + "\n")
     raw = _swap_in(model, eval_state)
     try:
-        export_model(model, None, best_dir / "inference", input_size=s.recipe.input_size, labels=labels,
+        export_model(model, None, tmp_dir / "inference", input_size=s.recipe.input_size, labels=labels,
                      draw_threshold=s.draw_threshold)
     finally:
         _swap_back(model, raw)
+    if best_dir.exists():
+        os.replace(best_dir, old_dir)
+    os.replace(tmp_dir, best_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
     return _entry(s.output, best_dir, "best_model", ap, with_inference=True)
+
+
+def _recover_best_model(output: Path) -> None:
+    """Undo what a process killed inside :func:`_save_best` left: drop an unfinished
+    ``best_model.tmp/``, and put ``best_model.old/`` back if it died between the two renames."""
+    shutil.rmtree(output / "best_model.tmp", ignore_errors=True)
+    old = output / "best_model.old"
+    if old.is_dir():
+        if (output / "best_model").exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, output / "best_model")
 
 
 def _resume(path: str, model: nn.Layer, optimizer, ema: Optional[ModelEMA]) -> Tuple[int, int, float]:
