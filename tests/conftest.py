@@ -150,7 +150,10 @@ def ray_local(s3_server):
     dashboard on 8265, the answer is "no such actor", the cleaner removes the run's placement
     group and both workers die ("A worker health check failed ... Destroying worker since its
     placement group was removed"). The port is held (bound, never listening) for the session, so
-    the queries are refused and the cleaner keeps waiting, as on a machine with one cluster.
+    the queries are refused and the cleaner keeps waiting, as on a machine with one cluster. The
+    workers get it as ``RAY_API_SERVER_ADDRESS`` too: without it the cleaner looks the cluster up
+    machine-wide, and with several clusters running it picks the one a ``ray start`` recorded in
+    ``/tmp/ray/ray_current_cluster`` (maybe another's) or gives up with a traceback.
     """
     import socket
 
@@ -158,8 +161,10 @@ def ray_local(s3_server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=4, include_dashboard=False, dashboard_port=port, ignore_reinit_error=True,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+             runtime_env={"env_vars": env})
     hold = socket.socket()
     try:
         hold.bind(("127.0.0.1", port))
