@@ -87,6 +87,66 @@ def feature_error(exp, name: str, got: np.ndarray, reshape: bool = False) -> flo
     return max(errs) / std
 
 
+def nearest_rows(exp_rows: np.ndarray, got_rows: np.ndarray, tol: float, chunk: int = 64) -> np.ndarray:
+    """For each row of ``exp_rows`` [N, ...], the index of the nearest row of ``got_rows`` [M, ...]
+    (max-abs distance over the flattened row) when it lies within ``tol``, else -1 (int64 [N])."""
+    e = np.asarray(exp_rows, np.float32).reshape(len(exp_rows), -1)
+    g = np.asarray(got_rows, np.float32).reshape(len(got_rows), -1)
+    assert e.shape[1] == g.shape[1], (e.shape, g.shape)
+    out = np.full(len(e), -1, np.int64)
+    if len(g) == 0:
+        return out
+    for start in range(0, len(e), chunk):  # [chunk, M, D] at a time
+        d = np.abs(e[start:start + chunk, None, :] - g[None, :, :]).max(-1)
+        best = d.argmin(1)
+        out[start:start + chunk] = np.where(d[np.arange(len(best)), best] <= tol, best, -1)
+    return out
+
+
+def paired_feature_error(exp, name: str, got: np.ndarray, got_index: np.ndarray) -> float:
+    """:func:`feature_error` of the rows of ``got`` paired with the oracle's rows: row ``r`` of the
+    oracle feature ``name`` (its leading axis after dropping size-1 axes, e.g. the 300 queries of
+    ``[1, 1, 300, 80]``) against ``got[got_index[r]]``; rows with ``got_index[r] == -1`` are left out.
+
+    For a summary, the sampled values in paired rows are compared, and the mean and std (over all
+    rows) only when every row is paired."""
+    got_index = np.asarray(got_index)
+    paired = got_index >= 0
+    assert paired.any(), f"{name}: no paired row"
+    shape = tuple(exp[name].shape) if name in exp.files else tuple(int(v) for v in exp[name + "/shape"])
+    n = len(got_index)
+    assert int(np.prod(shape)) % n == 0, (name, shape, n)
+    row = int(np.prod(shape)) // n
+    got = np.asarray(got)
+    assert got.size % row == 0, (name, got.shape, shape)
+    g = got.reshape(-1, row)
+    aligned = g[np.where(paired, got_index, 0)].astype(np.float64)  # oracle order; unpaired rows unused
+    if name in exp.files:
+        e = exp[name].reshape(n, row)
+        return float(np.abs(aligned[paired] - e[paired]).max()) / float(exp[name].std())
+    std = float(exp[name + "/std"])
+    idx = exp[name + "/idx"]
+    keep = paired[idx // row]
+    errs = [float(np.abs(aligned.reshape(-1)[idx[keep]] - exp[name + "/val"][keep]).max()) if keep.any() else 0.0]
+    if paired.all():
+        errs += [abs(aligned.mean() - float(exp[name + "/mean"])), abs(aligned.std() - std)]
+    return max(errs) / std
+
+
+def detection_misses(exp_rows: np.ndarray, got_rows: np.ndarray, pairs: list[tuple[int, int]],
+                     boundaries: list[float], score_tol: float) -> tuple[list[int], list[int], list[float]]:
+    """The rows left without a partner by :func:`match_rows`: (expected row indices, predicted row
+    indices, scores of those of them not within ``score_tol`` of a decision boundary). The
+    ``boundaries`` are the scores where a row enters or leaves the output (the score threshold,
+    the lowest kept score of an output cut at top-k): a row there may flip in or out on another
+    CPU's rounding (``shared/oracles/README.md`` rule 2)."""
+    exp_miss = sorted(set(range(len(exp_rows))) - {i for i, _ in pairs})
+    got_miss = sorted(set(range(len(got_rows))) - {j for _, j in pairs})
+    scores = [float(exp_rows[i][1]) for i in exp_miss] + [float(got_rows[j][1]) for j in got_miss]
+    off = [s for s in scores if not any(abs(s - b) <= score_tol for b in boundaries)]
+    return exp_miss, got_miss, off
+
+
 def oracle_model(model_name: str):
     """``build_model(model_name)`` with the oracle's deterministic weights, in eval mode."""
     import paddle

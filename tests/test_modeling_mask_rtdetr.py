@@ -1,20 +1,25 @@
 """Mask-RT-DETR-{S,M,L,X,H} (backbone + neck + transformer + post-process) against the oracles.
 
 Per size: ``state_dict()`` keys, shapes and order equal ``state_dict.tsv``; with the synthetic
-weights of ``weights_rule.py`` the transformer intermediates (``feat/transformer/3/*``: encoder
-top-300 selection; ``feat/transformer/0..2``: last decoder layer) match within 2e-3 * std, and the
-final detections match as sets (label, |dscore| <= 1e-3, box <= 1 px; masks
-|A xor B| <= max(0.01 |A u B|, 64)), all 100 rows (``shared/oracles/README.md``).
+weights of ``weights_rule.py`` the encoder's top-300 query selection holds (nearly) the oracle's
+queries, and on the oracle's selection the transformer intermediates (``feat/transformer/3/*``:
+the selected queries' encoder predictions; ``feat/transformer/0..2``: last decoder layer) match
+within 2e-3 * std and the final detections match as sets (label, |dscore| <= 1e-3, box <= 1 px;
+masks |A xor B| <= max(0.01 |A u B|, 64)), all 100 rows but a flip at the top-100 cut-off
+(``shared/oracles/README.md``). Why on the oracle's selection: ``test_mask_rtdetr_matches_oracle``.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracle_utils import feature_error, mask_rtdetr_name, match_with_masks, oracle_dir, require_oracle, state_shapes
+from oracle_utils import (detection_misses, feature_error, mask_rtdetr_name, match_rows, match_with_masks,
+                          nearest_rows, oracle_dir, require_oracle, state_shapes)
 from oracle_utils import weights_rule as load_weights_rule
 
 SIZES = ["S", "M", "L", "X", "H"]
 REL_TOL = 2e-3
+MIN_SELECTED = 0.98  # of the oracle's 300 queries in our top-300 (a near-tie at the cut-off may swap one)
+MAX_CUTOFF_FLIPS = 2  # detections per side unmatched at the top-100 cut-off (README rule 2)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -31,8 +36,37 @@ def test_mask_rtdetr_state_dict_parity(size):
     assert not bad, bad[:5]
 
 
+def _query_rows(logits: np.ndarray, boxes: np.ndarray, exp) -> np.ndarray:
+    """The encoder's prediction for each query, [Q, C + 4]: class logits and sigmoid boxes, each
+    divided by the oracle's std so one tolerance fits both. It identifies the memory token a
+    query came from (distinct tokens differ by >= 0.18 in it; rounding moves it by < 1e-4)."""
+    std0, std1 = float(exp["feat/transformer/3/0"].std()), float(exp["feat/transformer/3/1"].std())
+    c = logits.shape[-1]
+    return np.concatenate([logits.reshape(-1, c) / std0, boxes.reshape(-1, 4) / std1], axis=1)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_mask_rtdetr_matches_oracle(size):
+    """The query selection, then everything after it on the oracle's own selection.
+
+    The selection is a top-300 of 2100 encoder scores whose neighbours differ by ~1e-6, so another
+    CPU's rounding can swap two of them (MKL's AVX2 / AVX-512 kernels do, for M / L and H), and
+    the decoder's self-attention mixes all queries: comparing its rows by position then fails by
+    ~1 * std although the code is right. So the oracle's 300 queries are identified among the
+    encoder predictions of every memory token (each must be found within ``REL_TOL``: this checks
+    the encoder on all of them), at least ``MIN_SELECTED`` of them must be in our own top-300,
+    and the decoder is compared on the oracle's selection (``query_index``) at ``REL_TOL``.
+    Detections are matched as sets; a row may flip in or out only at the top-100 cut-off."""
+    require_oracle(mask_rtdetr_name(size))
+    _check_against_oracle(size)
+
+
+def _check_against_oracle(size: str, own_index: np.ndarray | None = None) -> dict:
+    """The comparisons of ``test_mask_rtdetr_matches_oracle``; ``own_index`` [300] replaces our own
+    top-k selection (a stand-in for another CPU's). Returns ``oracle_index`` (the oracle's
+    selection, memory-token indices), ``shared`` (how many of them are in ours) and
+    ``positional_error`` (the largest decoder feature error of our own selection's outputs compared
+    row by row, as the test did before)."""
     require_oracle(mask_rtdetr_name(size))
     import paddle
 
@@ -47,22 +81,106 @@ def test_mask_rtdetr_matches_oracle(size):
     model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights_rule.fill(shapes).items()})
     inp = np.load(oracle_dir(mask_rtdetr_name(size)) / "input.npz")
     exp = np.load(oracle_dir(mask_rtdetr_name(size)) / "expected.npz")
+    im_shape, scale_factor = paddle.to_tensor(inp["im_shape"]), paddle.to_tensor(inp["scale_factor"])
+
+    def outputs(logits, boxes, masks) -> dict:
+        out = mask_rtdetr_post_process(logits[-1], boxes[-1], masks[-1], im_shape, scale_factor, model.num_top_queries)
+        return {k: v.numpy() for k, v in out.items()}  # same as model.forward(inputs), reusing the head outputs
+
     with paddle.no_grad():
-        logits, boxes, masks, enc = model.head_outputs(paddle.to_tensor(inp["image"]))
-        # same as model.forward(inputs), reusing the head outputs
-        out = mask_rtdetr_post_process(logits[-1], boxes[-1], masks[-1], paddle.to_tensor(inp["im_shape"]),
-                                       paddle.to_tensor(inp["scale_factor"]), model.num_top_queries)
+        feats, mask_feat = model.neck(model.backbone(paddle.to_tensor(inp["image"])))
+        tr = model.transformer
+        own_query_index = None if own_index is None else paddle.to_tensor(np.asarray(own_index, np.int64)[None])
+        logits, boxes, masks, enc = tr(feats, mask_feat, query_index=own_query_index)  # our own selection
+        n_tokens = sum(int(f.shape[2]) * int(f.shape[3]) for f in feats)
+        every = tr.select_queries(feats, mask_feat, paddle.arange(n_tokens, dtype="int64").unsqueeze(0))[3]
+        candidates = _query_rows(every[0].numpy(), every[1].numpy(), exp)
+        exp_idx = nearest_rows(_query_rows(exp["feat/transformer/3/0"], exp["feat/transformer/3/1"], exp),
+                               candidates, REL_TOL)
+        own_idx = nearest_rows(_query_rows(enc[0].numpy(), enc[1].numpy(), exp), candidates, REL_TOL)
+        assert (exp_idx >= 0).all(), f"{int((exp_idx < 0).sum())} oracle queries match no token's encoder prediction"
+        assert (own_idx >= 0).all() and len(set(own_idx.tolist())) == len(own_idx)
+        shared = len(set(exp_idx.tolist()) & set(own_idx.tolist()))
+        assert shared >= MIN_SELECTED * len(exp_idx), f"only {shared} of the oracle's {len(exp_idx)} queries selected"
+        own = outputs(logits, boxes, masks)
+        positional = max(feature_error(exp, f"feat/transformer/{i}", t.numpy(), reshape=True)
+                         for i, t in enumerate((logits, boxes, masks)))
+        same_order = np.array_equal(own_idx, exp_idx)
+        if not same_order:  # the decoder on the oracle's selection
+            logits, boxes, masks, enc = tr(feats, mask_feat, query_index=paddle.to_tensor(exp_idx[None]))
+        out = outputs(logits, boxes, masks)
     errs = {f"3/{i}": feature_error(exp, f"feat/transformer/3/{i}", t.numpy(), reshape=True) for i, t in enumerate(enc)}
     for i, t in enumerate((logits, boxes, masks)):
         errs[str(i)] = feature_error(exp, f"feat/transformer/{i}", t.numpy(), reshape=True)
+    print(f"Mask-RT-DETR-{size}: {shared}/300 queries selected, same order {same_order}, errors "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert all(e <= REL_TOL for e in errs.values()), errs
 
-    bbox, bbox_num, mask = out["bbox"].numpy(), out["bbox_num"].numpy(), out["mask"].numpy()
+    bbox, bbox_num, mask = out["bbox"], out["bbox_num"], out["mask"]
     assert bbox.dtype == np.float32 and bbox.shape == (100, 6)
     assert bbox_num.dtype == np.int32 and bbox_num.tolist() == exp["bbox_num"].tolist() == [100]
     assert mask.dtype == np.uint8 and mask.shape == exp["mask"].shape == (100, 480, 640)
+    _assert_detections_match(exp, bbox, mask)
+    if shared == len(exp_idx):  # the same queries in another order: the same detections
+        _assert_detections_match(exp, own["bbox"], own["mask"])
+    return {"oracle_index": exp_idx, "shared": shared, "positional_error": positional}
+
+
+def test_oracle_check_tolerates_a_flipped_selection():
+    """The comparison on a selection as another CPU may make it: two neighbouring queries swapped
+    (as MKL's AVX-512 kernels do for L and H, AVX2 ones for M) and the last one replaced by a token
+    outside the oracle's 300 (a flip at the cut-off). Compared row by row, the decoder outputs are
+    off by far more than the tolerance; the test's comparison holds."""
+    require_oracle(mask_rtdetr_name("S"))
+    oracle_index = _check_against_oracle("S")["oracle_index"]
+    own = oracle_index.copy()
+    own[[10, 11]] = own[[11, 10]]
+    own[-1] = min(set(range(2100)) - set(oracle_index.tolist()))
+    got = _check_against_oracle("S", own)
+    assert got["shared"] == 299 and got["positional_error"] > 0.1, got
+
+
+def _assert_detections_match(exp, bbox: np.ndarray, mask: np.ndarray) -> None:
+    """Rows matched as sets (label, |dscore| <= 1e-3, box <= 1 px), masks by the oracle rule; at
+    most ``MAX_CUTOFF_FLIPS`` rows per side unmatched, all at the top-100 cut-off (the lowest
+    kept score)."""
+    pairs = match_rows(exp["bbox"], bbox)
+    exp_miss, got_miss, off = detection_misses(exp["bbox"], bbox, pairs, [float(exp["bbox"][:, 1].min())], 1e-3)
+    assert len(exp_miss) <= MAX_CUTOFF_FLIPS and not off, (exp_miss, got_miss, off)
     m = match_with_masks(exp["bbox"], exp["mask"], bbox, mask)
-    assert m.unmatched == 0 and m.mask_failures == 0, m
+    assert m.mask_failures == 0, m
+
+
+def test_query_index_replaces_the_selection():
+    """``query_index`` runs the decoder on given memory tokens: our own top-k gives the default
+    outputs, the same tokens reversed give them reversed (the decoder treats queries as a set),
+    any count of tokens runs; training mode refuses it."""
+    import paddle
+
+    from instseg_core.modeling.mask_rtdetr import mask_rtdetr
+
+    paddle.seed(0)
+    model = mask_rtdetr("S")
+    model.eval()
+    with paddle.no_grad():
+        feats, mask_feat = model.neck(model.backbone(paddle.rand([1, 3, 128, 160])))
+        tr = model.transformer
+        default = tr(feats, mask_feat)
+        n_tokens = sum(int(f.shape[2]) * int(f.shape[3]) for f in feats)
+        scores = tr.select_queries(feats, mask_feat, paddle.arange(n_tokens, dtype="int64").unsqueeze(0))[3][0]
+        top = np.argsort(-scores.numpy()[0].max(-1), kind="stable")[:tr.num_queries]
+        same = tr(feats, mask_feat, query_index=paddle.to_tensor(top[None]))
+        rev = tr(feats, mask_feat, query_index=paddle.to_tensor(top[::-1].copy()[None]))
+        few = tr(feats, mask_feat, query_index=paddle.to_tensor(top[None, :7]))
+    for a, b, c in zip(default[:3], same[:3], rev[:3]):
+        a = a.numpy()
+        tol = 1e-5 * float(a.std())  # rounding only (another query order sums in another order)
+        np.testing.assert_allclose(b.numpy(), a, rtol=0, atol=tol)
+        np.testing.assert_allclose(c.numpy()[:, :, ::-1], a, rtol=0, atol=tol)
+    assert [int(t.shape[2]) for t in few[:3]] == [7, 7, 7]
+    model.train()
+    with pytest.raises(ValueError, match="eval mode only"):
+        tr(feats, mask_feat, query_index=paddle.to_tensor(top[None]))
 
 
 def test_mask_rtdetr_forward_other_input_size():

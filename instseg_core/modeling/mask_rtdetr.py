@@ -46,9 +46,11 @@ class MaskRTDETR(nn.Layer):
         # a plain object, not a sub-layer: it has no parameters and stays out of state_dict()
         self.criterion = MaskDINOLoss(transformer.num_classes)
 
-    def head_outputs(self, image: paddle.Tensor):
+    def head_outputs(self, image: paddle.Tensor, query_index: Optional[paddle.Tensor] = None):
+        """Eval transformer outputs (reference nesting); ``query_index`` replaces the query selection
+        (``MaskRTDETRTransformer.select_queries``)."""
         feats, mask_feat = self.neck(self.backbone(image))
-        return self.transformer(feats, mask_feat)
+        return self.transformer(feats, mask_feat, query_index=query_index)
 
     def forward(self, inputs: Dict[str, paddle.Tensor],
                 targets: Optional[List[Dict[str, paddle.Tensor]]] = None):

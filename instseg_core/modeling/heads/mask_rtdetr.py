@@ -241,9 +241,13 @@ class MaskRTDETRTransformer(nn.Layer):
         masks = paddle.bmm(coef, mask_feat.reshape([0, p, h * w])).reshape([0, -1, h, w])
         return self.score_head(q), masks
 
-    def _select_queries(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor):
-        """Encoder part: memory, level shapes, the top-``num_queries`` query contents (detached)
-        and the encoder's predictions for them (logits, sigmoid boxes, mask logits)."""
+    def select_queries(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor,
+                       query_index: Optional[paddle.Tensor] = None):
+        """Encoder part: memory, level shapes, the selected query contents (detached) and the
+        encoder's predictions for them (logits, sigmoid boxes, mask logits). The queries are the
+        top-``num_queries`` memory tokens by their max class logit, or the tokens of
+        ``query_index`` (int64 [B, Q], any Q) when given: e.g. every token, or another run's
+        selection to reproduce (the oracle tests use both)."""
         shapes: List[Tuple[int, int]] = []
         mem = []
         for proj, f in zip(self.input_proj, feats):
@@ -258,8 +262,12 @@ class MaskRTDETRTransformer(nn.Layer):
         out_mem = self.enc_output(memory * valid)
         enc_logits = self.score_head(out_mem)
         enc_boxes_unact = self.bbox_head(out_mem) + anchors
-        _, idx = paddle.topk(enc_logits.max(axis=-1), self.num_queries, axis=1)  # [B, Q]
-        sel = lambda t: paddle.take_along_axis(t, idx.unsqueeze(-1).expand([-1, self.num_queries, t.shape[-1]]), axis=1)
+        if query_index is None:
+            _, idx = paddle.topk(enc_logits.max(axis=-1), self.num_queries, axis=1)  # [B, Q]
+            q = self.num_queries
+        else:
+            idx, q = query_index, int(query_index.shape[1])
+        sel = lambda t: paddle.take_along_axis(t, idx.unsqueeze(-1).expand([-1, q, t.shape[-1]]), axis=1)
         selected = sel(out_mem)
         enc_sel_boxes = F.sigmoid(sel(enc_boxes_unact))
         # the encoder's own predictions keep their gradient (they train the query selection);
@@ -268,11 +276,15 @@ class MaskRTDETRTransformer(nn.Layer):
         return memory, shapes, selected.detach(), SetPrediction(enc_sel_logits, enc_sel_boxes, enc_sel_masks)
 
     def forward(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor,
-                targets: Optional[Sequence[Dict[str, paddle.Tensor]]] = None):
-        """Eval: the reference nesting (module doc). Training: :class:`MaskRTDETRTrainOutputs`;
+                targets: Optional[Sequence[Dict[str, paddle.Tensor]]] = None,
+                query_index: Optional[paddle.Tensor] = None):
+        """Eval: the reference nesting (module doc); ``query_index`` (eval only) replaces the
+        top-k query selection (:meth:`select_queries`). Training: :class:`MaskRTDETRTrainOutputs`;
         ``targets`` (per image ``labels`` [n], ``boxes`` [n, 4] normalised cxcywh) feed the
         denoising queries, None trains without them."""
-        memory, shapes, target, enc = self._select_queries(feats, mask_feat)
+        if query_index is not None and self.training:
+            raise ValueError("query_index is for eval mode only (training selects num_queries queries)")
+        memory, shapes, target, enc = self.select_queries(feats, mask_feat, query_index)
         enc_sel_logits, enc_sel_boxes, enc_sel_masks = enc
         ref = mask_to_box_cxcywh(enc_sel_masks > 0)  # mask-enhanced reference boxes
         if self.training:
