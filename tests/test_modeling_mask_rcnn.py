@@ -1,9 +1,10 @@
 """Mask R-CNN / Cascade Mask R-CNN (8 models) against the reference oracles.
 
 For each model: state-dict names and shapes equal ``state_dict.tsv``; with the oracle weights
-(``weights_rule.py``) and input, the backbone/FPN features, the RPN proposals (as a set), the
-box-head deltas and scores (rows paired with the proposals), the cascade's refined RoIs, the
-final detections (matched as sets), the masks and the pre-paste mask probabilities agree with
+(``weights_rule.py``) and input, the backbone/FPN features, the RPN proposals (as a set: at
+least 99% of them paired), the box-head deltas and scores (rows paired with the proposals), the
+cascade's refined RoIs, the final detections (matched as sets; a row may flip only at a decision
+boundary or where a proposal differs), the masks and the pre-paste mask probabilities agree with
 ``expected.npz`` within the tolerances of ``shared/oracles/README.md``. Skips cleanly when the
 oracles are absent. The C4 model (``MaskRCNN-ResNet50``) is slow on CPU (1000 RoIs through res5).
 """
@@ -13,8 +14,8 @@ import os
 
 import numpy as np
 import pytest
-from oracle_utils import (feature_error, match_rows, oracle_available, oracle_dir, require_oracle,
-                          state_shapes, weights_rule)
+from oracle_utils import (detection_misses, feature_error, match_rows, nearest_rows, oracle_available, oracle_dir,
+                          paired_feature_error, require_oracle, state_shapes, weights_rule)
 
 MODELS = ("MaskRCNN-ResNet50-FPN", "MaskRCNN-ResNet50-vd-FPN", "MaskRCNN-ResNet101-FPN",
           "MaskRCNN-ResNet101-vd-FPN", "MaskRCNN-ResNeXt101-vd-FPN", "Cascade-MaskRCNN-ResNet50-FPN",
@@ -25,6 +26,8 @@ PROB_TOL = 1e-3     # softmax scores / mask probabilities, absolute
 ROI_TOL = 0.05      # proposals, px
 SCORE_TOL = 1e-3
 BOX_TOL = 1.0       # px, original image
+MIN_PAIRED = 0.99   # of the expected proposals paired with a predicted one (near-ties may swap a few)
+MAX_MISSES = 2      # unmatched detections per side, at decision boundaries (README rule 2)
 
 _RUNS: dict = {}
 
@@ -51,19 +54,11 @@ def _run(name: str) -> dict:
         _RUNS.clear()  # keep at most one model's results in memory
         _RUNS[name] = dict(
             exp=np.load(oracle_dir(name) / "expected.npz"),
+            score_threshold=float(model.bbox_post_process.score_threshold),
+            keep_top_k=int(model.bbox_post_process.keep_top_k),
             feats=[t.numpy() for t in feats], neck=None if neck is None else [t.numpy() for t in neck],
             out={k: (v.numpy() if hasattr(v, "numpy") else [t.numpy() for t in v]) for k, v in out.items()})
     return _RUNS[name]
-
-
-def _row_pairs(got: np.ndarray, exp: np.ndarray, tol: float) -> np.ndarray:
-    """For each expected row, the index of the closest predicted row (max-abs distance);
-    asserts that every expected row has one within ``tol``."""
-    d = np.abs(exp[:, None, :] - got[None, :, :]).max(-1)
-    nearest = d.argmin(1)
-    worst = float(d.min(1).max())
-    assert worst <= tol, f"an expected row has no predicted row within {tol}: {worst}"
-    return nearest
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -107,7 +102,11 @@ def test_outputs_match_oracle(name):
         pytest.skip(f"set INSTSEG_FULL_ORACLES=1 for the full {name} oracle run (see FULL_ONLY)")
     if not oracle_available(name):
         pytest.skip(f"shared/oracles/{name} not available")
-    run = _run(name)
+    _check_run(name, _run(name))
+
+
+def _check_run(name: str, run: dict) -> None:
+    """Every comparison of ``test_outputs_match_oracle`` on a :func:`_run` result."""
     exp, out = run["exp"], run["out"]
     final = {k: out[k] for k in ("bbox", "bbox_num", "mask")}
 
@@ -119,30 +118,40 @@ def test_outputs_match_oracle(name):
     failed = {k: v for k, v in errors.items() if not v <= REL_TOL}
     assert not failed, f"features beyond {REL_TOL} * std: {failed}"
 
-    # 2. proposals, as a set
+    # 2. proposals, as a set: each expected one paired with a predicted one within ROI_TOL. The RPN's
+    # top-k and NMS follow near-ties, so another CPU's rounding reorders proposals (MKL's AVX2 and
+    # AVX-512 kernels swap two of R50-vd's) and could swap one at a cut-off: MIN_PAIRED of them
+    # must pair, and the per-proposal rows below are compared on the paired ones.
     rois = out["rpn_rois"][0]
-    assert rois.shape[0] == int(exp["feat/rpn_head/1"][0]) == int(out["rpn_rois_num"][0])
-    nearest = _row_pairs(rois, exp["feat/rpn_head/0/0"], ROI_TOL)
+    assert rois.shape[0] == int(out["rpn_rois_num"][0])
+    nearest = nearest_rows(exp["feat/rpn_head/0/0"], rois, ROI_TOL)
+    paired = nearest >= 0
+    unpaired = int((~paired).sum())
+    assert len(paired) == int(exp["feat/rpn_head/1"][0]) and unpaired <= (1 - MIN_PAIRED) * len(paired), unpaired
+    assert abs(rois.shape[0] - len(paired)) <= unpaired
 
-    # 3. box head, rows paired through the proposals
-    probs = out["bbox_probs"][nearest]
-    assert float(np.abs(probs - exp["feat/bbox_head/0/1"]).max()) <= PROB_TOL
-    deltas = out["bbox_deltas"]
-    delta_err = feature_error(exp, "feat/bbox_head/0/0", deltas[nearest] if "feat/bbox_head/0/0" in exp.files else deltas)
+    # 3. box head, rows paired through the proposals (a summary through its sampled rows)
+    probs = out["bbox_probs"][nearest[paired]]
+    assert float(np.abs(probs - exp["feat/bbox_head/0/1"][paired]).max()) <= PROB_TOL
+    delta_err = paired_feature_error(exp, "feat/bbox_head/0/0", out["bbox_deltas"], nearest)
     assert delta_err <= REL_TOL, delta_err
     if "feat/bbox_head_refined_rois/0" in exp.files:
-        refined = out["final_rois"][0][nearest]
-        assert float(np.abs(refined - exp["feat/bbox_head_refined_rois/0"]).max()) <= ROI_TOL
+        refined = out["final_rois"][0][nearest[paired]]
+        assert float(np.abs(refined - exp["feat/bbox_head_refined_rois/0"][paired]).max()) <= ROI_TOL
 
-    # 4. detections, as sets
+    # 4. detections, as sets; a row may be unmatched only at a decision boundary (the score
+    # threshold, or the lowest kept score when the output is cut at keep_top_k), or, one per
+    # unpaired proposal, where a proposal differs (README rules 2 and 5)
     assert final["bbox"].dtype == np.float32 and final["bbox"].shape[1:] == (6,)
     assert final["bbox_num"].dtype == np.int32 and final["bbox_num"].shape == (1,)
     assert final["mask"].dtype == np.uint8 and set(np.unique(final["mask"]).tolist()) <= {0, 1}
     n_exp, n_got = int(exp["bbox_num"][0]), int(final["bbox_num"][0])
-    assert n_got == n_exp, (n_got, n_exp)
     assert final["bbox"].shape[0] == n_got and final["mask"].shape == (n_got, 480, 640)
     pairs = match_rows(exp["bbox"], final["bbox"], score_tol=SCORE_TOL, box_tol=BOX_TOL)
-    assert len(pairs) == n_exp, f"{n_exp - len(pairs)} expected detections unmatched"
+    boundaries = [run["score_threshold"]] + ([float(exp["bbox"][:, 1].min())] if n_exp == run["keep_top_k"] else [])
+    exp_miss, got_miss, off = detection_misses(exp["bbox"], final["bbox"], pairs, boundaries, SCORE_TOL)
+    assert max(len(exp_miss), len(got_miss)) <= MAX_MISSES and len(off) <= min(unpaired, MAX_MISSES), \
+        f"unmatched: {len(exp_miss)} expected, {len(got_miss)} predicted detections; off a boundary: {off}"
     max_ds = max(abs(float(final["bbox"][j, 1] - exp["bbox"][i, 1])) for i, j in pairs)
     max_db = max(float(np.abs(final["bbox"][j, 2:] - exp["bbox"][i, 2:]).max()) for i, j in pairs)
 
@@ -155,15 +164,40 @@ def test_outputs_match_oracle(name):
         if xor > max(0.01 * union, 64):
             bad.append((i, xor, union))
         prob_err = max(prob_err, float(np.abs(out["mask_probs"][j] - exp["feat/mask_head"][i]).max()))
-    print(f"{name}: detections {n_got}/{n_exp}, matched {len(pairs)}, max|dscore| {max_ds:.2e}, "
+    print(f"{name}: proposals paired {int(paired.sum())}/{len(paired)} (same order: "
+          f"{bool(np.array_equal(nearest, np.arange(len(nearest))))}), delta err {delta_err:.2e}, "
+          f"detections {n_got}/{n_exp}, matched {len(pairs)}, max|dscore| {max_ds:.2e}, "
           f"max|dbox| {max_db:.3f} px, worst mask xor/union {worst:.2e}, mask prob err {prob_err:.2e}, "
           f"feature errors max {max(errors.values()):.2e}")
     assert not bad, bad
     assert prob_err <= PROB_TOL, prob_err
 
 
+def test_oracle_check_tolerates_reordered_and_replaced_proposals():
+    """The comparison of ``test_outputs_match_oracle`` on a run whose proposals come out as on
+    another CPU: two neighbours swapped (rows the oracle's summary of the box deltas samples: the
+    positional comparison gave ``delta_err`` 0.88 on an AVX-512 Xeon) and one replaced by another
+    box (a flip at the RPN's cut-off). Every per-proposal output moves with its proposal."""
+    name = "MaskRCNN-ResNet50-FPN"
+    require_oracle(name)
+    run = _run(name)
+    exp = run["exp"]
+    rows = exp["feat/bbox_head/0/0/idx"] // exp["feat/bbox_head/0/0/shape"][1]  # sampled rows
+    a = int(rows[0])
+    b = a + 1 if a + 1 < 1000 else a - 1
+    order = np.arange(1000)
+    order[[a, b]] = order[[b, a]]
+    out = dict(run["out"])
+    for key in ("rpn_rois", "final_rois"):
+        out[key] = [out[key][0][order].copy()]
+    out["bbox_deltas"], out["bbox_probs"] = out["bbox_deltas"][order].copy(), out["bbox_probs"][order].copy()
+    out["rpn_rois"][0][-1] += 8.0  # another proposal in place of the last one
+    assert feature_error(exp, "feat/bbox_head/0/0", out["bbox_deltas"]) > 0.1  # by position: fails
+    _check_run(name, dict(run, out=out))
+
+
 def test_c4_stages_match_oracle():
-    """MaskRCNN-ResNet50 (C4) stage by stage: res4 features, all 1000 proposals (as a set), the
+    """MaskRCNN-ResNet50 (C4) stage by stage: res4 features, the 1000 proposals (as a set), the
     res5 box head on 48 of them, and the res5 mask head on 6 expected detections' boxes."""
     import paddle
 
@@ -182,8 +216,10 @@ def test_c4_stages_match_oracle():
         rois, rois_num = model.rpn_head(feats, paddle.to_tensor(inp["im_shape"]))
         got_rois = rois[0].numpy()
         assert got_rois.shape[0] == int(exp["feat/rpn_head/1"][0])
-        nearest = _row_pairs(got_rois, exp["feat/rpn_head/0/0"], ROI_TOL)
-        sample = np.linspace(0, len(nearest) - 1, 48).astype(int)  # expected rows
+        nearest = nearest_rows(exp["feat/rpn_head/0/0"], got_rois, ROI_TOL)
+        paired = np.flatnonzero(nearest >= 0)
+        assert len(nearest) - len(paired) <= (1 - MIN_PAIRED) * len(nearest)
+        sample = paired[np.linspace(0, len(paired) - 1, 48).astype(int)]  # expected rows
         sub = paddle.to_tensor(got_rois[nearest[sample]])
         _, probs = model.bbox_head(feats, [sub], paddle.to_tensor([len(sample)], dtype="int32"))
         assert float(np.abs(probs.numpy() - exp["feat/bbox_head/0/1"][sample]).max()) <= PROB_TOL
