@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from export_utils import export_to_tmp, read_inference_yml
-from oracle_utils import (instance_rows, match_with_masks, oracle_dir, oracle_model, run_dygraph, state_shapes,
-                          weights_rule)
+from oracle_utils import (detection_misses, instance_rows, match_rows, match_with_masks, oracle_dir, oracle_model,
+                          run_dygraph, state_shapes, weights_rule)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "PP-YOLOE_seg-S"
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(not ((FOLDER / "state_dict.tsv").exists() and IM
 INPUT_SIZE = 320
 THRESHOLD = 0.02  # the oracle-rule weights give low scores; keep enough rows to compare
 SCORE_TOL, BOX_TOL, MIN_IOU = 1e-3, 1.0, 0.99
+MAX_THRESHOLD_FLIPS = 2  # rows per side that may flip at THRESHOLD between two kernel sets
 
 
 def _build():
@@ -73,10 +74,19 @@ def test_predictor_matches_dygraph(exported):
     got_rows = instance_rows(inst)
     got_masks = np.asarray(inst.masks)
     assert len(exp_rows) >= 5, "too few detections above the threshold to compare"
-    assert len(got_rows) == len(exp_rows)
+    _assert_same_detections(exp_rows, got_rows)
     m = match_with_masks(exp_rows, exp_masks, got_rows, got_masks, score_tol=SCORE_TOL, box_tol=BOX_TOL)
     print(f"{len(got_rows)} detections: {m}")
-    assert m.unmatched == 0 and m.worst_iou >= MIN_IOU
+    assert m.worst_iou >= MIN_IOU
+
+
+def _assert_same_detections(exp_rows: np.ndarray, got_rows: np.ndarray, box_tol: float = BOX_TOL) -> None:
+    """Rows matched as sets (label, |dscore| <= SCORE_TOL, box <= ``box_tol``); at most
+    ``MAX_THRESHOLD_FLIPS`` per side unmatched, each within SCORE_TOL of THRESHOLD: the graph and
+    dygraph run other kernels (oneDNN, MKL by CPU), so a row at the threshold may flip."""
+    pairs = match_rows(exp_rows, got_rows, score_tol=SCORE_TOL, box_tol=box_tol)
+    exp_miss, got_miss, off = detection_misses(exp_rows, got_rows, pairs, [THRESHOLD], SCORE_TOL)
+    assert max(len(exp_miss), len(got_miss)) <= MAX_THRESHOLD_FLIPS and not off, (exp_miss, got_miss, off)
 
 
 def test_fused_equals_unfused():
@@ -184,8 +194,8 @@ def test_graph_runs_under_onednn_and_with_no_detection(exported, tmp_path):
         if ref is None:
             ref = got
         else:  # oneDNN and plain kernels agree
-            assert len(got.boxes) == len(ref.boxes) > 0
-            np.testing.assert_allclose(got.boxes, ref.boxes, atol=1e-2)
+            assert len(got.boxes) > 0 and len(ref.boxes) > 0
+            _assert_same_detections(instance_rows(ref), instance_rows(got), box_tol=1e-2)
     silent = copy.deepcopy(model)
     silent.yolo_head.score_threshold = 2.0  # sigmoid scores never pass: NMS keeps nothing
     out2 = export_model(silent, None, tmp_path / "silent", input_size=INPUT_SIZE)
