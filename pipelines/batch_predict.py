@@ -270,7 +270,10 @@ class SegmentationActor:
                                                                   f"more than max_pixels={self.cfg.max_pixels}"))
                 continue
             items.append((uri, rec["data"]))
-        rows.extend(self.predictor(items))
+        # a block of read_batch_size rows per call (Ray Data keeps statistics per output block on
+        # the driver: fewer, larger blocks), predicted in model batches of batch_size
+        for k in range(0, len(items), self.cfg.batch_size):
+            rows.extend(self.predictor(items[k:k + self.cfg.batch_size]))
         table = rows_to_table(rows)
         # each row keeps its shard (rows come back in another order: join on the image id)
         shard_of = {iid: k for k, iid in enumerate(batch.column("image_id").to_pylist())}
@@ -347,7 +350,8 @@ def build_dataset(cfg: BatchPredictConfig, shards: list[Shard], parts: dict[str,
         # them as ray_remote_args: this is still the only way to bound the restarts
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
         ds = ds.map_batches(SegmentationActor, fn_constructor_kwargs={"config": asdict(cfg)},
-                            batch_size=cfg.batch_size, batch_format="pyarrow", compute=_compute(cfg),
+                            batch_size=max(cfg.read_batch_size, cfg.batch_size), batch_format="pyarrow",
+                            compute=_compute(cfg),
                             num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
                             memory=int(cfg.actor_memory_gb * 2**30) if cfg.actor_memory_gb else None,
                             max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)
