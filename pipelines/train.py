@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -420,11 +421,17 @@ def _engine_loop(config: dict) -> None:
     rank, world = init_paddle_distributed()
     cfg = config["cfg"]
     resume = latest_checkpoint_dir()
+    # from remote storage the checkpoint is a downloaded copy (a temporary directory): delete it after
+    downloaded = resume is not None and resume != ray.train.get_checkpoint().path
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], ckpt_dir) -> None:
         report_checkpoint({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, ckpt_dir)
 
-    train(cfg, rank=rank, world_size=world, on_epoch_end=on_epoch_end, resume_path=resume)
+    try:
+        train(cfg, rank=rank, world_size=world, on_epoch_end=on_epoch_end, resume_path=resume)
+    finally:
+        if downloaded:
+            shutil.rmtree(resume, ignore_errors=True)
     upload = config.get("upload_output_to")
     if rank == 0 and upload:
         from pipelines.storage import fsspec_fs

@@ -206,6 +206,7 @@ def _kill_rank0_after_first_checkpoint(fs, run_dir: str, train_log: Path, done: 
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) process."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1]
     except (OSError, IndexError):
@@ -263,6 +264,7 @@ def test_worker_sigkill_restarts_from_checkpoint_with_same_result(s3_job, capsys
     resume_epoch = int(resumed[0][1])
     assert resume_epoch in evaluated and 0 < resume_epoch < EPOCHS, (resumed, evaluated)
     assert int(resumed[0][2]) == resume_epoch * 2  # 2 steps per epoch
+    assert not Path(resumed[0][0]).exists()  # the checkpoint copy downloaded from S3 was deleted
     assert log.count(f"epoch [1/{EPOCHS}] step [1/2]") == 1  # epoch 1 was never trained again
     assert log.count(f"epoch [{EPOCHS}/{EPOCHS}] step [2/2]") == 1
 
