@@ -37,7 +37,7 @@ from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE, check_max_ma
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
 from instseg_core.progress import eta_seconds, format_duration
 from pipelines.rows import ROW_SCHEMA, error_row, ok_row, rows_to_table
-from pipelines.shards import Shard, SourceError, input_root, probe_input, shard_uris, unique_uris
+from pipelines.shards import Shard, SourceError, expand_shard, input_root, probe_input
 from pipelines.sinks import done_ids_of, write_part
 from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, redact, storage_error_message
 
@@ -97,13 +97,18 @@ class BatchPredictConfig:
 
 # ---------------------------------------------------------------- stage 1: read bytes (tasks)
 
-def expand_shards(batch: pa.Table, s3: S3Options, retry: str) -> Iterator[pa.Table]:
+def expand_shards(batch: pa.Table, output: str, s3: S3Options, retry: str) -> Iterator[pa.Table]:
     """Stage 0 (tasks): each shard becomes its URIs, repeats dropped, minus the images its own
     parts already hold (a rerun); columns ``source_uri`` (what to read, credentials included),
-    ``uri`` (redacted: what every output shows), ``image_id``, and the shard's id and counts."""
+    ``uri`` (redacted: what every output shows), ``image_id``, and the shard's id and counts.
+    A shard with no URI to label is marked done here (no part will ever speak for it)."""
+    from pipelines.sinks import mark_empty_shard
+
     for shard_json, parts_json in zip(batch.column("shard").to_pylist(), batch.column("parts").to_pylist()):
         shard = Shard(**json.loads(shard_json))
-        uris, ids, repeats = unique_uris(shard_uris(shard, s3))
+        uris, ids, repeats = expand_shard(shard, s3)
+        if not uris:
+            mark_empty_shard(output, shard.shard_id, repeats, s3)
         done = done_ids_of(json.loads(parts_json), s3, retry=retry)
         keep = ~np.isin(ids, done) if len(done) else np.ones(len(ids), dtype=bool)
         todo = [u for u, k in zip(uris, keep.tolist()) if k]
@@ -333,7 +338,7 @@ def build_dataset(cfg: BatchPredictConfig, shards: list[Shard], parts: dict[str,
     # about 4 shards per expansion task: the driver's blocks stay O(shards), tasks stay short
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // 4))))
     ds = ds.map_batches(expand_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                        fn_kwargs={"s3": cfg.s3(), "retry": cfg.retry_errors})
+                        fn_kwargs={"output": cfg.output, "s3": cfg.s3(), "retry": cfg.retry_errors})
     # small blocks (streaming, not a blocking repartition): a read task's work is bounded, so
     # progress streams and a failure redoes little
     ds = ds.repartition(target_num_rows_per_block=cfg.read_batch_size)
@@ -632,7 +637,10 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
                 progress.update(batch_counts)
     progress.log("predicted")
 
-    totals = finish_all(cfg.output, parts_by_shard(list_parts(cfg.output, s3)), s3)
+    parts = parts_by_shard(list_parts(cfg.output, s3))
+    for shard_id in done_shards(cfg.output, s3, retry="none"):  # shards without parts (nothing to label)
+        parts.setdefault(shard_id, [])
+    totals = finish_all(cfg.output, parts, s3)
     merge_started = time.time()
     coco = write_outputs(cfg.output, totals["shards"], parts_by_shard(list_parts(cfg.output, s3)), labels,
                          image_root=input_root(cfg.input), layout=cfg.coco_layout, labelme=cfg.labelme, s3=s3)

@@ -26,7 +26,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -41,7 +41,8 @@ log = logging.getLogger("instseg")
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
 LISTING_DIR = "listing"
-PLAN_VERSION = 1
+REPEATS_DIR = "repeats"
+PLAN_VERSION = 2
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".txt", ".lst")
 URI_COLUMNS = ("uri", "url", "path", "file", "file_name", "key")
 _MAX_LINE = 1 << 16  # longest manifest line read past a range's end to finish its last URI
@@ -62,6 +63,11 @@ class Shard:
     stop: int = 0  # byte or row stop (exclusive)
     column: str | None = None  # csv: the URI column's index as text; parquet: its name
     base: str | None = None  # local manifests: the folder relative paths are relative to
+    drops: str | None = None  # manifests: the file naming this shard's URIs that repeat earlier ones
+
+    @property
+    def index(self) -> int:
+        return int(self.shard_id[1:])
 
 
 @dataclass
@@ -74,15 +80,19 @@ class Plan:
     listing: bool = False  # a directory/prefix/glob: a rerun lists again and appends new images
     generation: int = 0  # how many times the input was listed again after the first
     new: int | None = None  # images the last listing added (None: not a relisting)
+    manifest: dict[str, Any] | None = None  # what a manifest looked like when planned (see _manifest_state)
+    repeats: int = 0  # manifests: URIs that repeat an earlier one (in any shard), dropped at expansion
 
     def to_json(self) -> dict[str, Any]:
         return {"version": PLAN_VERSION, "input": self.input, "listed": self.listed, "listing": self.listing,
-                "generation": self.generation, "shards": [asdict(s) for s in self.shards]}
+                "generation": self.generation, "manifest": self.manifest, "repeats": self.repeats,
+                "shards": [{k: v for k, v in asdict(s).items() if v is not None} for s in self.shards]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Plan":
         return cls(input=data["input"], listed=data.get("listed"), listing=data.get("listing", False),
-                   generation=data.get("generation", 0), shards=[Shard(**s) for s in data["shards"]])
+                   generation=data.get("generation", 0), manifest=data.get("manifest"),
+                   repeats=data.get("repeats", 0), shards=[Shard(**s) for s in data["shards"]])
 
 
 def _shard_id(position: int) -> str:
@@ -119,13 +129,105 @@ def load_or_make_plan(source: str, output: str, *, shard_size: int, extensions: 
             raise SourceError(f"{redact(output)} holds the plan of input {data.get('input')}, not "
                               f"{redact(source)}: use a new --output (or delete {PLAN_DIR}/ to start over)")
         plan = Plan.from_json(data)
-        if not plan.listing:
-            return plan
-        plan = relist(plan, source, output, shard_size=shard_size, extensions=extensions, s3=s3)
+        if plan.listing:
+            plan = relist(plan, source, output, shard_size=shard_size, extensions=extensions, s3=s3)
+        else:
+            grown = extend_manifest_plan(plan, source, shard_size=shard_size, s3=s3)
+            if grown is plan:
+                return plan
+            plan = mark_repeats(grown, output, s3)
     else:
         plan = make_plan(source, output, shard_size=shard_size, extensions=extensions, s3=s3)
+        if not plan.listing:
+            plan = mark_repeats(plan, output, s3)
     write_bytes_atomic(uri, json.dumps(plan.to_json()).encode("utf-8"), s3)
     return plan
+
+
+def mark_repeats(plan: Plan, output: str, s3: S3Options | None = None) -> Plan:
+    """``plan`` with each shard pointing at the file of its URIs that repeat an earlier URI of the
+    manifest (in Ray tasks: :func:`pipelines.dedup.find_repeats`). Listings need none: a folder
+    cannot hold a path twice."""
+    from pipelines.dedup import find_repeats
+
+    folder = join(output, PLAN_DIR, REPEATS_DIR, f"gen{plan.generation:04d}")
+    found = find_repeats(plan.shards, shard_uris_with_repeats, folder, s3)
+    shards = [replace(sh, drops=found[sh.index][0] if sh.index in found else None) for sh in plan.shards]
+    repeats = sum(n for _, n in found.values())
+    if repeats:
+        log.info("the manifest repeats %d URI(s) (over %d shard(s)): each is labelled once", repeats, len(found))
+    return replace(plan, shards=shards, repeats=repeats)
+
+
+def _manifest_state(manifest: str, s3: S3Options | None) -> dict[str, Any]:
+    """What a later run compares to tell an appended manifest from a changed one: for text, the size
+    and hashes of the first and last 64 KiB; for Parquet, each file's row count."""
+    fs = fsspec_fs(manifest, s3)
+    if manifest.lower().endswith(".parquet"):
+        files = {}
+        for path in _parquet_files(manifest, s3):
+            with fs.open(path, "rb") as f:
+                files[path] = pq.ParquetFile(f).metadata.num_rows
+        return {"files": files}
+    size = int(fs.size(manifest))
+    return {"size": size, **_text_fingerprint(manifest, size, s3)}
+
+
+def _text_fingerprint(manifest: str, size: int, s3: S3Options | None) -> dict[str, Any]:
+    with fsspec_fs(manifest, s3).open(manifest, "rb") as f:
+        head = f.read(min(size, 1 << 16))
+        f.seek(max(0, size - (1 << 16)))
+        tail = f.read(size - max(0, size - (1 << 16)))
+    return {"head": hashlib.sha256(head).hexdigest(), "tail": hashlib.sha256(tail).hexdigest(),
+            "ends_line": tail.endswith((b"\n", b"\r"))}
+
+
+def extend_manifest_plan(plan: Plan, source: str, *, shard_size: int, s3: S3Options | None = None) -> Plan:
+    """``plan`` itself when the manifest is as planned; the plan plus shards for what was appended
+    (text lines after the planned size, new Parquet files) when it grew; :class:`SourceError` when
+    anything else changed (a rerun would then label other images under the same shard ids). Edits
+    inside a text manifest's middle are not detected (only its first and last 64 KiB are compared)."""
+    old = plan.manifest
+    if old is None:  # a plan of an earlier version: taken as it is
+        return plan
+    fs = fsspec_fs(source, s3)
+    if not fs.exists(source):
+        raise SourceError(f"manifest {redact(source)} is gone; the plan under the output needs it")
+
+    def changed(why: str) -> SourceError:
+        return SourceError(f"manifest {redact(source)} changed since this output's plan was made ({why}); "
+                           f"appended lines and added Parquet files are picked up, other changes are not: "
+                           f"use a new --output")
+
+    if "files" in old:
+        now = _manifest_state(source, s3)["files"]
+        for path, rows in old["files"].items():
+            if path not in now:
+                raise changed(f"{redact(path)} is gone")
+            if now[path] != rows:
+                raise changed(f"{redact(path)} has {now[path]} rows, not {rows}")
+        added = [p for p in sorted(now) if p not in old["files"]]
+        if not added:
+            return plan
+        shards: list[Shard] = []
+        for path in added:
+            shards += _parquet_shards(path, shard_size, s3, first=len(plan.shards) + len(shards))
+        return replace(plan, shards=plan.shards + shards, manifest={"files": now}, generation=plan.generation + 1)
+    size = int(fs.size(source))
+    if size < old["size"]:
+        raise changed(f"{size} bytes, fewer than the {old['size']} planned")
+    if {k: old[k] for k in ("head", "tail", "ends_line")} != _text_fingerprint(source, old["size"], s3):
+        raise changed("its planned bytes differ")
+    if size == old["size"]:
+        return plan
+    if not old["ends_line"]:
+        with fs.open(source, "rb") as f:
+            f.seek(old["size"])
+            if f.read(1) not in (b"\n", b"\r"):
+                raise changed("its last line was extended")
+    added = _text_shards(source, shard_size, s3, start=old["size"], first=len(plan.shards))
+    return replace(plan, shards=plan.shards + added, manifest=_manifest_state(source, s3),
+                   generation=plan.generation + 1)
 
 
 def relist(plan: Plan, source: str, output: str, *, shard_size: int, extensions: tuple[str, ...],
@@ -155,9 +257,10 @@ def make_plan(source: str, output: str, *, shard_size: int, extensions: tuple[st
         fs = fsspec_fs(source, s3)
         if not fs.exists(source):
             raise SourceError(f"manifest {redact(source)} does not exist")
+        state = _manifest_state(source, s3)
         if lower.endswith(".parquet"):
-            return Plan(redact(source), _parquet_shards(source, shard_size, s3))
-        return Plan(redact(source), _text_shards(source, shard_size, s3))
+            return Plan(redact(source), _parquet_shards(source, shard_size, s3), manifest=state)
+        return Plan(redact(source), _text_shards(source, shard_size, s3), manifest=state)
     if _has_glob(source) or _is_file(source, s3):
         uris = _glob_or_file(source, extensions, s3)
         pages = _write_pages(uris, join(output, PLAN_DIR, LISTING_DIR), "glob", shard_size, s3)
@@ -188,8 +291,10 @@ def _glob_or_file(source: str, extensions: tuple[str, ...], s3: S3Options | None
     return found
 
 
-def _text_shards(manifest: str, shard_size: int, s3: S3Options | None) -> list[Shard]:
-    """Byte ranges of about ``shard_size`` lines, sized from the first 64 KiB's mean line length."""
+def _text_shards(manifest: str, shard_size: int, s3: S3Options | None, start: int = 0,
+                 first: int = 0) -> list[Shard]:
+    """Byte ranges of about ``shard_size`` lines from byte ``start`` on, sized from the first 64 KiB's
+    mean line length; ids from ``first`` on."""
     fs = fsspec_fs(manifest, s3)
     size = int(fs.size(manifest))
     with fs.open(manifest, "rb") as f:
@@ -203,8 +308,8 @@ def _text_shards(manifest: str, shard_size: int, s3: S3Options | None) -> list[S
     step = max(4096, int(len(head) / lines * shard_size))
     base = None if is_remote(manifest) else os.path.dirname(os.path.abspath(manifest))
     kind = "csv" if column is not None else "lines"
-    return [Shard(_shard_id(i), kind, manifest, start, min(start + step, size), column, base)
-            for i, start in enumerate(range(0, size, step))]
+    return [Shard(_shard_id(first + i), kind, manifest, lo, min(lo + step, size), column, base)
+            for i, lo in enumerate(range(start, size, step))]
 
 
 def _csv_column(head: bytes, manifest: str) -> int:
@@ -225,7 +330,7 @@ def _parquet_files(manifest: str, s3: S3Options | None) -> list[str]:
     return [manifest]
 
 
-def _parquet_shards(manifest: str, shard_size: int, s3: S3Options | None) -> list[Shard]:
+def _parquet_shards(manifest: str, shard_size: int, s3: S3Options | None, first: int = 0) -> list[Shard]:
     fs = fsspec_fs(manifest, s3)
     shards: list[Shard] = []
     column = None
@@ -239,7 +344,7 @@ def _parquet_shards(manifest: str, shard_size: int, s3: S3Options | None) -> lis
                               f"{URI_COLUMNS}")
         base = None if is_remote(path) else os.path.dirname(os.path.abspath(path))
         for start in range(0, meta.num_rows, shard_size):
-            shards.append(Shard(_shard_id(len(shards)), "parquet", path, start,
+            shards.append(Shard(_shard_id(first + len(shards)), "parquet", path, start,
                                 min(start + shard_size, meta.num_rows), column, base))
     if not shards:
         raise SourceError(f"manifest {redact(manifest)} lists no URIs")
@@ -349,7 +454,22 @@ def _range_lines(shard: Shard, s3: S3Options | None) -> Iterator[str]:
 
 
 def shard_uris(shard: Shard, s3: S3Options | None = None) -> list[str]:
-    """The URIs of one shard, in manifest order (duplicates not yet removed)."""
+    """The URIs of one shard, in manifest order, without those that repeat an earlier URI of the
+    manifest in another shard (:func:`mark_repeats`); repeats inside the shard are still there."""
+    return _without_marked(shard, shard_uris_with_repeats(shard, s3), s3)
+
+
+def _without_marked(shard: Shard, uris: list[str], s3: S3Options | None) -> list[str]:
+    if not shard.drops:
+        return uris
+    from pipelines.dedup import repeated_lines
+
+    drop = set(repeated_lines(shard.drops, shard.index, s3).tolist())
+    return [u for k, u in enumerate(uris) if k not in drop]
+
+
+def shard_uris_with_repeats(shard: Shard, s3: S3Options | None = None) -> list[str]:
+    """The URIs of one shard, in manifest order, repeats included."""
     if shard.kind == "parquet":
         fs = fsspec_fs(shard.source, s3)
         with fs.open(shard.source, "rb") as f:
@@ -371,6 +491,15 @@ def shard_uris(shard: Shard, s3: S3Options | None = None) -> list[str]:
         if value:
             uris.append(_resolve(value, shard.base))
     return uris
+
+
+def expand_shard(shard: Shard, s3: S3Options | None = None) -> tuple[list[str], np.ndarray, int]:
+    """A shard's URIs to label (each once in the whole input), their image ids, and how many of
+    the shard's URIs were repeats (of an earlier shard's, marked by :func:`mark_repeats`, or of its own)."""
+    listed = shard_uris_with_repeats(shard, s3)
+    marked = _without_marked(shard, listed, s3)
+    uris, ids, repeats = unique_uris(marked)
+    return uris, ids, repeats + len(listed) - len(marked)
 
 
 def unique_uris(uris: list[str]) -> tuple[list[str], np.ndarray, int]:

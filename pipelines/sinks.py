@@ -237,6 +237,15 @@ def finish_shard(output: str, shard_id: str, parts: list[str], s3: S3Options | N
     return counts
 
 
+def mark_empty_shard(output: str, shard_id: str, source_duplicates: int, s3: S3Options | None = None) -> None:
+    """The done marker of a shard with nothing to label (only comments, blank lines or repeats of
+    other shards' URIs): it has no part to hold its counts, so the marker does."""
+    counts = {"images": 0, "by_status": {}, "errors_by_kind": {}, "instances": 0, "coco_images": 0,
+              "coco_annotations": 0, "shard": shard_id, "duplicates_removed": 0,
+              "source_duplicates": source_duplicates, "total": 0, "complete": True}
+    write_bytes_atomic(join(output, DONE_DIR, f"{shard_id}.clean.json"), json.dumps(counts).encode("utf-8"), s3)
+
+
 def remove_staging_files(output: str, s3: S3Options | None = None) -> int:
     """Delete temp files that writers killed mid-write left in ``parts/`` (call when no writer runs)."""
     fs = fsspec_fs(output, s3)

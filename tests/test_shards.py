@@ -57,6 +57,59 @@ def test_repeats_are_dropped_and_ids_survive_re_signing():
     assert redact("http://user:pw@h/x.jpg?id=7&token=t&sig=s") == "http://h/x.jpg?id=7"
 
 
+def test_repeats_across_shards_are_found_by_tasks_first_occurrence_kept(ray_local, tmp_path):
+    """A URI repeated anywhere in a manifest (other shards, its own shard, re-signed) is labelled
+    once: at its first occurrence; each later one is counted as a repeat of its own shard."""
+    from pipelines.shards import expand_shard, load_or_make_plan
+
+    uris = [f"/img/{i % 400:04d}.jpg" for i in range(1000)]  # ~600 repeats, most in other shards
+    uris[5] = uris[900] = "https://h/k.jpg?X-Amz-Signature=a"
+    uris[950] = "https://h/k.jpg?X-Amz-Signature=b"  # the same object, signed again
+    pq.write_table(pa.table({"uri": uris}), tmp_path / "m.parquet")
+    plan = load_or_make_plan(str(tmp_path / "m.parquet"), str(tmp_path / "out"), shard_size=7,
+                             extensions=(".jpg",))
+    assert len(plan.shards) == 143
+    kept, repeats = [], []
+    for shard in plan.shards:
+        got, ids, n = expand_shard(shard)
+        kept += got
+        repeats.append(n)
+    first = {}
+    for k, u in enumerate(uris):
+        first.setdefault(image_id_for(redact(u)), (k, u))
+    assert kept == [u for _, u in sorted(first.values())]  # first occurrences, in manifest order
+    assert plan.repeats == sum(repeats) == len(uris) - len(first) == 599
+    assert repeats[0] == 0 and repeats[-1] == 6
+
+
+def test_appended_manifest_adds_shards_and_a_changed_one_is_refused(ray_local, tmp_path):
+    """A rerun over a manifest that gained lines labels only the appended images (a repeat of an
+    old URI among them is dropped); a manifest edited otherwise is refused in one line before any
+    work, since the plan's shard ids would then name other images."""
+    from pipelines.batch_predict import BatchPredictConfig, JobSettingsError, run_batch_predict
+    from pipelines.sinks import list_parts
+
+    photos = sorted(str(p) for p in (REPO / "samples" / "shapes").glob("*.jpg"))
+    padding = [f"# {'.' * 200}"] * 30  # comments: a manifest past one 4 KiB byte range
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("\n".join(padding + photos[:3] + padding + [photos[0]]))  # no final newline
+    out = tmp_path / "out"
+    cfg = dict(input=str(manifest), output=str(out), model_dir=str(REPO / "samples" / "model"), num_actors=1,
+               shard_size=1)  # byte ranges of 4 KiB (the smallest)
+    first = run_batch_predict(BatchPredictConfig(**cfg))
+    assert first["images_written"] == 3 and first["duplicate_uris_in_input"] == 1 and first["shards"] >= 2
+    with manifest.open("a") as f:
+        f.write("\n" + "\n".join(photos[3:5] + [photos[1]]) + "\n")
+    second = run_batch_predict(BatchPredictConfig(**cfg))
+    assert second["images_this_run"] == 2 and second["images_written"] == 5
+    assert second["duplicate_uris_in_input"] == 2 and second["shards"] > first["shards"]
+    rows = [r for p in list_parts(str(out)) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["uri"] for r in rows) == photos[:5]
+    manifest.write_text(manifest.read_text().replace(photos[2], photos[5]))
+    with pytest.raises(JobSettingsError, match="changed since this output's plan was made"):
+        run_batch_predict(BatchPredictConfig(**cfg))
+
+
 # ---------------------------------------------------------------- the job against a real HTTP server
 
 USER, PASSWORD, SIGNATURE = "labeller", "hunter2pw", "SECRETSIG123"
