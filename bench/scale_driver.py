@@ -4,11 +4,12 @@ with the number of images?
 For each N, a text manifest of N URIs of missing files (each becomes a cheap ``not_found`` row
 that still passes every stage: shards, expand, read, actor, parts, finish, COCO merge) plus the
 8 sample photos, run as ``python -m jobs.batch_predict --num-actors 1 --ray-address local`` in its
-own process. A sampler reads the driver's VmHWM (peak RSS) from /proc every 0.2 s. Printed per N:
-rows written, wall time, the time from the last prediction to the end (finish + COCO merge +
-summary), driver peak RSS, and the ratio of peak RSS to the smallest N's.
+own process. A sampler reads the driver's VmHWM (peak RSS) and VmRSS from /proc every 0.2 s.
+Printed per N: rows written, wall time, the time from the last prediction to the end (finish + COCO
+merge + summary), driver peak RSS, the ratio of peak RSS to the smallest N's, and the driver's
+largest RSS within each pass (one Ray Dataset execution of ``--shards-per-pass`` shards).
 
-    .venv/bin/python bench/scale_driver.py [--sizes 100000,1000000]
+    .venv/bin/python bench/scale_driver.py [--sizes 100000,1000000] [--shards-per-pass 100]
 """
 from __future__ import annotations
 
@@ -25,12 +26,12 @@ from pathlib import Path
 from _common import REPO
 
 
-def _vm_hwm_kb(pid: int) -> int | None:
+def _status_kb(pid: int, field: str) -> int | None:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    m = re.search(field + r":\s+(\d+) kB", text)
     return int(m.group(1)) if m else None
 
 
@@ -39,7 +40,7 @@ def _stamp(line: str) -> float | None:
     return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() if m else None
 
 
-def run(n: int, tmp: Path, timeout: float) -> dict:
+def run(n: int, tmp: Path, timeout: float, shards_per_pass: int | None) -> dict:
     manifest = tmp / f"manifest_{n}.txt"
     photos = sorted((REPO / "samples" / "shapes").glob("*.jpg"))
     with manifest.open("w") as f:
@@ -51,13 +52,16 @@ def run(n: int, tmp: Path, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "jobs.batch_predict", "--input", str(manifest), "--output", str(out),
            "--model-dir", str(REPO / "samples" / "model"), "--num-actors", "1", "--ray-address", "local",
            "--progress-interval-s", "30"]
+    if shards_per_pass:
+        cmd += ["--shards-per-pass", str(shards_per_pass)]
     t0 = time.time()
     log = tmp / f"log_{n}.txt"
     with log.open("w") as lf:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=lf, text=True)
-        peak = 0
+        peak, samples = 0, []
         while proc.poll() is None and time.time() - t0 < timeout:
-            peak = max(peak, _vm_hwm_kb(proc.pid) or 0)
+            peak = max(peak, _status_kb(proc.pid, "VmHWM") or 0)
+            samples.append((time.time(), _status_kb(proc.pid, "VmRSS") or 0))
             time.sleep(0.2)
         if proc.poll() is None:
             proc.kill()
@@ -67,15 +71,21 @@ def run(n: int, tmp: Path, timeout: float) -> dict:
     lines = log.read_text().splitlines()
     predicted = next((_stamp(x) for x in lines if "instseg: predicted:" in x), None)
     finished = next((_stamp(x) for x in lines if "instseg: run " in x and " finished:" in x), None)
+    # the driver's largest RSS during each pass (one Ray Dataset execution): flat if nothing
+    # carries over from pass to pass
+    starts = [_stamp(x) for x in lines if re.search(r"instseg: pass \d+/\d+", x)] or [t0]
+    bounds = starts + [predicted or time.time()]
+    per_pass = [max((r for t, r in samples if a <= t < b), default=0) / 1024 for a, b in zip(bounds, bounds[1:])]
     return {"n": n, "rows": summary.get("images_written"), "rc": proc.returncode, "wall_s": wall,
             "merge_s": (finished - predicted) if predicted and finished else None, "peak_rss_mb": peak / 1024,
-            "shards": summary.get("shards"), "tail": stdout[-300:] if not summary else ""}
+            "shards": summary.get("shards"), "per_pass_mb": per_pass, "tail": stdout[-300:] if not summary else ""}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000")
     p.add_argument("--timeout", type=float, default=7200)
+    p.add_argument("--shards-per-pass", type=int, default=None, help="the job's --shards-per-pass (default: its own)")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"{'URIs':>9s} {'rows':>9s} {'shards':>6s} {'wall s':>7s} {'merge s':>7s} {'driver peak RSS MB':>18s} "
@@ -83,11 +93,13 @@ def main() -> int:
     base = None
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         for n in sizes:
-            r = run(n, Path(tmp), args.timeout)
+            r = run(n, Path(tmp), args.timeout, args.shards_per_pass)
             base = base or r["peak_rss_mb"]
             merge = f"{r['merge_s']:7.1f}" if r["merge_s"] is not None else "      -"
             print(f"{n:>9d} {r['rows'] or 0:>9d} {r['shards'] or 0:>6d} {r['wall_s']:>7.1f} {merge} "
                   f"{r['peak_rss_mb']:>18.0f} {r['peak_rss_mb'] / base:>8.2f}", flush=True)
+            print(f"          driver RSS peak per pass (MB): {' '.join(f'{m:.0f}' for m in r['per_pass_mb'])}",
+                  flush=True)
             if r["rc"] not in (0, 1):
                 print(f"  job exit code {r['rc']}: {r['tail']}")
     return 0
