@@ -67,7 +67,7 @@ class BatchPredictConfig:
     cpu_threads: int | None = None  # Paddle threads per actor (default: num_cpus_per_actor)
     rows_per_file: int = 1000
     shard_size: int = 1000  # URIs per input shard: the unit of planning, resume and completion
-    shards_per_pass: int = 250  # shards per Ray Dataset execution (see run_batch_predict)
+    shards_per_pass: int = 100  # shards per Ray Dataset execution (see run_batch_predict)
     retry_errors: str = "transient"  # on a rerun, redo error rows: transient kinds, "all" or "none"
     read_batch_size: int = 16
     max_pixels: int = 80_000_000  # larger images become error rows instead of exhausting memory
