@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-file", type=int)
     p.add_argument("--shard-size", type=int, help="URIs per input shard, the unit of resume (default 1000)")
     p.add_argument("--shards-per-pass", type=int, help="shards per Ray Dataset execution; bounds the driver's "
-                                                       "memory (default 250)")
+                                                       "memory (default 100)")
     p.add_argument("--retry-errors", choices=("transient", "all", "none"),
                    help="on a rerun, redo error rows of transient kinds (default), of every kind, or none")
     p.add_argument("--max-pixels", type=int)
