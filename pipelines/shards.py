@@ -441,11 +441,14 @@ def _resolve(uri: str, base: str | None) -> str:
 def _range_lines(shard: Shard, s3: S3Options | None) -> Iterator[str]:
     """The lines whose first byte lies in ``[start, stop)``."""
     fs = fsspec_fs(shard.source, s3)
-    with fs.open(shard.source, "rb") as f:
+    # remote: one ranged GET covering the shard (s3fs's default 5 MB blocks would read ~50x more)
+    options = {"block_size": shard.stop - shard.start + _MAX_LINE} if is_remote(shard.source) else {}
+    with fs.open(shard.source, "rb", **options) as raw:
+        f = io.BufferedReader(raw) if is_remote(shard.source) else raw  # fsspec's readline takes no limit
         if shard.start > 0:
             f.seek(shard.start - 1)
             if f.read(1) != b"\n":
-                f.readline()  # the line that began before this range belongs to the previous shard
+                f.readline(_MAX_LINE)  # the line that began before this range belongs to the previous shard
         while f.tell() < shard.stop:
             line = f.readline(_MAX_LINE)
             if not line:

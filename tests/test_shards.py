@@ -341,3 +341,21 @@ def test_s3_reads_retried_through_injected_faults(ray_local, s3_server, s3_bucke
         proxy.shutdown()
     assert summary["by_status"] == {"ok": 3}, summary
     assert sorted(_FaultyS3Proxy.counts.values()) == [7, 7, 7]  # 6 injected failures, then the read
+
+
+def test_repeats_of_an_s3_manifest_marked_under_an_s3_output(ray_local, s3_bucket):
+    """The repeat search reads and writes through S3 (moto_server) like the rest of the plan, and a
+    rerun with the manifest unchanged keeps the plan as it was."""
+    import boto3
+
+    from pipelines.shards import expand_shard, load_or_make_plan
+
+    lines = [f"s3://{s3_bucket}/img/{i % 300:04d}.jpg" for i in range(900)]
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="lists/m.txt", Body="\n".join(lines).encode())
+    manifest, out = f"s3://{s3_bucket}/lists/m.txt", f"s3://{s3_bucket}/out"
+    plan = load_or_make_plan(manifest, out, shard_size=50, extensions=(".jpg",))
+    assert plan.repeats == 600 and len(plan.shards) > 1
+    kept = [u for sh in plan.shards for u in expand_shard(sh)[0]]
+    assert kept == lines[:300]
+    again = load_or_make_plan(manifest, out, shard_size=50, extensions=(".jpg",))
+    assert again.to_json() == plan.to_json()
