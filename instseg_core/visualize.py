@@ -1,6 +1,7 @@
-"""Overlay drawing for instance-segmentation results (PaddleX 3.x look, without its colour bug).
+"""Overlay drawing (PaddleX 3.x look, without its colour bug): predictions and dataset annotations.
 
-Two styles, chosen by ``Instances.boxes_from_masks``:
+:func:`draw_instances` draws predicted ``Instances`` in two styles, chosen by
+``Instances.boxes_from_masks``:
 
 * **box models** (Mask-RT-DETR, MaskRCNN, Cascade, PP-YOLOE_seg): masks blended inside their
   (rounded) boxes, then a box and a ``"{label} {score:.2f}"`` tag per instance, drawn with PIL.
@@ -21,12 +22,21 @@ Deliberate differences from PaddleX:
 * Same-class masks cycle through three shades of their colour (PaddleX lightens the colour again
   for every instance, so the 17th star of an image is drawn almost white and vanishes). The first
   two instances of a class keep PaddleX's values.
+
+:func:`draw_annotations` draws ground-truth annotations in the look of PaddleX's dataset checker
+(``check_dataset``'s demo images): each mask in its own palette colour whitened by 0.4 and blended
+with alpha 0.6, boxes and category-name tags coloured per category, tag text white or dark navy
+as the checker picks it. It shares the palette, the blending, the font, the boxes and the tags
+with the prediction overlay. Deliberate differences from PaddleX's checker: masks are drawn
+before boxes and tags (PaddleX draws them over the tags, which become hard to read); Pillow's
+default font; box lines at least 1 px.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import lru_cache
-from typing import Sequence
+from typing import Hashable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -53,6 +63,12 @@ MASK_ALPHA = 0.7  # weight of the colour on masked pixels (0.3 * pixel + 0.7 * c
 MIN_TEXT_PX = 10  # smallest label font size that stays legible
 # lightening steps of a class colour for its 1st, 2nd, 3rd, 4th... instance (PaddleX: 1, 2, 3, 4...)
 _SHADE_STEPS = (1, 2, 0)
+
+# PaddleX's dataset-checker look, for annotations (see `draw_annotations`)
+ANNOTATION_MASK_ALPHA = 0.6
+ANNOTATION_WHITENING = 0.4  # share of white mixed into a mask's palette colour
+
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels
 
 
 def label_for(labels: Sequence[str], class_id: int) -> str:
@@ -118,6 +134,14 @@ def _union(regions: list[tuple[int, int, int, int] | None]) -> tuple[int, int, i
     return min(x0s), min(y0s), max(x1s), max(y1s)
 
 
+def _blend(sub: np.ndarray, mask: np.ndarray, color: Sequence[float] | np.ndarray, alpha: float) -> None:
+    """``sub`` (a float32 canvas view) becomes ``(1 - alpha) * sub + alpha * color`` where ``mask`` is set.
+
+    The whole rectangle is blended and kept only under the mask: faster than boolean indexing.
+    """
+    np.copyto(sub, sub * np.float32(1 - alpha) + alpha * np.asarray(color), where=mask[..., None])
+
+
 def _blend_masks(rgb: np.ndarray, instances: Instances) -> list[list[int]]:
     """Blend each mask into ``rgb`` (in place) with its class colour; returns each instance's colour.
 
@@ -132,7 +156,6 @@ def _blend_masks(rgb: np.ndarray, instances: Instances) -> list[list[int]]:
     class_base: dict[int, Color] = {}
     class_count: dict[int, int] = {}
     instance_colors: list[list[int]] = []
-    keep = np.float32(1.0 - MASK_ALPHA)
     canvas = None
     if union is not None:
         ux0, uy0, ux1, uy1 = union
@@ -146,9 +169,7 @@ def _blend_masks(rgb: np.ndarray, instances: Instances) -> list[list[int]]:
             continue
         crop = _mask_crop(instances, i, region)
         x0, y0, x1, y1 = region
-        sub = canvas[y0 - uy0:y1 - uy0, x0 - ux0:x1 - ux0]
-        # Blend the whole rectangle, keep it where the mask is: faster than boolean indexing.
-        np.copyto(sub, sub * keep + MASK_ALPHA * np.asarray(color), where=crop[..., None])
+        _blend(canvas[y0 - uy0:y1 - uy0, x0 - ux0:x1 - ux0], crop, color, MASK_ALPHA)
     if canvas is not None:
         rgb[uy0:uy1, ux0:ux1] = canvas.astype(np.uint8)
     return instance_colors
@@ -187,12 +208,18 @@ def _draw_box_model(rgb: np.ndarray, instances: Instances, labels: Sequence[str]
     font = _font(_text_px(width))
     draw = ImageDraw.Draw(image)
     for (label, pidx), box, score in zip(_box_colors(instances, labels), instances.boxes, instances.scores):
-        x1, y1, x2, y2 = (float(v) for v in box)
-        color = PALETTE[pidx]
-        draw.rectangle([x1, y1, x2, y2], outline=color, width=thickness)
-        text_color = _WHITE if pidx in _WHITE_TEXT_INDICES else _DARK_TEXT
-        _draw_tag(draw, f"{label} {float(score):.2f}", x1, y1, font, color, text_color)
+        _draw_labelled_box(draw, tuple(float(v) for v in box), f"{label} {float(score):.2f}", pidx, thickness, font)
     return image
+
+
+def _draw_labelled_box(draw: ImageDraw.ImageDraw, box: Box, text: str, pidx: int, width: int, font: Font) -> None:
+    """A box outlined in ``PALETTE[pidx]`` with ``text`` on a tag of that colour at its top-left corner.
+
+    The text is white or dark navy by palette entry, as PaddleX picks it (``font_colormap``).
+    """
+    color = PALETTE[pidx]
+    draw.rectangle(list(box), outline=color, width=width)
+    _draw_tag(draw, text, box[0], box[1], font, color, _WHITE if pidx in _WHITE_TEXT_INDICES else _DARK_TEXT)
 
 
 def _draw_tag(draw: ImageDraw.ImageDraw, text: str, x: float, y: float, font: Font, fill: Color,
@@ -230,3 +257,48 @@ def _draw_solov2(rgb: np.ndarray, instances: Instances, labels: Sequence[str]) -
         cv2.rectangle(rgb, (x0, top), (x0 + tw, top + tag_h), color_t, -1)
         cv2.putText(rgb, text, (x0, top + th + 1), font, scale, (0, 0, 0), weight, cv2.LINE_AA)
     return Image.fromarray(rgb)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset annotations (check_dataset's demo images)
+
+
+def draw_annotations(image_rgb: np.ndarray, masks: Iterable[np.ndarray | None], boxes: Sequence[Box | None],
+                     categories: Sequence[Hashable], names: Sequence[str]) -> Image.Image:
+    """Draw ground-truth annotations over an RGB image, as PaddleX's dataset checker does; a PIL image.
+
+    Annotation ``i`` has a full-image mask ``masks[i]`` (bool ``[H, W]``, or None for none), a
+    box ``boxes[i]`` (``(x0, y0, x1, y1)``, or None for none), a category key ``categories[i]``
+    and the text of its tag ``names[i]``. ``masks`` is consumed one mask at a time, so a
+    generator keeps a single decoded mask in memory.
+
+    Mask colour: ``PALETTE[i % 20]`` whitened by ``ANNOTATION_WHITENING``, blended with
+    ``ANNOTATION_MASK_ALPHA``. Box and tag colour: per category, ``PALETTE[rank % 20]`` with the
+    categories ranked by how many annotations they have in this image (ties keep first-seen
+    order). Box lines are ``0.005 * max(W, H)`` (at least 1 px), the font ``0.024 * W + 2`` px.
+    """
+    height, width = image_rgb.shape[:2]
+    canvas = image_rgb.astype(np.float32)
+    for i, mask in enumerate(masks):
+        if mask is None:
+            continue
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if rows.size == 0:
+            continue
+        # Blend only inside the mask's extent: far cheaper than the whole image.
+        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        _blend(canvas[y0:y1, x0:x1], mask[y0:y1, x0:x1], _whitened(PALETTE[i % len(PALETTE)]), ANNOTATION_MASK_ALPHA)
+    image = Image.fromarray(canvas.astype(np.uint8))
+
+    rank = {cat: r for r, (cat, _) in enumerate(Counter(categories).most_common())}  # most_common is stable
+    draw = ImageDraw.Draw(image)
+    line = max(1, int(max(width, height) * 0.005))
+    font = _font(int(0.024 * width) + 2)
+    for box, cat, text in zip(boxes, categories, names):
+        if box is not None:
+            _draw_labelled_box(draw, box, text, rank[cat] % len(PALETTE), line, font)
+    return image
+
+
+def _whitened(color: Color) -> np.ndarray:
+    return np.asarray(color, dtype=np.float32) * (1 - ANNOTATION_WHITENING) + 255 * ANNOTATION_WHITENING

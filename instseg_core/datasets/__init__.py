@@ -6,10 +6,10 @@ from instseg_core.datasets.check import (
     check_annotations,
     check_dataset,
     check_image,
-    draw_demo,
     summarize_problems,
 )
 from instseg_core.datasets.coco import DatasetError, find_dataset_root, load_coco
+from instseg_core.datasets.demo import draw_demo
 from instseg_core.datasets.histogram import category_counts, draw_histogram
 
 __all__ = [

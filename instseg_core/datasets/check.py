@@ -6,7 +6,7 @@
   ``attributes``, ``analysis``, ``dataset_path``, ``show_type``, ``dataset_type``) plus
   ``deep_check``, the summary of the deeper checks below (:func:`summarize_problems`);
 * ``<output_dir>/check_dataset/demo_img/<file_name>``: sample images with masks, boxes and
-  category names drawn;
+  category names drawn (:mod:`instseg_core.datasets.demo`);
 * ``<output_dir>/check_dataset/histogram.png``: annotations per category, train vs val.
 
 As in PaddleX, ``num_classes`` counts the **val** file's category ids and ``train_samples`` /
@@ -20,8 +20,9 @@ Deliberate differences from PaddleX:
   gets fewer samples than asked when train has fewer images than ``sample_num``).
 * A missing or broken image is reported as a problem instead of aborting the whole check.
 * Standard JSON (``json``, indent 2): ``/`` is not escaped as ``\\/`` as ujson does.
-* Masks are drawn before boxes and labels, so the labels stay readable; colours are RGB as
-  intended (no channel swap); box lines are at least 1 px; Pillow's default font.
+* Demo images are drawn by :func:`instseg_core.visualize.draw_annotations` in PaddleX's checker
+  look, with the differences listed there (masks under the labels, so the labels stay readable;
+  box lines at least 1 px; Pillow's default font).
 * ``check_pass`` is false as soon as a deeper check finds an error-level problem (PaddleX only
   validates that the files exist and load).
 
@@ -74,8 +75,7 @@ import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
@@ -84,16 +84,16 @@ from instseg_core.datasets.coco import (
     DatasetError,
     annotation_path,
     find_dataset_root,
+    is_id,
     is_number,
     is_positive_int,
     load_coco,
     polygon_area,
     rle_counts,
-    segmentation_mask,
     split_polygons,
 )
+from instseg_core.datasets.demo import write_demo_images
 from instseg_core.datasets.histogram import category_counts, draw_histogram
-from instseg_core.visualize import PALETTE
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +118,8 @@ KIND_LEVELS: dict[str, Level] = {
 }
 
 RESULT_FILE = "check_dataset_result.json"
-DEMO_DIR = "check_dataset/demo_img"
 HISTOGRAM_FILE = "check_dataset/histogram.png"
 BBOX_TOLERANCE = 1.0  # px a box may stick out of the image (rounding in converters)
-MASK_ALPHA = 0.6  # colour weight on mask pixels
-MASK_WHITENING = 0.4  # mix of white into the mask colour
 
 
 @dataclass
@@ -200,12 +197,8 @@ def check_image(path_or_bytes: str | os.PathLike[str] | bytes, declared_wh: tupl
 # JSON-level checks
 
 
-def _is_id(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _id_or_none(v: Any) -> Any:
-    return v if _is_id(v) else None
+    return v if is_id(v) else None
 
 
 def _top_lists(coco: dict[str, Any], split: str, problems: list[Problem]) -> dict[str, list]:
@@ -226,11 +219,11 @@ def _check_categories(cats: list, split: str, problems: list[Problem]) -> set[in
             problems.append(Problem.of("missing_fields", split, f"category #{idx} is not an object", index=idx))
             continue
         cid = cat.get("id")
-        bad = [name for name, ok in (("id", _is_id(cid)), ("name", isinstance(cat.get("name"), str))) if not ok]
+        bad = [name for name, ok in (("id", is_id(cid)), ("name", isinstance(cat.get("name"), str))) if not ok]
         if bad:
             problems.append(Problem.of("missing_fields", split, f"category #{idx}: missing or invalid {', '.join(bad)}",
                                        index=idx, category_id=_id_or_none(cid)))
-        if not _is_id(cid):
+        if not is_id(cid):
             continue
         if cid in seen:
             problems.append(Problem.of("duplicate_category_id", split, f"category id {cid} is declared more than once",
@@ -247,14 +240,14 @@ def _check_images(images: list, split: str, problems: list[Problem]) -> dict[int
             problems.append(Problem.of("missing_fields", split, f"image #{idx} is not an object", index=idx))
             continue
         iid, fname, w, h = img.get("id"), img.get("file_name"), img.get("width"), img.get("height")
-        checks = (("id", _is_id(iid)), ("file_name", isinstance(fname, str) and fname != ""),
+        checks = (("id", is_id(iid)), ("file_name", isinstance(fname, str) and fname != ""),
                   ("width", is_positive_int(w)), ("height", is_positive_int(h)))
         bad = [name for name, ok in checks if not ok]
         if bad:
             problems.append(Problem.of("missing_fields", split, f"image #{idx} ({fname!r}): missing or invalid "
                                        f"{', '.join(bad)}", index=idx, image_id=_id_or_none(iid),
                                        file_name=fname if isinstance(fname, str) else None))
-        if not _is_id(iid):
+        if not is_id(iid):
             continue
         if iid in sizes:
             problems.append(Problem.of("duplicate_image_id", split, f"image id {iid} is used by more than one image "
@@ -312,25 +305,25 @@ def _check_annotation_list(anns: list, sizes: dict[int, tuple[int, int] | None],
         aid, iid, cid = ann.get("id"), ann.get("image_id"), ann.get("category_id")
         bbox, seg = ann.get("bbox"), ann.get("segmentation")
         bbox_ok = isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)
-        checks = (("id", _is_id(aid)), ("image_id", _is_id(iid)), ("category_id", _is_id(cid)), ("bbox", bbox_ok),
+        checks = (("id", is_id(aid)), ("image_id", is_id(iid)), ("category_id", is_id(cid)), ("bbox", bbox_ok),
                   ("segmentation", isinstance(seg, (list, dict))),
                   ("iscrowd", ann.get("iscrowd") in (0, 1) and not isinstance(ann.get("iscrowd"), bool)),
                   ("area", is_number(ann.get("area")) and ann.get("area") >= 0))
         ids = {"ann_id": _id_or_none(aid), "image_id": _id_or_none(iid), "index": idx}
-        where = f"annotation {aid}" if _is_id(aid) else f"annotation #{idx}"
+        where = f"annotation {aid}" if is_id(aid) else f"annotation #{idx}"
         bad = [name for name, ok in checks if not ok]
         if bad:
             problems.append(Problem.of("missing_fields", split, f"{where}: missing or invalid {', '.join(bad)}", **ids))
-        if _is_id(aid):
+        if is_id(aid):
             if aid in seen:
                 problems.append(Problem.of("duplicate_ann_id", split, f"annotation id {aid} is used more than once",
                                            **ids))
             seen.add(aid)
-        if _is_id(cid) and cid not in cat_ids:
+        if is_id(cid) and cid not in cat_ids:
             problems.append(Problem.of("unknown_category", split, f"{where}: category_id {cid} is not in 'categories'",
                                        category_id=cid, **ids))
         size = None
-        if _is_id(iid):
+        if is_id(iid):
             if iid not in sizes:
                 problems.append(Problem.of("ann_missing_image", split, f"{where}: image_id {iid} is not in 'images'",
                                            **ids))
@@ -345,7 +338,7 @@ def _category_names(coco: dict[str, Any]) -> dict[int, Any]:
     cats = coco.get("categories")
     out: dict[int, Any] = {}
     for cat in cats if isinstance(cats, list) else []:
-        if isinstance(cat, dict) and _is_id(cat.get("id")):
+        if isinstance(cat, dict) and is_id(cat.get("id")):
             out.setdefault(cat["id"], cat.get("name"))
     return out
 
@@ -421,88 +414,6 @@ def summary_lines(result: dict[str, Any], examples: int = 2) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# demo drawing
-
-
-def _whitened(color: Sequence[int]) -> np.ndarray:
-    return np.asarray(color, dtype=np.float32) * (1 - MASK_WHITENING) + 255 * MASK_WHITENING
-
-
-@lru_cache(maxsize=16)
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def draw_demo(image_path: str | os.PathLike[str], anns: Sequence[dict[str, Any]], cat_names: dict[int, str]) -> Any:
-    """The image (EXIF-oriented, RGB) with its annotations' masks, boxes and category names; a PIL image.
-
-    Mask colour: ``PALETTE[annotation index % 20]`` whitened by 0.4, blended with alpha 0.6. Box
-    colour: per category, ``PALETTE[rank % 20]`` where categories are ranked by how many
-    annotations they have in this image. Malformed annotations are skipped, never fatal.
-    """
-    from PIL import Image, ImageDraw, ImageOps
-
-    with Image.open(image_path) as im:
-        image = ImageOps.exif_transpose(im).convert("RGB")
-    width, height = image.size
-    canvas = np.asarray(image, dtype=np.float32).copy()
-    for i, ann in enumerate(anns):
-        mask = segmentation_mask(ann.get("segmentation"), height, width)
-        if mask is None:
-            continue
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if rows.size == 0:
-            continue
-        # Blend only inside the mask's extent: far cheaper than boolean-indexing the whole image.
-        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        sub = canvas[y0:y1, x0:x1]
-        color = _whitened(PALETTE[i % len(PALETTE)])
-        np.copyto(sub, sub * (1 - MASK_ALPHA) + MASK_ALPHA * color, where=mask[y0:y1, x0:x1, None])
-    image = Image.fromarray(canvas.astype(np.uint8))
-
-    cids = [a.get("category_id") if _is_id(a.get("category_id")) else None for a in anns]
-    rank = {cid: r for r, (cid, _) in enumerate(Counter(cids).most_common())}  # ties keep first-seen order
-    draw = ImageDraw.Draw(image)
-    line = max(1, int(max(width, height) * 0.005))
-    font = _font(int(0.024 * width) + 2)
-    for ann, cid in zip(anns, cids):
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)) or bbox[2] <= 0 \
-                or bbox[3] <= 0:
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        color = PALETTE[rank[cid] % len(PALETTE)]
-        draw.rectangle([x, y, x + w, y + h], outline=color, width=line)
-        text = "?" if cid is None else str(cat_names.get(cid, cid))
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left + 4, bottom - top + 4
-        ty = y - th if y >= th else y  # above the box, or inside it at the image top
-        draw.rectangle([x, ty, x + tw, ty + th], fill=color)
-        luma = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-        draw.text((x + 2 - left, ty + 2 - top), text, fill=(255, 255, 255) if luma < 140 else (0, 0, 0), font=font)
-    return image
-
-
-def _demo_relpath(file_name: str, image_id: Any) -> str:
-    """Where a demo image goes under ``DEMO_DIR``: ``file_name`` with no way out of that folder."""
-    parts = [p for p in PurePosixPath(file_name.replace("\\", "/")).parts if p not in ("", ".", "..", "/")]
-    return "/".join(parts) if parts else f"image_{image_id}.png"
-
-
-def _save(image: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        image.save(path)
-    except (ValueError, KeyError):  # extension Pillow cannot write: keep the name, store PNG
-        image.save(path, format="PNG")
-
-
-# ---------------------------------------------------------------------------------------------
 # the whole dataset
 
 
@@ -511,7 +422,7 @@ def _usable_images(coco: dict[str, Any]) -> list[dict[str, Any]]:
     images = coco.get("images")
     out, seen = [], set()
     for img in images if isinstance(images, list) else []:
-        if isinstance(img, dict) and _is_id(img.get("id")) and isinstance(img.get("file_name"), str) \
+        if isinstance(img, dict) and is_id(img.get("id")) and isinstance(img.get("file_name"), str) \
                 and img["file_name"] and img["id"] not in seen:
             seen.add(img["id"])
             out.append(img)
@@ -587,21 +498,10 @@ def _check_dataset(dataset_dir: Path, out: Path, sample_num: int, max_examples: 
         anns_by_image: dict[Any, list[dict]] = defaultdict(list)
         anns = coco.get("annotations")
         for ann in anns if isinstance(anns, list) else []:
-            if isinstance(ann, dict) and _is_id(ann.get("image_id")):
+            if isinstance(ann, dict) and is_id(ann.get("image_id")):
                 anns_by_image[ann["image_id"]].append(ann)
-        paths = []
-        for img in samples:
-            if img["id"] in unreadable:
-                continue
-            rel = f"{DEMO_DIR}/{_demo_relpath(img['file_name'], img['id'])}"
-            try:
-                demo = draw_demo(image_dir / img["file_name"], anns_by_image.get(img["id"], []), cat_names)
-            except OSError as e:  # cv2 decoded it but Pillow cannot (rare): no demo, no crash
-                logger.warning("cannot draw demo image for %s: %s", img["file_name"], e)
-                continue
-            _save(demo, out / rel)
-            paths.append(rel)
-        sample_paths[split] = paths
+        sample_paths[split] = write_demo_images([img for img in samples if img["id"] not in unreadable],
+                                                anns_by_image, cat_names, image_dir, out)
 
     (out / HISTOGRAM_FILE).parent.mkdir(parents=True, exist_ok=True)
     draw_histogram(category_counts(data["train"], data["val"]), out / HISTOGRAM_FILE)
@@ -629,6 +529,6 @@ def _check_dataset(dataset_dir: Path, out: Path, sample_num: int, max_examples: 
 
 
 __all__ = [
-    "KIND_LEVELS", "DatasetError", "Problem", "check_annotations", "check_dataset", "check_image", "draw_demo",
+    "KIND_LEVELS", "DatasetError", "Problem", "check_annotations", "check_dataset", "check_image",
     "summarize_problems", "summary_lines",
 ]

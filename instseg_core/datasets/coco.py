@@ -108,6 +108,11 @@ def load_coco(path: str | os.PathLike[str]) -> dict[str, Any]:
 # segmentation parsing (shared by the checks and the demo drawing)
 
 
+def is_id(v: Any) -> bool:
+    """A JSON integer (bool excluded): what COCO ids must be."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def is_number(v: Any) -> bool:
     """A JSON number (bool excluded, NaN/inf excluded)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
