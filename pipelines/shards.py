@@ -7,7 +7,10 @@ per ~``shard_size`` URIs (100M images at 1000 per shard: 100k shards, a few MB) 
   the range its first byte is in, so ranges never split or repeat a URI.
 * **Parquet manifests** (a file or a folder of files) are cut into row ranges from the footers.
 * **Directories and prefixes** are listed by Ray tasks, one per folder level (fanning out over
-  sub-folders), each writing its files as Parquet pages under ``<output>/_plan/listing/``.
+  sub-folders), each writing its files as Parquet pages under ``<output>/_plan/listing/`` while
+  it lists (:func:`list_folder`): a task holds one page of URIs plus its folder's sub-folder names
+  (and 8 bytes per URI of the folder's earlier pages when it lists again), so a flat folder or
+  prefix of 100M objects is listed in the memory of one page.
 * **A glob or a single file** is listed on the driver (globs are for modest inputs).
 
 The plan (``<output>/_plan/plan.json`` and the listing pages) is written by the first run; a rerun
@@ -21,20 +24,22 @@ inside a shard is dropped there and counted.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterator
+from itertools import islice
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.rows import image_id_for
-from pipelines.storage import S3Options, fsspec_fs, is_remote, join, redact, write_bytes_atomic
+from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, join, redact, write_bytes_atomic
 
 log = logging.getLogger("instseg")
 
@@ -234,12 +239,12 @@ def relist(plan: Plan, source: str, output: str, *, shard_size: int, extensions:
            s3: S3Options | None = None) -> Plan:
     """``plan`` plus shards for the images that appeared since it was listed (old shards unchanged)."""
     generation = plan.generation + 1
-    old_pages: dict[str, list[str]] = {}
+    old_pages: dict[str, list[tuple[str, int]]] = {}
     for shard in plan.shards:
-        old_pages.setdefault(_page_group(shard.source), []).append(shard.source)
+        old_pages.setdefault(_page_group(shard.source), []).append((shard.source, shard.stop))
     if _has_glob(source) or _is_file(source, s3):
-        known = {u for pages in old_pages.values() for page in pages for u in _page_uris(page, s3)}
-        uris = [u for u in _glob_or_file(source, extensions, s3) if u not in known]
+        known = _known_ids([p for pages in old_pages.values() for p in pages], s3)
+        uris = _unseen(_glob_or_file(source, extensions, s3), known, shard_size)
         pages = _write_pages(uris, join(output, PLAN_DIR, LISTING_DIR), f"glob-g{generation}", shard_size, s3)
     else:
         pages, _ = _list_tree(source, output, shard_size, extensions, s3, old_pages, generation)
@@ -272,12 +277,15 @@ def make_plan(source: str, output: str, *, shard_size: int, extensions: tuple[st
 
 
 def _is_file(source: str, s3: S3Options | None) -> bool:
-    fs = fsspec_fs(source, s3)
-    if fs.isfile(source):
-        return True
-    if not fs.isdir(source):
+    # info, not isfile + isdir: s3fs's isdir lists the whole prefix into memory (on the driver),
+    # its info is a HEAD plus a one-key listing
+    try:
+        kind = fsspec_fs(source, s3).info(source)["type"]
+    except FileNotFoundError:
+        kind = None
+    if kind not in ("file", "directory"):
         raise SourceError(f"input {redact(source)} does not exist (no such file, directory or prefix)")
-    return False
+    return kind == "file"
 
 
 def _glob_or_file(source: str, extensions: tuple[str, ...], s3: S3Options | None) -> list[str]:
@@ -360,54 +368,133 @@ def _page_group(page_uri: str) -> str:
     return "-".join(page_uri.rsplit("/", 1)[-1].split("-")[:2])
 
 
-def _page_uris(page_uri: str, s3: S3Options | None) -> list[str]:
-    with fsspec_fs(page_uri, s3).open(page_uri, "rb") as f:
-        return pq.read_table(f, columns=["uri"]).column("uri").to_pylist()
+def _known_ids(pages: list[tuple[str, int]], s3: S3Options | None) -> np.ndarray:
+    """The sorted ids (:func:`image_id_for`, 63-bit hashes) of the URIs on ``pages`` (page URI, rows):
+    8 bytes per old URI (a Python set of the URIs takes ~150), read one page at a time."""
+    ids = np.empty(sum(n for _, n in pages), dtype=np.int64)
+    filled = 0
+    for page, _ in pages:
+        with fsspec_fs(page, s3).open(page, "rb") as f:
+            uris = pq.read_table(f, columns=["uri"]).column("uri").to_pylist()
+        ids[filled:filled + len(uris)] = [image_id_for(u) for u in uris]  # raises if a page outgrew its rows
+        filled += len(uris)
+    ids = ids[:filled]
+    ids.sort()
+    return ids
 
 
-def _write_pages(uris: list[str], folder: str, name: str, shard_size: int,
+def _unseen(uris: Iterable[str], known: np.ndarray, batch: int) -> Iterator[str]:
+    """``uris`` without those whose id is in ``known`` (sorted), looked up ``batch`` at a time. Two
+    URIs share an id with odds ~n/2^63 (1e-11 for a new URI against 100M old ones)."""
+    it = iter(uris)
+    while chunk := list(islice(it, batch)):
+        ids = np.fromiter((image_id_for(u) for u in chunk), dtype=np.int64, count=len(chunk))
+        if len(known):
+            at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+            yield from (u for u, seen in zip(chunk, known[at] == ids) if not seen)
+        else:
+            yield from chunk
+
+
+def _write_pages(uris: Iterable[str], folder: str, name: str, shard_size: int,
                  s3: S3Options | None) -> list[tuple[str, int]]:
-    """``uris`` as Parquet pages of at most ``shard_size`` rows; returns (page URI, rows) each."""
+    """``uris`` as Parquet pages of at most ``shard_size`` rows, each sorted, written as the iterable
+    yields them (one page in memory); returns (page URI, rows) each."""
     pages = []
-    for k, start in enumerate(range(0, len(uris), shard_size)):
-        chunk = uris[start:start + shard_size]
+    it = iter(uris)
+    while chunk := sorted(islice(it, shard_size)):
         buf = io.BytesIO()
         pq.write_table(pa.table({"uri": pa.array(chunk, pa.string())}), buf)
-        uri = join(folder, f"{name}-{k:05d}.parquet")
+        uri = join(folder, f"{name}-{len(pages):05d}.parquet")
         write_bytes_atomic(uri, buf.getvalue(), s3)
         pages.append((uri, len(chunk)))
     return pages
 
 
+def _folder_key(folder: str) -> str:
+    """The name that a folder's listing pages start with (what relistings group old pages by)."""
+    return "page-" + hashlib.sha1(folder.rstrip("/").encode("utf-8")).hexdigest()[:16]
+
+
+def _folder_entries(folder: str, s3: S3Options | None) -> Iterator[tuple[str, bool]]:
+    """One folder level's entries as (path or URI, is a folder), streamed: local folders through
+    ``os.scandir`` (filesystem order), S3 prefixes through ListObjectsV2 pages of up to 1000 keys
+    (key order); other filesystems through one ``fs.ls`` (held whole)."""
+    if is_s3(folder):
+        yield from _s3_entries(folder, s3)
+    elif not is_remote(folder):
+        with os.scandir(folder) as it:
+            for entry in it:
+                # a symlink to a folder is not followed (as fsspec's ls): no cycles
+                yield entry.path, entry.is_dir(follow_symlinks=False)
+    else:
+        for entry in fsspec_fs(folder, s3).ls(folder, detail=True):
+            yield _with_scheme(entry["name"], folder), entry.get("type") == "directory"
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client(s3: S3Options) -> Any:
+    """A botocore S3 client, one per process and settings: making one takes ~0.2 s of CPU, and a
+    tree runs a listing task per folder (Ray reuses worker processes)."""
+    import botocore.session
+    from botocore.config import Config
+
+    return botocore.session.get_session().create_client(
+        "s3", endpoint_url=s3.endpoint_url, region_name=s3.region,
+        config=Config(retries={"mode": "standard", "max_attempts": 10}))  # a failed task lists it all again
+
+
+def _s3_entries(folder: str, s3: S3Options | None) -> Iterator[tuple[str, bool]]:
+    """An S3 prefix's keys and sub-prefixes (without the trailing ``/``, as s3fs names them), one
+    ListObjectsV2 page at a time. A plain botocore client: s3fs's ls gathers every page first."""
+    scheme, _, path = folder.partition("://")
+    bucket, _, prefix = path.partition("/")
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    pages = _s3_client(s3 or S3Options.from_env()).get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, Delimiter="/")
+    for page in pages:
+        for sub in page.get("CommonPrefixes", ()):
+            yield f"{scheme}://{bucket}/{sub['Prefix'][:-1]}", True
+        for obj in page.get("Contents", ()):
+            if obj["Key"] != prefix:  # the folder's own marker object
+                yield f"{scheme}://{bucket}/{obj['Key']}", False
+
+
 def list_folder(folder: str, output: str, shard_size: int, extensions: tuple[str, ...],
-                s3: S3Options | None, old_pages: list[str] | None = None,
+                s3: S3Options | None, old_pages: list[tuple[str, int]] | None = None,
                 generation: int = 0) -> tuple[list[str], list[tuple[str, int]]]:
-    """One folder level: its image files (those not on ``old_pages``, the folder's pages of earlier
-    listings) written as pages under the output's plan; returns its sub-folders and the new pages.
-    Runs as a Ray task (the driver only sees folder names)."""
-    fs = fsspec_fs(folder, s3)
+    """One folder level: its image files (those not on ``old_pages``, the (page, rows) of the
+    folder's earlier listings) written as pages under the output's plan while the folder is
+    listed; returns its sorted sub-folders and the new pages. Runs as a Ray task (the driver only
+    sees folder names).
+
+    Memory: one page of URIs, the sub-folder names, and 8 bytes per URI on ``old_pages``; the
+    entries are never gathered. Page ``k`` holds the ``k``-th ``shard_size`` image files in listing
+    order, sorted: on S3 (keys listed in lexicographic order) the pages are the sorted listing;
+    locally they follow the filesystem's directory order (stable while the folder is unchanged;
+    sorting a 100M-entry folder would need all names, or an external sort). Only the listing that
+    writes the pages needs it: later runs read them."""
     exts = tuple(e.lower() for e in extensions)
-    files, subdirs = [], []
-    for entry in fs.ls(folder, detail=True):
-        path = _with_scheme(entry["name"], folder)
-        if entry.get("type") == "directory":
-            subdirs.append(path)
-        elif path.lower().endswith(exts):
-            files.append(path)
-    if old_pages:
-        known = {u for page in old_pages for u in _page_uris(page, s3)}
-        files = [f for f in files if f not in known]
-    name = "page-" + hashlib.sha1(folder.rstrip("/").encode("utf-8")).hexdigest()[:16]
-    if generation:
-        name += f"-g{generation}"
-    return sorted(subdirs), _write_pages(sorted(files), join(output, PLAN_DIR, LISTING_DIR), name, shard_size, s3)
+    subdirs: list[str] = []
+
+    def image_files() -> Iterator[str]:
+        for path, is_dir in _folder_entries(folder, s3):
+            if is_dir:
+                subdirs.append(path)
+            elif path.lower().endswith(exts):
+                yield path
+
+    files = _unseen(image_files(), _known_ids(old_pages, s3), shard_size) if old_pages else image_files()
+    name = _folder_key(folder) + (f"-g{generation}" if generation else "")
+    pages = _write_pages(files, join(output, PLAN_DIR, LISTING_DIR), name, shard_size, s3)
+    return sorted(subdirs), pages
 
 
 def _list_tree(source: str, output: str, shard_size: int, extensions: tuple[str, ...], s3: S3Options | None,
-               old_pages: dict[str, list[str]] | None = None,
+               old_pages: dict[str, list[tuple[str, int]]] | None = None,
                generation: int = 0) -> tuple[list[tuple[str, int]], int]:
     """Breadth-first listing in Ray tasks (at most 64 folders in flight); pages in folder order.
-    ``old_pages`` (folder key -> pages of earlier listings) makes each task list only new files."""
+    ``old_pages`` (folder key -> (page, rows) of earlier listings) makes each task list only new files."""
     import ray
 
     remote_list = ray.remote(num_cpus=0.25, max_retries=3)(list_folder)
@@ -417,9 +504,8 @@ def _list_tree(source: str, output: str, shard_size: int, extensions: tuple[str,
     while frontier or pending:
         while frontier and len(pending) < 64:
             folder = frontier.pop()
-            key = "page-" + hashlib.sha1(folder.rstrip("/").encode("utf-8")).hexdigest()[:16]
             pending[remote_list.remote(folder, output, shard_size, extensions, s3,
-                                       (old_pages or {}).get(key), generation)] = folder
+                                       (old_pages or {}).get(_folder_key(folder)), generation)] = folder
         ready, _ = ray.wait(list(pending), num_returns=1)
         folder = pending.pop(ready[0])
         subdirs, pages = ray.get(ready[0])
@@ -541,10 +627,13 @@ def probe_input(source: str, extensions: tuple[str, ...], s3: S3Options | None =
     for _ in range(max_listings):
         if not frontier:
             raise SourceError(f"no image files ({', '.join(exts)}) found under {redact(source)}")
-        entries = fs.ls(frontier.pop(0), detail=True)
-        if any(e.get("type") != "directory" and e["name"].lower().endswith(exts) for e in entries):
-            return
-        frontier.extend(e["name"] for e in entries if e.get("type") == "directory")
+        subdirs = []
+        for path, is_dir in _folder_entries(frontier.pop(0), s3):  # streamed: stops at the first image
+            if is_dir:
+                subdirs.append(path)
+            elif path.lower().endswith(exts):
+                return
+        frontier.extend(sorted(subdirs))
 
 
 def input_root(source: str) -> str | None:
