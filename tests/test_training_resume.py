@@ -48,7 +48,7 @@ def test_resume_from_an_older_checkpoint_lists_each_epoch_once(tmp_path):
 
 def test_killed_best_model_swap_is_undone(tmp_path):
     """Killed between the two renames of the best-model swap: the previous best model comes back."""
-    from instseg_core.training.engine import _recover_best_model
+    from instseg_core.training.hooks import recover_best_model as _recover_best_model
 
     (tmp_path / "best_model.old").mkdir()
     (tmp_path / "best_model.old" / "best_model.pdparams").write_bytes(b"previous")
