@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
 from instseg_core import masks as M
 
-MaskData = Union[np.ndarray, list]  # bool [N, H, W] or a list of COCO RLE dicts
+MaskData = np.ndarray | list  # bool [N, H, W] or a list of COCO RLE dicts
 
 
 @dataclass

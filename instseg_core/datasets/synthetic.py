@@ -14,12 +14,11 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
 
-from ..masks import mask_to_polygons
+from instseg_core.masks import mask_to_polygons
 
 CLASSES = ("circle", "square", "triangle", "star")
 
@@ -67,10 +66,10 @@ def _shape_mask(rng: np.random.Generator, cls: str, size: int) -> np.ndarray:
 
 
 def make_image(rng: np.random.Generator, size: int, max_objects: int, min_visible: int = 40
-               ) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
+               ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """One BGR image and its ``(class index, visible mask)`` instances."""
     img = _background(rng, size)
-    placed: List[Tuple[int, np.ndarray]] = []
+    placed: list[tuple[int, np.ndarray]] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = int(rng.integers(0, len(CLASSES)))
         mask = _shape_mask(rng, CLASSES[cls], size)
@@ -83,7 +82,7 @@ def make_image(rng: np.random.Generator, size: int, max_objects: int, min_visibl
     return img, [(c, m) for c, m in placed if int(m.sum()) >= min_visible]
 
 
-def _annotations(instances, image_id: int, first_ann_id: int) -> List[Dict]:
+def _annotations(instances, image_id: int, first_ann_id: int) -> list[dict]:
     anns = []
     for c, m in instances:
         polygons = [p for p in mask_to_polygons(m) if len(p) >= 6]
@@ -123,7 +122,7 @@ def make_dataset(out_dir: str | Path, *, num_train: int = 400, num_val: int = 80
     return out
 
 
-def main(argv: List[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (PaddleX COCO layout).")
     p.add_argument("out_dir")
     p.add_argument("--train", type=int, default=400)

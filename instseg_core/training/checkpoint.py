@@ -18,30 +18,30 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
-from ..modeling.weights import read_pdparams
+from instseg_core.modeling.weights import read_pdparams
 
 SUFFIXES = (".pdparams", ".pdema", ".pdopt", ".pdstates")
 
 
-def _numpy_state(state: Dict[str, Any]) -> Dict[str, np.ndarray]:
+def _numpy_state(state: dict[str, Any]) -> dict[str, np.ndarray]:
     return {k: (v.numpy() if isinstance(v, paddle.Tensor) else np.asarray(v)) for k, v in state.items()}
 
 
-def _param_name_map(model: nn.Layer) -> Dict[str, str]:
+def _param_name_map(model: nn.Layer) -> dict[str, str]:
     """Paddle's generated parameter name -> structured name (``backbone.stem.conv.weight``)."""
     return {p.name: k for k, p in model.named_parameters()}
 
 
-def optimizer_state_by_structured_name(opt: paddle.optimizer.Optimizer, model: nn.Layer) -> Dict[str, np.ndarray]:
+def optimizer_state_by_structured_name(opt: paddle.optimizer.Optimizer, model: nn.Layer) -> dict[str, np.ndarray]:
     """The optimizer's accumulators keyed ``<structured name>::<accumulator suffix>``."""
     names = sorted(_param_name_map(model).items(), key=lambda kv: -len(kv[0]))  # longest match first
-    out: Dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
     for key, value in opt.state_dict().items():
         if not isinstance(value, paddle.Tensor):
             continue  # LR scheduler state: the schedule is recomputed from the step
@@ -54,10 +54,10 @@ def optimizer_state_by_structured_name(opt: paddle.optimizer.Optimizer, model: n
     return out
 
 
-def restore_optimizer(opt: paddle.optimizer.Optimizer, model: nn.Layer, state: Dict[str, np.ndarray]) -> int:
+def restore_optimizer(opt: paddle.optimizer.Optimizer, model: nn.Layer, state: dict[str, np.ndarray]) -> int:
     """Inverse of :func:`optimizer_state_by_structured_name`; returns how many entries were set."""
     by_structured = {k: p for p, k in _param_name_map(model).items()}
-    restored: Dict[str, paddle.Tensor] = {}
+    restored: dict[str, paddle.Tensor] = {}
     for key, arr in state.items():
         sname, _, suffix = key.partition("::")
         if not sname:
@@ -69,9 +69,9 @@ def restore_optimizer(opt: paddle.optimizer.Optimizer, model: nn.Layer, state: D
     return len(restored)
 
 
-def save_checkpoint(directory: str | os.PathLike, name: str, *, weights: Dict[str, Any],
-                    raw_weights: Optional[Dict[str, Any]] = None, optimizer_state: Optional[Dict[str, np.ndarray]] = None,
-                    states: Optional[Dict[str, Any]] = None) -> Path:
+def save_checkpoint(directory: str | os.PathLike, name: str, *, weights: dict[str, Any],
+                    raw_weights: dict[str, Any] | None = None, optimizer_state: dict[str, np.ndarray] | None = None,
+                    states: dict[str, Any] | None = None) -> Path:
     """Write ``<directory>/<name>.{pdparams,pdema,pdopt,pdstates}`` atomically (temp dir + rename)."""
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
@@ -110,10 +110,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_checkpoint(path: str | os.PathLike) -> Dict[str, Dict[str, np.ndarray]]:
+def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """Read the four files of the checkpoint at ``path``; absent ones come back as empty dicts."""
     params = find_checkpoint(path)
-    out: Dict[str, Dict[str, np.ndarray]] = {}
+    out: dict[str, dict[str, np.ndarray]] = {}
     for suffix in SUFFIXES:
         f = params.with_suffix(suffix)
         out[suffix[1:]] = read_pdparams(f) if f.exists() else {}

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 
-from ..datasets.coco import segmentation_mask
+from instseg_core.datasets.coco import segmentation_mask
 
 
 @dataclass
@@ -35,8 +35,8 @@ class TrainSample:
     masks: np.ndarray  # uint8 [n, H, W]
     image_id: int = 0
     file_name: str = ""
-    orig_hw: Tuple[int, int] = (0, 0)
-    scale_factor: Tuple[float, float] = (1.0, 1.0)  # (sy, sx) from the original image
+    orig_hw: tuple[int, int] = (0, 0)
+    scale_factor: tuple[float, float] = (1.0, 1.0)  # (sy, sx) from the original image
 
 
 class CocoInstanceDataset:
@@ -48,7 +48,7 @@ class CocoInstanceDataset:
     """
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike,
-                 category_ids: Optional[Sequence[int]] = None, image_ids: Optional[Sequence[int]] = None):
+                 category_ids: Sequence[int] | None = None, image_ids: Sequence[int] | None = None):
         self.ann_file = str(ann_file)
         self.image_dir = Path(image_dir)
         with open(self.ann_file, encoding="utf-8") as f:
@@ -61,7 +61,7 @@ class CocoInstanceDataset:
         images = {im["id"]: im for im in coco.get("images", [])}
         order = list(image_ids) if image_ids is not None else sorted(images)
         self.images = [images[i] for i in order]
-        self.anns: Dict[int, List[dict]] = {i: [] for i in order}
+        self.anns: dict[int, list[dict]] = {i: [] for i in order}
         for ann in coco.get("annotations", []):
             if ann.get("image_id") in self.anns:
                 self.anns[ann["image_id"]].append(ann)
@@ -118,7 +118,7 @@ def random_flip(sample: TrainSample, rng: random.Random, prob: float = 0.5) -> T
                        sample.orig_hw, sample.scale_factor)
 
 
-def resize(sample: TrainSample, size_hw: Tuple[int, int], interp: int = cv2.INTER_CUBIC) -> TrainSample:
+def resize(sample: TrainSample, size_hw: tuple[int, int], interp: int = cv2.INTER_CUBIC) -> TrainSample:
     """Resize to exactly ``size_hw`` (no aspect ratio kept, as DETR/YOLOE test-time resize does).
 
     Boxes scale with the image; masks are resized with nearest neighbour so they stay 0/1, and
@@ -139,7 +139,7 @@ def resize(sample: TrainSample, size_hw: Tuple[int, int], interp: int = cv2.INTE
                        (sample.scale_factor[0] * sy, sample.scale_factor[1] * sx))
 
 
-def keep_ratio_size(hw: Tuple[int, int], short: int, max_size: int) -> Tuple[int, int]:
+def keep_ratio_size(hw: tuple[int, int], short: int, max_size: int) -> tuple[int, int]:
     """Output size of a keep-ratio resize: the short side to ``short`` unless the long side would
     exceed ``max_size`` (PaddleDetection's ``Resize(keep_ratio=True)`` scale, rounded)."""
     h, w = hw

@@ -13,15 +13,15 @@ and the same COCO-results code:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 import paddle
 import paddle.nn as nn
 
-from ..structures import Instances
-from .data import CocoInstanceDataset, TrainSample, make_eval_transform
+from instseg_core.structures import Instances
+from instseg_core.training.data import CocoInstanceDataset, TrainSample, make_eval_transform
 
 log = logging.getLogger("instseg.train")
 
@@ -52,11 +52,11 @@ def _square_predictor(model: nn.Layer, input_size: int, mean: Sequence[float], s
     return predict
 
 
-def _preprocess_predictor(model: nn.Layer, preprocess: Sequence[Dict[str, Any]],
+def _preprocess_predictor(model: nn.Layer, preprocess: Sequence[dict[str, Any]],
                           score_threshold: float) -> ImagePredictor:
     """The exported predictor's pre- and post-processing around the dygraph ``model`` (batch 1)."""
-    from ..inference.postprocess import box_instances, solov2_instances, split_box_outputs
-    from ..inference.preprocess import Preprocessor, collate
+    from instseg_core.inference.postprocess import box_instances, solov2_instances, split_box_outputs
+    from instseg_core.inference.preprocess import Preprocessor, collate
 
     preprocessor = Preprocessor(preprocess, source="evaluation preprocess")
 
@@ -74,9 +74,9 @@ def _preprocess_predictor(model: nn.Layer, preprocess: Sequence[Dict[str, Any]],
     return predict
 
 
-def image_predictor(model: nn.Layer, *, input_size: Optional[int] = None,
+def image_predictor(model: nn.Layer, *, input_size: int | None = None,
                     mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
-                    preprocess: Optional[Sequence[Dict[str, Any]]] = None,
+                    preprocess: Sequence[dict[str, Any]] | None = None,
                     score_threshold: float = 0.0) -> ImagePredictor:
     """``f(rgb uint8 HWC) -> Instances`` (original-image pixels) running ``model``, which must be in
     eval mode, on one image: what :func:`predict_coco_results` scores.
@@ -94,10 +94,10 @@ def image_predictor(model: nn.Layer, *, input_size: Optional[int] = None,
     return _square_predictor(model, int(input_size), mean, std, score_threshold)
 
 
-def coco_results(inst: Instances, image_id: int, category_ids: Sequence[int]) -> List[Dict[str, Any]]:
+def coco_results(inst: Instances, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
     """COCO result dicts (xywh box, RLE mask) of one image's detections; class ``i`` is
     ``category_ids[i]``, detections of other classes are left out."""
-    results: List[Dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     if len(inst) == 0:
         return results
     h, w = inst.image_size
@@ -113,10 +113,10 @@ def coco_results(inst: Instances, image_id: int, category_ids: Sequence[int]) ->
 
 
 @paddle.no_grad()
-def predict_coco_results(model: nn.Layer, dataset: CocoInstanceDataset, *, input_size: Optional[int] = None,
+def predict_coco_results(model: nn.Layer, dataset: CocoInstanceDataset, *, input_size: int | None = None,
                          mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
-                         preprocess: Optional[Sequence[Dict[str, Any]]] = None,
-                         score_threshold: float = 0.0) -> List[Dict[str, Any]]:
+                         preprocess: Sequence[dict[str, Any]] | None = None,
+                         score_threshold: float = 0.0) -> list[dict[str, Any]]:
     """Run ``model`` (eval mode, one image at a time) over ``dataset``; COCO result dicts with RLE masks.
 
     Inputs as :func:`image_predictor` (``input_size`` + ``mean``/``std``, or ``preprocess``).
@@ -127,7 +127,7 @@ def predict_coco_results(model: nn.Layer, dataset: CocoInstanceDataset, *, input
     model.eval()
     predict = image_predictor(model, input_size=input_size, mean=mean, std=std, preprocess=preprocess,
                               score_threshold=score_threshold)
-    results: List[Dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     try:
         for i in range(len(dataset)):
             inst = predict(dataset.read_image(i))
@@ -137,12 +137,12 @@ def predict_coco_results(model: nn.Layer, dataset: CocoInstanceDataset, *, input
     return results
 
 
-def evaluate_model(model: nn.Layer, dataset: CocoInstanceDataset, *, input_size: Optional[int] = None,
+def evaluate_model(model: nn.Layer, dataset: CocoInstanceDataset, *, input_size: int | None = None,
                    mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
-                   preprocess: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, Dict[str, float]]:
+                   preprocess: Sequence[dict[str, Any]] | None = None) -> dict[str, dict[str, float]]:
     """Mask and box COCO stats of ``model`` on ``dataset`` (see :func:`instseg_core.evaluation.evaluate_coco`);
     inputs as :func:`image_predictor`."""
-    from ..evaluation import evaluate_coco
+    from instseg_core.evaluation import evaluate_coco
 
     results = predict_coco_results(model, dataset, input_size=input_size, mean=mean, std=std,
                                    preprocess=preprocess)

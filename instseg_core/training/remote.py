@@ -5,7 +5,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..inference.download import cache_root
+from instseg_core.inference.download import cache_root
 
 
 def is_remote(path: str) -> bool:

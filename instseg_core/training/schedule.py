@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
@@ -48,7 +48,7 @@ class ModelEMA:
         self.decay = float(decay)
         self.tau = float(tau)
         self.updates = 0
-        self.state: Dict[str, paddle.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.state: dict[str, paddle.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def current_decay(self) -> float:
         return self.decay * (1.0 - math.exp(-self.updates / self.tau)) if self.tau > 0 else self.decay
@@ -64,10 +64,10 @@ class ModelEMA:
             else:  # integer buffers (counters) are copied
                 ema.set_value(v.detach())
 
-    def state_dict(self) -> Dict[str, paddle.Tensor]:
+    def state_dict(self) -> dict[str, paddle.Tensor]:
         return self.state
 
-    def set_state_dict(self, state: Dict[str, "paddle.Tensor"], updates: int) -> None:
+    def set_state_dict(self, state: dict[str, paddle.Tensor], updates: int) -> None:
         for k, v in state.items():
             if k in self.state:
                 self.state[k].set_value(paddle.to_tensor(v, dtype=self.state[k].dtype))
