@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from pipelines.batch_predict import JobSettingsError
-    from pipelines.evaluate import EvaluateConfig, LabelMismatchError, prepare_evaluation, run_evaluate
+    from pipelines.evaluate import EvaluateConfig, LabelMismatchError, evaluate_with_ray, prepare_evaluation
 
     cfg = EvaluateConfig(
         dataset_dir=args.dataset_dir, output=args.output, model_name=args.model_name, model_dir=args.model_dir,
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         connect_ray(args.ray_address, args.num_cpus)
-        result = run_evaluate(cfg, plan)
+        result = evaluate_with_ray(cfg, plan)
     except Exception as e:  # noqa: BLE001 - PaddleX's failure record, then a non-zero exit
         logging.getLogger("instseg").exception("evaluation failed")
         _record_failure(cfg, e)

@@ -152,7 +152,7 @@ def check_labels(labels: list[str], ds: EvalDataset) -> list[dict[str, Any]]:
 def write_dataset_results(rows: Iterable[dict[str, Any]], ds: EvalDataset, labels: list[str], out_uri: str) -> int:
     """COCO results of pipeline rows with the dataset's ids: image by URI, class k -> k-th category by
     id. Rows of images not in the dataset are left out (with a warning). Returns the detections."""
-    from pipelines.exports import write_coco_results
+    from pipelines.writers import write_coco_results
 
     unmapped: list[str] = []
 
@@ -268,12 +268,12 @@ def prepare_evaluation(cfg: EvaluateConfig) -> EvaluationPlan:
                           predict_plan=predict_plan)
 
 
-def run_evaluate(cfg: EvaluateConfig, plan: EvaluationPlan | None = None) -> dict[str, Any]:
+def evaluate_with_ray(cfg: EvaluateConfig, plan: EvaluationPlan | None = None) -> dict[str, Any]:
     """Predict the split's images on Ray, score them, write the result files; returns the result.
     ``plan`` is :func:`prepare_evaluation`'s result when the caller already prepared the run."""
     from instseg_core.evaluation import evaluate_coco, summary_text
     from pipelines.batch_predict import run_batch_predict
-    from pipelines.exports import EXPORT_COLUMNS, iter_rows
+    from pipelines.writers import EXPORT_COLUMNS, iter_rows
     from pipelines.sinks import list_parts, write_json
 
     started = time.time()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
-from pipelines.exports import (_JSON, _CategoryMap, _f32, _rle, _xywh, coco_image_entry, iter_rows,
+from pipelines.writers import (JSON_ENCODER, CategoryMap, coco_image_entry, coco_rle, f32, iter_rows, xywh,
                                write_labelme)
 from pipelines.rows import STATUS_OK
 from pipelines.storage import S3Options, fsspec_fs, is_remote, join, write_bytes_atomic
@@ -67,34 +67,34 @@ def _coco_header(categories: Sequence[str]) -> str:
     now = datetime.now(timezone.utc)
     info = {"description": "instseg predictions", "version": "1.0", "year": now.year,
             "date_created": now.isoformat(timespec="seconds")}
-    return ('{"info":' + _JSON.encode(info) + ',"licenses":[],"categories":'
-            + _JSON.encode(_CategoryMap(categories).coco_categories()))
+    return ('{"info":' + JSON_ENCODER.encode(info) + ',"licenses":[],"categories":'
+            + JSON_ENCODER.encode(CategoryMap(categories).coco_categories()))
 
 
 def write_group(output: str, group: Group, categories: Sequence[str], image_root: str | None, layout: str,
                 labelme: bool, s3: S3Options | None) -> dict[str, int]:
     """One task: the COCO images, annotations and results of ``group`` (fragments, or complete
     files in the sharded layout), and its LabelMe files. Returns the counts written."""
-    cats = _CategoryMap(categories)
+    cats = CategoryMap(categories)
     images, annotations, results = io.StringIO(), io.StringIO(), io.StringIO()
     image_id, ann_id = group.first_image_id, group.first_annotation_id
     n_images = n_anns = n_results = 0
     for row in iter_rows(group.parts, _COLUMNS):
         if row["status"] != STATUS_OK:
             continue
-        images.write((",\n" if n_images else "") + _JSON.encode(coco_image_entry(row, image_id, image_root)))
+        images.write((",\n" if n_images else "") + JSON_ENCODER.encode(coco_image_entry(row, image_id, image_root)))
         n_images += 1
         for item in row["instances"] or []:
             category_id = cats.coco_id(item, row["uri"])
-            box, score = _xywh(item["bbox"]), _f32(item["score"])
-            results.write((",\n" if n_results else "") + _JSON.encode(
-                {"image_id": image_id, "category_id": category_id, "segmentation": _rle(item), "bbox": box,
+            box, score = xywh(item["bbox"]), f32(item["score"])
+            results.write((",\n" if n_results else "") + JSON_ENCODER.encode(
+                {"image_id": image_id, "category_id": category_id, "segmentation": coco_rle(item), "bbox": box,
                  "score": score}))
             n_results += 1
             if int(item["area"]) <= 0:
                 continue  # an empty mask is no label
-            annotations.write((",\n" if n_anns else "") + _JSON.encode(
-                {"id": ann_id, "image_id": image_id, "category_id": category_id, "segmentation": _rle(item),
+            annotations.write((",\n" if n_anns else "") + JSON_ENCODER.encode(
+                {"id": ann_id, "image_id": image_id, "category_id": category_id, "segmentation": coco_rle(item),
                  "area": int(item["area"]), "bbox": box, "iscrowd": 0, "score": score}))
             ann_id += 1
             n_anns += 1

@@ -12,8 +12,8 @@ Layout under the output dir/prefix::
                                 rows (pipelines.rows.ROW_SCHEMA) of one shard; <hash> is derived from
                                 the part's image ids, so a retried write of the same rows replaces,
                                 not adds; the file's metadata records the shard's URI count
-    coco_results.json           COCO results list           (pipelines.exports)
-    coco_dataset.json           COCO dataset (labels)       (pipelines.exports)
+    coco_results.json           COCO results list           (pipelines.writers)
+    coco_dataset.json           COCO dataset (labels)       (pipelines.writers)
     labelme/<stem>.json         optional, for review in LabelMe
     summary.json                counts by status, errors by kind, images/s, wall time, run id
 

@@ -18,12 +18,10 @@ from typing import Any
 import pyarrow as pa
 
 from instseg_core.datasets.check import Problem, check_dataset, check_image
+from instseg_core.datasets.coco import ANNOTATION_FILES
 from pipelines.storage import S3Options, fsspec_fs, is_remote, join, redact
 
 log = logging.getLogger("instseg")
-
-ANNOTATION_FILES = {"train": "annotations/instance_train.json", "val": "annotations/instance_val.json"}
-
 
 def find_remote_root(dataset_uri: str, s3: S3Options | None = None) -> str:
     """The dataset root on an object store: the folder holding ``images/`` and ``annotations/``.
@@ -115,12 +113,13 @@ def _mirror_for_driver(root: str, local: Path, sample_num: int, s3: S3Options) -
     local_root = local / name
     (local_root / "annotations").mkdir(parents=True)
     (local_root / "images").mkdir()
-    for rel in ANNOTATION_FILES.values():
+    annotation_files = [f"annotations/{name}" for name in ANNOTATION_FILES.values()]
+    for rel in annotation_files:
         try:
             fs.get(join(root, rel), str(local_root / rel))
         except FileNotFoundError:
             pass  # check_dataset reports the missing file with PaddleX's message
-    for rel in ANNOTATION_FILES.values():
+    for rel in annotation_files:
         path = local_root / rel
         if not path.is_file():
             continue

@@ -1,4 +1,4 @@
-"""pipelines.exports: COCO results/dataset and LabelMe from Parquet part files (local and S3)."""
+"""pipelines.writers: COCO results/dataset and LabelMe from Parquet part files (local and S3)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pycocotools.cocoeval import COCOeval
 
 from instseg_core.masks import decode_rle, masks_to_xyxy
 from instseg_core.structures import Instances
-from pipelines import exports
+from pipelines import writers
 from pipelines.rows import error_row, image_id_for, ok_row, rows_to_table
 
 LABELS = ["person", "car"]
@@ -92,7 +92,7 @@ def parts(tmp_path) -> list[str]:
 
 
 def _rows_iter(parts: list[str]):
-    return exports.iter_rows(parts, exports.EXPORT_COLUMNS, batch_size=2)
+    return writers.iter_rows(parts, writers.EXPORT_COLUMNS, batch_size=2)
 
 
 def _leftovers(d: Path) -> list[str]:
@@ -100,16 +100,16 @@ def _leftovers(d: Path) -> list[str]:
 
 
 def test_iter_rows_streams_all_rows_and_columns(parts):
-    rows = list(exports.iter_rows(parts, batch_size=1))
+    rows = list(writers.iter_rows(parts, batch_size=1))
     assert [r["uri"] for r in rows] == [A_URI, B_URI, D_URI, E_URI, C_URI, A_URI, E_URI]
     assert rows[0]["run_id"] == RUN and rows[0]["instances"][0]["rle"]["size"] == [H, W]
-    narrow = next(exports.iter_rows(parts, ["image_id", "status"]))
+    narrow = next(writers.iter_rows(parts, ["image_id", "status"]))
     assert narrow == {"image_id": image_id_for(A_URI), "status": "ok"}
 
 
 def test_coco_results(parts, tmp_path):
     out = tmp_path / "out" / "coco_results.json"
-    n = exports.write_coco_results(_rows_iter(parts), str(out), LABELS)
+    n = writers.write_coco_results(_rows_iter(parts), str(out), LABELS)
     dets = json.loads(out.read_text())
     assert n == len(dets) == 4 + 1 + 0 + 1  # error rows excluded, duplicate A once, retried E once
     assert _leftovers(out.parent) == []
@@ -131,8 +131,8 @@ def test_coco_results(parts, tmp_path):
 
 def test_coco_dataset_loads_and_evaluates_perfectly(parts, tmp_path):
     gt_path, dt_path = tmp_path / "out" / "coco_dataset.json", tmp_path / "out" / "coco_results.json"
-    counts = exports.write_coco_dataset(_rows_iter(parts), str(gt_path), LABELS, info={"contributor": "test"})
-    exports.write_coco_results(_rows_iter(parts), str(dt_path), LABELS)
+    counts = writers.write_coco_dataset(_rows_iter(parts), str(gt_path), LABELS, info={"contributor": "test"})
+    writers.write_coco_results(_rows_iter(parts), str(dt_path), LABELS)
     assert counts == {"images": 4, "annotations": 3 + 1 + 1}  # A's empty mask is no label
     assert _leftovers(gt_path.parent) == []
 
@@ -165,7 +165,7 @@ def test_coco_dataset_loads_and_evaluates_perfectly(parts, tmp_path):
         assert ev.stats[0] == pytest.approx(1.0), iou_type  # AP@[.5:.95]: predictions are the labels
 
     # min_score filters annotations, never images
-    counts = exports.write_coco_dataset(_rows_iter(parts), str(gt_path), LABELS, min_score=0.75)
+    counts = writers.write_coco_dataset(_rows_iter(parts), str(gt_path), LABELS, min_score=0.75)
     assert counts == {"images": 4, "annotations": 3}
     assert {a["score"] for a in json.loads(gt_path.read_text())["annotations"]} == {0.9, 0.8, 0.95}
 
@@ -179,7 +179,7 @@ def _raster(shapes: list[dict]) -> np.ndarray:
 
 def test_labelme(parts, tmp_path):
     out = tmp_path / "out" / "labelme"
-    assert exports.write_labelme(_rows_iter(parts), str(out)) == 4
+    assert writers.write_labelme(_rows_iter(parts), str(out)) == 4
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["cat.json", f"cat_{image_id_for(B_URI)}.json", "empty.json", "retried.json"])
 
@@ -205,7 +205,7 @@ def test_labelme(parts, tmp_path):
 
     # min_score drops shapes, not files
     out2 = tmp_path / "lm2"
-    assert exports.write_labelme(_rows_iter(parts), str(out2), min_score=0.85) == 4
+    assert writers.write_labelme(_rows_iter(parts), str(out2), min_score=0.85) == 4
     assert [s["label"] for s in json.loads((out2 / "cat.json").read_text())["shapes"]] == ["person"]
 
 
@@ -214,11 +214,11 @@ def test_failure_mid_write_publishes_nothing(parts, tmp_path):
     out_dir.mkdir()
 
     def rows_then_crash():
-        yield from exports.iter_rows(parts[:1])
+        yield from writers.iter_rows(parts[:1])
         raise RuntimeError("worker died")
 
-    for name, write in (("r.json", lambda it, p: exports.write_coco_results(it, p, LABELS)),
-                        ("d.json", lambda it, p: exports.write_coco_dataset(it, p, LABELS))):
+    for name, write in (("r.json", lambda it, p: writers.write_coco_results(it, p, LABELS)),
+                        ("d.json", lambda it, p: writers.write_coco_dataset(it, p, LABELS))):
         with pytest.raises(RuntimeError, match="worker died"):
             write(rows_then_crash(), str(out_dir / name))
         assert not (out_dir / name).exists()
@@ -233,9 +233,9 @@ def test_failure_mid_write_publishes_nothing(parts, tmp_path):
 def test_rows_of_another_model_are_rejected(parts, tmp_path):
     out = tmp_path / "x.json"
     with pytest.raises(ValueError, match="outside categories"):
-        exports.write_coco_results(_rows_iter(parts), str(out), ["person"])
+        writers.write_coco_results(_rows_iter(parts), str(out), ["person"])
     with pytest.raises(ValueError, match="labelled 'car'"):
-        exports.write_coco_dataset(_rows_iter(parts), str(out), ["person", "bicycle"])
+        writers.write_coco_dataset(_rows_iter(parts), str(out), ["person", "bicycle"])
     assert list(tmp_path.glob("*.json")) == [] and _leftovers(tmp_path) == []
 
 
@@ -248,10 +248,10 @@ def test_s3_round_trip(s3_bucket, tmp_path, monkeypatch):
     fs = fsspec.filesystem("s3")
     assert sorted(fs.unstrip_protocol(p) for p in fs.find(f"{base}/parts")) == parts
 
-    assert exports.write_coco_results(_rows_iter(parts), f"{base}/coco_results.json", LABELS) == 6
-    assert exports.write_coco_dataset(_rows_iter(parts), f"{base}/coco_dataset.json", LABELS) == \
+    assert writers.write_coco_results(_rows_iter(parts), f"{base}/coco_results.json", LABELS) == 6
+    assert writers.write_coco_dataset(_rows_iter(parts), f"{base}/coco_dataset.json", LABELS) == \
         {"images": 4, "annotations": 5}
-    assert exports.write_labelme(_rows_iter(parts), f"{base}/labelme") == 4
+    assert writers.write_labelme(_rows_iter(parts), f"{base}/labelme") == 4
 
     local = tmp_path / "dl"
     local.mkdir()
@@ -265,11 +265,11 @@ def test_s3_round_trip(s3_bucket, tmp_path, monkeypatch):
     assert fs.info(f"{base}/coco_results.json")["ContentType"] == "application/json"
 
     def rows_then_crash():
-        yield from exports.iter_rows(parts[:1])
+        yield from writers.iter_rows(parts[:1])
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError):
-        exports.write_coco_dataset(rows_then_crash(), f"{base}/failed.json", LABELS)
+        writers.write_coco_dataset(rows_then_crash(), f"{base}/failed.json", LABELS)
     assert list(staging.iterdir()) == []  # staged temp files removed, after success and failure
 
     fs.invalidate_cache()
@@ -291,11 +291,11 @@ def test_coco_file_names_are_unique_and_relative_to_the_input(tmp_path):
     uris = ["/data/in/a/img.jpg", "/data/in/b/img.jpg", "/elsewhere/img.jpg", "http://u:pw@host/x/img.jpg?sig=1"]
     rows = [ok_row(u, _instances(**same), LABELS, RUN, MODEL) for u in uris]
     out = tmp_path / "coco_dataset.json"
-    exports.write_coco_dataset(iter(rows), str(out), LABELS, image_root="/data/in/")
+    writers.write_coco_dataset(iter(rows), str(out), LABELS, image_root="/data/in/")
     names = [im["file_name"] for im in json.loads(out.read_text())["images"]]
     assert names == ["a/img.jpg", "b/img.jpg", "elsewhere/img.jpg", "host/x/img.jpg"]  # no credentials
-    assert exports.coco_file_name("s3://bucket/in/a/img.jpg", "s3://bucket/in") == "a/img.jpg"
-    assert exports.coco_file_name("s3://bucket/input2/img.jpg", "s3://bucket/in") == "bucket/input2/img.jpg"
+    assert writers.coco_file_name("s3://bucket/in/a/img.jpg", "s3://bucket/in") == "a/img.jpg"
+    assert writers.coco_file_name("s3://bucket/input2/img.jpg", "s3://bucket/in") == "bucket/input2/img.jpg"
 
 
 def test_input_root_of_each_kind_of_input(tmp_path):

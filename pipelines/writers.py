@@ -1,4 +1,4 @@
-"""Exports of the pipeline's Parquet rows (:data:`pipelines.rows.ROW_SCHEMA`) to review/training formats.
+"""Writers of the pipeline's Parquet rows (:data:`pipelines.rows.ROW_SCHEMA`) in review/training formats.
 
 * :func:`write_coco_results` - COCO *results* (detections) list, what ``COCO.loadRes`` / ``COCOeval`` take.
 * :func:`write_coco_dataset` - a COCO *dataset* (predictions as labels), loadable by ``pycocotools.coco.COCO``.
@@ -60,7 +60,7 @@ __all__ = ["EXPORT_COLUMNS", "LABELME_VERSION", "coco_file_name", "coco_image_en
 EXPORT_COLUMNS = ["image_id", "uri", "width", "height", "status", "instances"]
 LABELME_VERSION = "5.2.1"
 
-_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))  # NaN is not JSON
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))  # NaN is not JSON
 _REMOTE_PUT_BATCH = 64  # LabelMe files uploaded concurrently per fs.pipe call
 
 
@@ -98,22 +98,22 @@ def _unique_ok_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 # ---------------------------------------------------------------------- conversions
 
 
-def _f32(value: float) -> float:
+def f32(value: float) -> float:
     """``value`` at float32 precision, in its shortest decimal form (0.87, not 0.8700000047683716)."""
     return float(str(np.float32(value)))
 
 
-def _xywh(bbox: Sequence[float]) -> list[float]:
+def xywh(bbox: Sequence[float]) -> list[float]:
     x1, y1, x2, y2 = (float(v) for v in bbox)
-    return [_f32(x1), _f32(y1), _f32(x2 - x1), _f32(y2 - y1)]
+    return [f32(x1), f32(y1), f32(x2 - x1), f32(y2 - y1)]
 
 
-def _rle(item: Mapping[str, Any]) -> dict[str, Any]:
+def coco_rle(item: Mapping[str, Any]) -> dict[str, Any]:
     rle = item["rle"]
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"]}
 
 
-class _CategoryMap:
+class CategoryMap:
     """class_id -> COCO category_id, checking each class once against the model's label list."""
 
     def __init__(self, categories: Sequence[str], category_ids: Sequence[int] | None = None) -> None:
@@ -199,7 +199,7 @@ class _JsonArray:
 
     def append(self, item: Any) -> None:
         self.f.write(",\n" if self.count else "\n")
-        self.f.write(_JSON.encode(item))
+        self.f.write(JSON_ENCODER.encode(item))
         self.count += 1
 
 
@@ -219,7 +219,7 @@ def write_coco_results(rows: Iterable[dict[str, Any]], out_uri: str, categories:
     ``image_ids(row)`` replaces the row's ``image_id`` (the ids the row's image has in that dataset;
     its detections are written once per id, none for an empty list).
     """
-    cats = _CategoryMap(categories, category_ids)
+    cats = CategoryMap(categories, category_ids)
     with _staged_text(out_uri) as (f, _):
         f.write("[")
         arr = _JsonArray(f)
@@ -227,8 +227,8 @@ def write_coco_results(rows: Iterable[dict[str, Any]], out_uri: str, categories:
             for image_id in ([int(row["image_id"])] if image_ids is None else image_ids(row)):
                 for item in row["instances"] or []:
                     arr.append({"image_id": image_id, "category_id": cats.coco_id(item, row["uri"]),
-                                "segmentation": _rle(item), "bbox": _xywh(item["bbox"]),
-                                "score": _f32(item["score"])})
+                                "segmentation": coco_rle(item), "bbox": xywh(item["bbox"]),
+                                "score": f32(item["score"])})
         f.write("\n]\n")
     return arr.count
 
@@ -283,15 +283,15 @@ def write_coco_dataset(rows: Iterable[dict[str, Any]], out_uri: str, categories:
 
     ``info`` entries override the generated ``info`` fields. Returns ``{"images": n, "annotations": m}``.
     """
-    cats = _CategoryMap(categories)
+    cats = CategoryMap(categories)
     now = datetime.now(timezone.utc)
     head = {"description": "instseg predictions", "version": "1.0", "year": now.year,
             "date_created": now.isoformat(timespec="seconds")}
     head.update(info or {})
     with _staged_text(out_uri) as (f, staging_dir), \
             tempfile.TemporaryFile("w+", encoding="utf-8", dir=staging_dir) as images_spool:
-        f.write('{"info":' + _JSON.encode(head) + ',"licenses":[],"categories":'
-                + _JSON.encode(cats.coco_categories()) + ',"annotations":[')
+        f.write('{"info":' + JSON_ENCODER.encode(head) + ',"licenses":[],"categories":'
+                + JSON_ENCODER.encode(cats.coco_categories()) + ',"annotations":[')
         anns = _JsonArray(f)
         images = _JsonArray(images_spool)
         for row in _unique_ok_rows(rows):
@@ -302,8 +302,8 @@ def write_coco_dataset(rows: Iterable[dict[str, Any]], out_uri: str, categories:
                 if float(item["score"]) < min_score or int(item["area"]) <= 0:
                     continue
                 anns.append({"id": anns.count + 1, "image_id": image_id, "category_id": category_id,
-                             "segmentation": _rle(item), "area": int(item["area"]),
-                             "bbox": _xywh(item["bbox"]), "iscrowd": 0, "score": _f32(item["score"])})
+                             "segmentation": coco_rle(item), "area": int(item["area"]),
+                             "bbox": xywh(item["bbox"]), "iscrowd": 0, "score": f32(item["score"])})
         f.write('\n],"images":[')
         images_spool.seek(0)
         shutil.copyfileobj(images_spool, f)
@@ -325,7 +325,7 @@ def _labelme_shapes(row: Mapping[str, Any], min_score: float) -> list[dict[str, 
         score = float(item["score"])
         if score < min_score or int(item["area"]) <= 0:
             continue
-        mask = decode_rle([_rle(item)])[0]  # one mask at a time: [N, H, W] of a crowded image is large
+        mask = decode_rle([coco_rle(item)])[0]  # one mask at a time: [N, H, W] of a crowded image is large
         polygons = mask_to_polygons(mask, min_points=3)
         if not polygons:
             continue  # slivers too thin for a polygon
@@ -401,7 +401,7 @@ def write_labelme(rows: Iterable[dict[str, Any]], out_dir_uri: str, *, min_score
         doc = {"version": LABELME_VERSION, "flags": {}, "shapes": _labelme_shapes(row, min_score),
                "imagePath": _labelme_image_path(uri, folder), "imageData": None,
                "imageHeight": int(row["height"]), "imageWidth": int(row["width"])}
-        data = _JSON.encode(doc).encode("utf-8")  # compact: indent= would use json's ~10x slower Python encoder
+        data = JSON_ENCODER.encode(doc).encode("utf-8")  # compact: indent= would use json's ~10x slower Python encoder
         if local:
             path = os.path.join(root, name + ".json")
             os.makedirs(os.path.dirname(path), exist_ok=True)
