@@ -37,7 +37,10 @@ class _OutputNames:
         return self.given[path]
 
 
-def _int_option(flag: str, text: str) -> int:
+def int_or_none(flag: str, text: str) -> int | None:
+    """``text`` as an integer, or None for ``none`` (any case); ValueError naming ``flag`` otherwise."""
+    if text.strip().lower() == "none":
+        return None
     try:
         return int(text)
     except ValueError:
@@ -52,7 +55,7 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         side = args.max_mask_side
         if side is not None:
-            side = None if side.lower() == "none" else _int_option("--max-mask-side", side)
+            side = int_or_none("--max-mask-side", side)
         model = create_model(args.model, model_dir=args.model_dir, device=args.device, threshold=args.threshold,
                              batch_size=args.batch_size, cpu_threads=args.cpu_threads,
                              enable_onednn=args.onednn, use_tensorrt=args.tensorrt, mask_format=args.mask_format,

@@ -16,23 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import fields
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import yaml
 
+from jobs._common import add_prediction_flags, add_ray_flags, connect_ray, fail, prediction_values
 from pipelines.batch_predict import BatchPredictConfig, JobSettingsError, check_settings, run_batch_predict
-
-
-def _side(value: str) -> int | str:
-    if value.lower() == "none":
-        return "none"
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,47 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with BatchPredictConfig keys")
     p.add_argument("--input")
     p.add_argument("--output")
-    p.add_argument("--model", dest="model_name")
-    p.add_argument("--model-dir")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--threshold", type=float)
-    p.add_argument("--device")
-    p.add_argument("--num-actors", type=int)
-    p.add_argument("--min-actors", type=int)
-    p.add_argument("--max-actors", type=int)
-    p.add_argument("--num-gpus-per-actor", type=float)
-    p.add_argument("--num-cpus-per-actor", type=float)
-    p.add_argument("--cpu-threads", type=int)
+    add_prediction_flags(p)
     p.add_argument("--rows-per-file", type=int)
     p.add_argument("--shard-size", type=int, help="URIs per input shard, the unit of resume (default 1000)")
     p.add_argument("--shards-per-pass", type=int, help="shards per Ray Dataset execution; bounds the driver's "
                                                        "memory (default 100)")
     p.add_argument("--retry-errors", choices=("transient", "all", "none"),
                    help="on a rerun, redo error rows of transient kinds (default), of every kind, or none")
-    p.add_argument("--max-pixels", type=int)
-    p.add_argument("--max-mask-side", type=_side, help="longest side at which masks are drawn before upsampling "
-                                                       "(default 1333; 'none': full size, as PaddleX)")
-    p.add_argument("--actor-memory-gb", type=float, help="memory each actor reserves from Ray and its predictor "
-                                                         "may use (default: estimated from the model and batch size)")
-    p.add_argument("--predict-timeout-s", type=float, help="per image: a predictor silent longer is restarted")
     p.add_argument("--labelme", action="store_true", default=None, help="also write LabelMe JSON per image")
     p.add_argument("--coco-layout", choices=("auto", "single", "sharded"),
                    help="one coco_dataset.json/coco_results.json, or coco/dataset-<k>.json files (default auto: "
                         "single up to 200k images)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
-    p.add_argument("--s3-region")
     p.add_argument("--run-id")
-    p.add_argument("--progress-interval-s", type=float)
-    p.add_argument("--ray-address", help="Ray cluster to join (default: the running one, else start a local one; "
-                                         "'local' always starts a new local one)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of setting errors")
-    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray started by this job (default >= 4)")
+    add_ray_flags(p)
     return p
-
-
-def _fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def config_from_args(args: argparse.Namespace) -> BatchPredictConfig:
@@ -92,44 +56,26 @@ def config_from_args(args: argparse.Namespace) -> BatchPredictConfig:
             with open(args.config, encoding="utf-8") as f:
                 loaded = yaml.safe_load(f) or {}
         except OSError as e:
-            _fail(f"--config {args.config}: {e.strerror or e}")
+            fail(f"--config {args.config}: {e.strerror or e}")
         except yaml.YAMLError as e:
-            _fail(f"--config {args.config} is not valid YAML: {' '.join(str(e).split())}")
+            fail(f"--config {args.config} is not valid YAML: {' '.join(str(e).split())}")
         if not isinstance(loaded, dict):
-            _fail(f"--config {args.config} must hold a mapping of BatchPredictConfig keys")
+            fail(f"--config {args.config} must hold a mapping of BatchPredictConfig keys")
         values.update(loaded)
     known = {f.name for f in fields(BatchPredictConfig)}
     unknown = set(values) - known
     if unknown:
-        _fail(f"{args.config}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-    values.update({k: v for k, v in vars(args).items() if k in known and v is not None})
+        fail(f"{args.config}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     if values.get("max_mask_side") in ("none", "None"):
         values["max_mask_side"] = None
+    values.update({k: v for k, v in vars(args).items() if k in known and v is not None})
+    values.update(prediction_values(args))
     missing = [k for k in ("input", "output") if not values.get(k)]
     if missing:
-        _fail(f"missing --{' and --'.join(missing)}")
+        fail(f"missing --{' and --'.join(missing)}")
     if not values.get("model_name") and not values.get("model_dir"):
-        _fail("give --model NAME or --model-dir DIR")
+        fail("give --model NAME or --model-dir DIR")
     return BatchPredictConfig(**values)
-
-
-def connect_ray(address: str | None, num_cpus: int | None) -> None:
-    """Join the given or running cluster (as under `ray job submit`); else start a local Ray with
-    at least 4 logical CPUs (some Ray Data operators reserve a CPU and stall on fewer)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address == "local":
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1))
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
-        return
-    try:
-        ray.init(address="auto")
-    except (ConnectionError, RuntimeError):
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,35 +21,19 @@ import logging
 import sys
 from typing import Sequence
 
-from jobs.batch_predict import connect_ray
+from jobs._common import add_prediction_flags, add_ray_flags, connect_ray, prediction_values
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", dest="model_name")
-    p.add_argument("--model-dir")
     p.add_argument("--dataset-dir", required=True, help="dataset folder or s3:// prefix (PaddleX COCO layout)")
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--output", required=True, help="directory or s3:// prefix for the result files")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--threshold", type=float, default=0.0,
-                   help="score threshold of the predictions (default 0.0: AP needs low-score detections)")
     p.add_argument("--backend", default="pycocotools", choices=["pycocotools", "faster"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--num-actors", type=int)
-    p.add_argument("--min-actors", type=int, default=1)
-    p.add_argument("--max-actors", type=int)
-    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--cpu-threads", type=int)
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
-    p.add_argument("--s3-region")
-    p.add_argument("--progress-interval-s", type=float, default=10.0)
-    p.add_argument("--ray-address", help="Ray cluster to join (default: the running one, else start a local one; "
-                                         "'local' always starts a new local one)")
-    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray started by this job (default >= 4)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of setting errors")
+    add_prediction_flags(p, threshold_help="score threshold of the predictions (default 0.0: AP needs "
+                                           "low-score detections)")
+    add_ray_flags(p)
     return p
 
 
@@ -76,13 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.batch_predict import JobSettingsError
     from pipelines.evaluate import EvaluateConfig, LabelMismatchError, evaluate_with_ray, prepare_evaluation
 
-    cfg = EvaluateConfig(
-        dataset_dir=args.dataset_dir, output=args.output, model_name=args.model_name, model_dir=args.model_dir,
-        split=args.split, batch_size=args.batch_size, threshold=args.threshold, device=args.device,
-        num_actors=args.num_actors, min_actors=args.min_actors, max_actors=args.max_actors,
-        num_gpus_per_actor=args.num_gpus_per_actor, num_cpus_per_actor=args.num_cpus_per_actor,
-        cpu_threads=args.cpu_threads, backend=args.backend, s3_endpoint=args.s3_endpoint, s3_region=args.s3_region,
-        progress_interval_s=args.progress_interval_s)
+    cfg = EvaluateConfig(dataset_dir=args.dataset_dir, output=args.output, split=args.split, backend=args.backend,
+                         **prediction_values(args))
     try:
         plan = prepare_evaluation(cfg)  # a user mistake is one line, before Ray starts
     except (JobSettingsError, LabelMismatchError) as e:

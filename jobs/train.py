@@ -19,6 +19,7 @@ import sys
 from typing import Sequence
 
 from instseg_core.config import ConfigError, apply_overrides, check_config, load_config
+from jobs._common import add_ray_flags, connect_ray
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", required=True, help="checkpoint storage: shared path or s3://bucket/prefix")
     p.add_argument("--name", default="instseg-train", help="run name; rerunning a name resumes it")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts allowed (default 2)")
-    p.add_argument("--ray-address", default=None, help="cluster address; 'local' starts a private local Ray")
-    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a locally started Ray")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of setting errors")
+    add_ray_flags(p)
     return p
 
 
@@ -88,7 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from jobs.batch_predict import connect_ray
     from pipelines.train import fine_tune_on_ray
 
     connect_ray(args.ray_address, args.num_cpus)

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Sequence
 
-from jobs.batch_predict import connect_ray
+from jobs._common import add_ray_flags, connect_ray
 from pipelines.storage import S3Options
 
 
@@ -32,9 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-examples", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64, help="images per Ray task")
     p.add_argument("--s3-endpoint")
-    p.add_argument("--ray-address")
-    p.add_argument("--num-cpus", type=int)
-    p.add_argument("--debug", action="store_true", help="show tracebacks of setting errors")
+    add_ray_flags(p)
     args = p.parse_args(argv)
 
     from instseg_core.datasets.coco import DatasetError

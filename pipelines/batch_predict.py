@@ -33,10 +33,11 @@ import numpy as np
 import pyarrow as pa
 
 from instseg_core.inference.memory import estimate_predictor_memory
-from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE, check_max_mask_side, check_threshold
+from instseg_core.inference.predictor import check_max_mask_side, check_threshold
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
 from instseg_core.progress import eta_seconds, format_duration
 from pipelines.rows import ROW_SCHEMA, error_row, ok_row, rows_to_table
+from pipelines.settings import PredictionSettings
 from pipelines.shards import Shard, SourceError, expand_shard, input_root, probe_input
 from pipelines.sinks import done_ids_of, write_part
 from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, redact, storage_error_message
@@ -48,51 +49,27 @@ class JobSettingsError(ValueError):
     """A setting the job cannot run with (the entry point prints it as one line)."""
 
 
-@dataclass
-class BatchPredictConfig:
-    """Everything a batch-labelling run needs; ``jobs.batch_predict`` fills it from flags or YAML."""
+@dataclass(kw_only=True)
+class BatchPredictConfig(PredictionSettings):
+    """Everything a batch-labelling run needs; ``jobs.batch_predict`` fills it from flags or YAML.
+    The prediction settings (model, actors, limits) are :class:`PredictionSettings`'s."""
 
     input: str
     output: str
-    model_name: str | None = None
-    model_dir: str | None = None
-    batch_size: int = 4
-    threshold: float | None = None
-    device: str = "cpu"
-    num_actors: int | None = None  # fixed pool size; else min_actors..max_actors (autoscaling)
-    min_actors: int = 1
-    max_actors: int | None = None
-    num_gpus_per_actor: float = 0.0  # fractional: two actors can share a GPU and overlap CPU work
-    num_cpus_per_actor: float = 1.0
-    cpu_threads: int | None = None  # Paddle threads per actor (default: num_cpus_per_actor)
     rows_per_file: int = 1000
     shard_size: int = 1000  # URIs per input shard: the unit of planning, resume and completion
     shards_per_pass: int = 100  # shards per Ray Dataset execution (see run_batch_predict)
     retry_errors: str = "transient"  # on a rerun, redo error rows: transient kinds, "all" or "none"
     read_batch_size: int = 16
-    max_pixels: int = 80_000_000  # larger images become error rows instead of exhausting memory
-    max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE  # masks drawn at most this large, then upsampled
-    actor_memory_gb: float | None = None  # memory each actor reserves and its predictor may use (None: estimate)
-    predict_timeout_s: float = 600.0  # per image of a batch: a predictor silent for longer is restarted
     labelme: bool = False
     coco_layout: str = "auto"  # "single" (coco_*.json), "sharded" (coco/*-<k>.json) or "auto" (by size)
-    s3_endpoint: str | None = None
-    s3_region: str | None = None
     run_id: str | None = None
-    progress_interval_s: float = 10.0
     extensions: tuple[str, ...] = IMAGE_SUFFIXES
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def s3(self) -> S3Options:
-        return S3Options.from_env(self.s3_endpoint, self.s3_region)
 
     def error_row(self, uri: str, kind: str, message: str) -> dict[str, Any]:
         """The output row of an image that failed, stamped with this run and model."""
         return error_row(uri, kind, message, self.run_id or "", self.model_label)
-
-    @property
-    def model_label(self) -> str:
-        return self.model_name or os.path.basename(str(self.model_dir).rstrip("/"))
 
 
 # ---------------------------------------------------------------- stage 1: read bytes (tasks)

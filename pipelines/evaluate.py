@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from instseg_core.datasets.coco import ANNOTATION_FILES, DatasetError
+from pipelines.settings import PredictionSettings
 from pipelines.storage import S3Options, fsspec_fs, is_remote, join, redact, write_bytes_atomic
 
 log = logging.getLogger("instseg")
@@ -50,32 +51,17 @@ class LabelMismatchError(ValueError):
     """The model's label list cannot be mapped onto the dataset's categories."""
 
 
-@dataclass
-class EvaluateConfig:
-    """An evaluation run; ``jobs.evaluate`` fills it from flags. Prediction settings are passed to
-    :class:`pipelines.batch_predict.BatchPredictConfig` as they are."""
+@dataclass(kw_only=True)
+class EvaluateConfig(PredictionSettings):
+    """An evaluation run; ``jobs.evaluate`` fills it from flags. The prediction settings are
+    :class:`~pipelines.settings.PredictionSettings`'s, handed to the batch-labelling run as they are;
+    the threshold defaults to 0.0 (see the module doc)."""
 
     dataset_dir: str
     output: str
-    model_name: str | None = None
-    model_dir: str | None = None
     split: str = "val"
-    batch_size: int = 4
-    threshold: float = 0.0
-    device: str = "cpu"
-    num_actors: int | None = None
-    min_actors: int = 1
-    max_actors: int | None = None
-    num_gpus_per_actor: float = 0.0
-    num_cpus_per_actor: float = 1.0
-    cpu_threads: int | None = None
+    threshold: float | None = 0.0
     backend: str = "pycocotools"  # or "faster" (faster-coco-eval)
-    s3_endpoint: str | None = None
-    s3_region: str | None = None
-    progress_interval_s: float = 10.0
-
-    def s3(self) -> S3Options:
-        return S3Options.from_env(self.s3_endpoint, self.s3_region)
 
 
 # ---------------------------------------------------------------- the dataset
@@ -255,12 +241,7 @@ def prepare_evaluation(cfg: EvaluateConfig) -> EvaluationPlan:
             raise JobSettingsError(str(e)) from None
     manifest = join(pred_dir, MANIFEST_FILE)
     write_bytes_atomic(manifest, "".join(u + "\n" for u in ds.uri_to_ids).encode("utf-8"), s3)
-    pred_cfg = BatchPredictConfig(
-        input=manifest, output=pred_dir, model_name=cfg.model_name, model_dir=cfg.model_dir,
-        batch_size=cfg.batch_size, threshold=cfg.threshold, device=cfg.device, num_actors=cfg.num_actors,
-        min_actors=cfg.min_actors, max_actors=cfg.max_actors, num_gpus_per_actor=cfg.num_gpus_per_actor,
-        num_cpus_per_actor=cfg.num_cpus_per_actor, cpu_threads=cfg.cpu_threads, s3_endpoint=cfg.s3_endpoint,
-        s3_region=cfg.s3_region, progress_interval_s=cfg.progress_interval_s)
+    pred_cfg = BatchPredictConfig(input=manifest, output=pred_dir, **cfg.prediction_settings())
     predict_plan = check_settings(pred_cfg)
     if new_record:
         write_json(join(pred_dir, INPUTS_FILE), record, s3)
