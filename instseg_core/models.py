@@ -1,14 +1,28 @@
 """The 15 instance-segmentation models: name -> everything known about it.
 
-A plain dict of frozen dataclasses: no registry machinery. Preprocessing defaults are the ops an
-official ``inference.yml`` carries (PaddleX 3.x / PaddleDetection TestReader); the predictor always
-prefers the ``inference.yml`` of the model dir it runs.
+A plain dict of frozen dataclasses: no registry machinery. What a model shares with its family
+(network, recipe, export, post-process) is its family's record (:mod:`instseg_core.families`,
+:func:`family_of`). Preprocessing defaults are the ops an official ``inference.yml`` carries
+(PaddleX 3.x / PaddleDetection TestReader); the predictor always prefers the ``inference.yml`` of
+the model dir it runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from instseg_core.families import (
+    CASCADE_RCNN,
+    FAMILIES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MASK_RTDETR,
+    MASKRCNN,
+    PPYOLOE_SEG,
+    SOLOV2,
+    Family,
+)
 
 INFERENCE_URL = "https://paddle-model-ecology.bj.bcebos.com/paddlex/official_inference_model/paddle3.0.0/{name}_infer.tar"
 PRETRAINED_URL = "https://paddle-model-ecology.bj.bcebos.com/paddlex/official_pretrained_model/{name}_pretrained.pdparams"
@@ -25,13 +39,6 @@ COCO80_LABELS: tuple[str, ...] = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-# Families and the `arch` value their inference.yml carries.
-MASK_RTDETR, MASKRCNN, CASCADE_RCNN, SOLOV2, PPYOLOE_SEG = "Mask-RT-DETR", "MaskRCNN", "CascadeRCNN", "SOLOv2", "PPYOLOE_seg"
-ARCH_OF_FAMILY = {MASK_RTDETR: "DETR", MASKRCNN: "RCNN", CASCADE_RCNN: "RCNN", SOLOV2: "SOLOv2", PPYOLOE_SEG: "PPYOLOE"}
 
 
 def _detr_preprocess(size: int = 640) -> list[dict[str, Any]]:
@@ -66,7 +73,7 @@ class ModelSpec:
     """Everything known about one official model name."""
 
     name: str
-    family: str
+    family: str  # a key of instseg_core.families.FAMILIES
     ppdet_config: str
     mask_ap: float
     preprocess: list[dict[str, Any]] = field(hash=False)
@@ -78,14 +85,17 @@ class ModelSpec:
 
     @property
     def arch(self) -> str:
-        return ARCH_OF_FAMILY[self.family]
+        """The ``arch`` of the model's ``inference.yml`` (its family's)."""
+        return FAMILIES[self.family].arch
 
     @property
     def inference_url(self) -> str:
+        """Where the official inference dir (a tar) is downloaded from."""
         return INFERENCE_URL.format(name=self.name)
 
     @property
     def pretrained_url(self) -> str:
+        """Where the official COCO-trained weights are downloaded from."""
         return PRETRAINED_URL.format(name=self.name)
 
 
@@ -120,3 +130,8 @@ def get_spec(name: str) -> ModelSpec:
         return MODEL_SPECS[name]
     except KeyError:
         raise ValueError(f"unknown model name {name!r}; expected one of: {', '.join(MODEL_NAMES)}") from None
+
+
+def family_of(name: str) -> Family:
+    """The family record of an official model name; a clear error listing the valid names otherwise."""
+    return FAMILIES[get_spec(name).family]

@@ -14,15 +14,15 @@ from typing import Any
 
 import yaml
 
+from instseg_core.families import ARCHS
 from instseg_core.inference.preprocess import Preprocessor
-from instseg_core.models import ARCH_OF_FAMILY, MODEL_SPECS, get_spec
+from instseg_core.models import MODEL_SPECS, get_spec
 
 log = logging.getLogger("instseg")
 
 GRAPH_FILES = ("inference.json", "inference.pdmodel")
 PARAMS_FILE = "inference.pdiparams"
 CONFIG_FILE = "inference.yml"
-KNOWN_ARCHS = frozenset(ARCH_OF_FAMILY.values())
 
 
 class ModelDirError(ValueError):
@@ -87,8 +87,8 @@ def load_model_dir(path: str | Path, model_name: str | None = None) -> ModelDir:
     spec = MODEL_SPECS.get(name) if name else None
 
     arch = cfg.get("arch") or (spec.arch if spec else None)
-    if arch not in KNOWN_ARCHS:
-        raise ModelDirError(f"{cfg_path}: unknown or missing arch {arch!r}; expected one of {sorted(KNOWN_ARCHS)}")
+    if arch not in ARCHS:
+        raise ModelDirError(f"{cfg_path}: unknown or missing arch {arch!r}; expected one of {sorted(ARCHS)}")
 
     labels = cfg.get("label_list")
     if labels is None:

@@ -14,7 +14,7 @@ mask too (PaddleX drops the box but keeps the mask list, shifting later masks on
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -158,6 +158,42 @@ def solov2_instances(outputs: Sequence[np.ndarray], image_hw: tuple[int, int], t
     boxes = (rle_to_xywh(masks) @ _XYWH_TO_XYXY) if rle else masks_to_xyxy(masks)
     return Instances(boxes=boxes, scores=scores[sel], class_ids=labels[sel].astype(np.int64),
                      masks=masks, image_size=(h, w), boxes_from_masks=True)
+
+
+class PostProcess(Protocol):
+    """A family's post-process (``instseg_core.families.Family.postprocess``): the raw outputs of
+    one graph call over ``len(image_hws)`` images -> one :class:`Instances` per image.
+
+    ``mask_scales`` (default 1 each) and ``rle`` as in :func:`box_instances`; ``strict`` keeps
+    ``score > threshold`` where PaddleX keeps ``score >= threshold`` (SOLOv2), so a threshold of 0
+    drops the models' zero-score padding rows.
+    """
+
+    def __call__(self, outputs: Sequence[np.ndarray], image_hws: Sequence[tuple[int, int]], threshold: float, *,
+                 mask_scales: Sequence[float] | None = None, rle: bool = False,
+                 strict: bool = False) -> list[Instances]: ...
+
+
+def box_outputs_to_instances(outputs: Sequence[np.ndarray], image_hws: Sequence[tuple[int, int]], threshold: float,
+                             *, mask_scales: Sequence[float] | None = None, rle: bool = False,
+                             strict: bool = False) -> list[Instances]:
+    """The :class:`PostProcess` of the box families (``bbox``, ``bbox_num``, ``mask``; a batch per
+    call). Their rule is already ``score > threshold``, so ``strict`` changes nothing."""
+    scales = [1.0] * len(image_hws) if mask_scales is None else mask_scales
+    per_image = split_box_outputs(outputs, len(image_hws))
+    return [box_instances(rows, masks, hw, threshold, mask_scale=scale, rle=rle)
+            for (rows, masks), hw, scale in zip(per_image, image_hws, scales)]
+
+
+def solov2_outputs_to_instances(outputs: Sequence[np.ndarray], image_hws: Sequence[tuple[int, int]],
+                                threshold: float, *, mask_scales: Sequence[float] | None = None, rle: bool = False,
+                                strict: bool = False) -> list[Instances]:
+    """The :class:`PostProcess` of SOLOv2, whose graph describes image 0 of its input only (one
+    image per call, as PaddleX runs it)."""
+    if len(image_hws) != 1:
+        raise OutputFormatError(f"a SOLOv2 graph describes one image per call, not {len(image_hws)}")
+    scale = 1.0 if mask_scales is None else mask_scales[0]
+    return [solov2_instances(outputs, image_hws[0], threshold, strict=strict, mask_scale=scale, rle=rle)]
 
 
 # [x, y, w, h] @ this = [x1, y1, x2, y2]

@@ -15,9 +15,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from instseg_core.families import family_of_arch
 from instseg_core.inference.engine import EngineOptions, InferenceEngine
 from instseg_core.inference.model_dir import ModelDir, resolve_model_dir
-from instseg_core.inference.postprocess import OutputFormatError, box_instances, solov2_instances, split_box_outputs
+from instseg_core.inference.postprocess import OutputFormatError
 from instseg_core.inference.preprocess import Preprocessor, Sample, collate
 from instseg_core.models import MODEL_SPECS
 from instseg_core.structures import Instances
@@ -53,6 +54,8 @@ class InstanceSegPredictor:
         self.mask_format = mask_format
         self.preprocessor = Preprocessor(model_dir.preprocess, source=str(model_dir.path / "inference.yml"))
         self.engine = InferenceEngine(model_dir.model_file, model_dir.params_file, engine_options, self.model_name)
+        # the graph's output convention follows its arch (MaskRCNN and Cascade share RCNN's)
+        self._to_instances = family_of_arch(model_dir.arch).postprocess
         spec = MODEL_SPECS.get(self.model_name or "")
         # PaddleX runs SOLOv2, PP-YOLOE_seg-S and Cascade one image at a time; their official graphs are
         # not trusted with batches. Dirs exported by instseg declare `batch_inference: true|false`.
@@ -128,12 +131,8 @@ class InstanceSegPredictor:
 
     def _postprocess(self, outputs: list[np.ndarray], samples: Sequence[Sample], thr: float,
                      rle: bool = False) -> list[Instances]:
-        if self.model_dir.is_solov2:
-            s = samples[0]
-            return [solov2_instances(outputs, s.orig_hw, thr, mask_scale=s.mask_scale, rle=rle)]
-        per_image = split_box_outputs(outputs, len(samples))
-        return [box_instances(rows, masks, s.orig_hw, thr, mask_scale=s.mask_scale, rle=rle)
-                for (rows, masks), s in zip(per_image, samples)]
+        return self._to_instances(outputs, [s.orig_hw for s in samples], thr,
+                                  mask_scales=[s.mask_scale for s in samples], rle=rle)
 
     # -- PaddleX-style API --------------------------------------------------------------------------
     def predict(self, input: Any, batch_size: int | None = None, threshold: float | None = None) -> Iterator[Any]:
