@@ -25,12 +25,9 @@ import paddle.nn as nn
 import yaml
 from paddle.static import InputSpec
 
-from .models import get_spec
+from instseg_core.models import family_of, get_spec
 
 __all__ = ["export_model", "convert_to_deploy"]
-
-# inference.yml `min_subgraph_size` per arch, as PaddleDetection's exporter writes it
-MIN_SUBGRAPH_SIZE = {"DETR": 3, "RCNN": 40, "SOLOv2": 60, "PPYOLOE": 3}
 
 # Detections at or below this score get no mask from PP-YOLOE_seg / Mask-RT-DETR exports (see
 # export_model): the R-CNN models' own box threshold, far below any labelling threshold.
@@ -46,62 +43,20 @@ def convert_to_deploy(model: nn.Layer) -> nn.Layer:
     return model
 
 
-class _PPYOLOESegExport(nn.Layer):
-    """``forward(im_shape, image, scale_factor)`` over a PPYOLOESeg, batch-capable post-process."""
+class _ExportGraph(nn.Layer):
+    """``forward(im_shape, image, scale_factor)``: the network's ``export_forward`` with the
+    export's settings (see :class:`~instseg_core.modeling.base.InstanceSegModel`)."""
 
-    def __init__(self, model: nn.Layer, input_hw: tuple[int, int], score_floor: float | None):
+    def __init__(self, model: nn.Layer, input_hw: tuple[int, int] | None, score_floor: float | None):
         super().__init__()
         self.model = model
-        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+        self.input_hw = input_hw
         self.score_floor = score_floor
 
-    def forward(self, im_shape, image, scale_factor):
-        head_outs = self.model.head_outputs(image)
-        return self.model.yolo_head.post_process_batch(head_outs, im_shape, scale_factor,
-                                                       input_hw=self.input_hw, score_floor=self.score_floor)
-
-
-class _SOLOv2Export(nn.Layer):
-    """``forward(im_shape, image, scale_factor)`` over a SOLOv2: image 0 of the batch (as the
-    reference's graph), any input size (a multiple of 32)."""
-
-    def __init__(self, model: nn.Layer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, im_shape, image, scale_factor):
-        cate_maps, kernel_maps, mask_feat = self.model.head_outputs(image)
-        return self.model.post_process(cate_maps, kernel_maps, mask_feat, im_shape, scale_factor)
-
-
-class _MaskRCNNExport(nn.Layer):
-    """``forward(im_shape, image, scale_factor)`` over a MaskRCNN / Cascade Mask R-CNN: one image
-    per call (batch 1, as PaddleX runs them), any input height and width."""
-
-    def __init__(self, model: nn.Layer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, im_shape, image, scale_factor):
-        return self.model({"image": image, "im_shape": im_shape, "scale_factor": scale_factor})
-
-
-class _MaskRTDETRExport(nn.Layer):
-    """``forward(im_shape, image, scale_factor)`` over a MaskRTDETR, batch-capable post-process
-    (each image's masks at its own original size, zero-padded to the largest of the batch)."""
-
-    def __init__(self, model: nn.Layer, score_floor: float | None):
-        from .modeling.heads.mask_rtdetr import mask_rtdetr_post_process_batch
-
-        super().__init__()
-        self.model = model
-        self.score_floor = score_floor
-        self._post_process = mask_rtdetr_post_process_batch  # (no relative import inside forward)
-
-    def forward(self, im_shape, image, scale_factor):
-        logits, boxes, masks, _ = self.model.head_outputs(image)
-        return self._post_process(logits[-1], boxes[-1], masks[-1], im_shape, scale_factor,
-                                  self.model.num_top_queries, score_floor=self.score_floor)
+    def forward(self, im_shape: paddle.Tensor, image: paddle.Tensor,
+                scale_factor: paddle.Tensor) -> dict[str, paddle.Tensor]:
+        return self.model.export_forward(im_shape, image, scale_factor, input_hw=self.input_hw,
+                                         score_floor=self.score_floor)
 
 
 # Keys a weights file may omit: constants the network sets itself (PP-YOLOE's DFL projection 0..16).
@@ -113,7 +68,7 @@ def _load_weights(model: nn.Layer, weights: Any, strict: bool) -> None:
     restricted unpickler, never ``paddle.load``) into ``model``. Missing or shape-mismatched keys
     are an error naming the first few unless ``strict=False`` (then a warning): an export with
     weights that fit nothing would otherwise give a full inference dir of random weights."""
-    from .modeling.weights import WeightsError, load_weights, read_pdparams
+    from instseg_core.modeling.weights import WeightsError, load_weights, read_pdparams
 
     if weights is None:
         return
@@ -157,13 +112,14 @@ def write_inference_yml(output_dir: str | os.PathLike, model_name: str, labels: 
     graph takes a batch in one call; false: one image per call) and ``score_floor`` (the graph
     drops detections scoring at or below it before drawing masks); returns its path."""
     spec = get_spec(model_name)
+    family = family_of(model_name)
     cfg: dict = {"mode": "paddle", "draw_threshold": float(draw_threshold), "metric": "COCO",
                  "use_dynamic_shape": False}
     if with_model_name:
         cfg["Global"] = {"model_name": model_name}
     cfg.update(
-        arch=spec.arch,
-        min_subgraph_size=MIN_SUBGRAPH_SIZE[spec.arch],
+        arch=family.arch,
+        min_subgraph_size=family.export.min_subgraph_size,
         mask=True,
         Preprocess=preprocess_for_size(spec.preprocess, input_size),
         label_list=[str(label) for label in labels],
@@ -179,10 +135,6 @@ def write_inference_yml(output_dir: str | os.PathLike, model_name: str, labels: 
 
 
 def _model_name_of(model: nn.Layer) -> str:
-    from .modeling.ppyoloe_seg import PPYOLOESeg
-
-    if isinstance(model, PPYOLOESeg):
-        return "PP-YOLOE_seg-S"
     name = getattr(model, "model_name", None)
     if name:
         return str(name)
@@ -209,19 +161,11 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
     when asked for a lower threshold. The R-CNN models already drop boxes at 0.05 (their NMS) and
     SOLOv2 at its matrix-NMS update threshold. Returns ``output_dir``.
     """
-    from .modeling.build import build_model
-    from .modeling.mask_rcnn import MaskRCNN
-    from .modeling.mask_rtdetr import MaskRTDETR
-    from .modeling.ppyoloe_seg import PPYOLOESeg
-    from .modeling.solov2 import SOLOv2
+    from instseg_core.modeling.build import build_model
 
     size = int(input_size) if input_size is not None else None
     if size is not None and (size < 32 or size % 32):
         raise ValueError(f"input_size must be a positive multiple of 32, got {input_size}")
-    # fixed-square families: the graph's H = W and the yml Resize target (default 640);
-    # keep-ratio families: the graph takes any size, the yml Resize short side (None: official 800)
-    square = size or 640
-    batch_dim = -1  # the graph's batch dimension (-1: any)
     if isinstance(model_or_name, str):
         name = model_or_name
         spec = get_spec(name)
@@ -235,34 +179,24 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
     _load_weights(model, weights, strict)
     model.eval()
     convert_to_deploy(model)
+    num_classes = int(model.num_classes)
 
-    if isinstance(model, PPYOLOESeg):
-        num_classes = int(model.yolo_head.num_classes)
-        net = _PPYOLOESegExport(model, (square, square), score_floor)
-        image_spec = InputSpec([-1, 3, square, square], "float32", "image")
-        batch_inference, resize_size = True, square
-    elif isinstance(model, MaskRTDETR):
-        num_classes = int(model.transformer.num_classes)
-        net = _MaskRTDETRExport(model, score_floor)
-        image_spec = InputSpec([-1, 3, square, square], "float32", "image")
-        batch_inference, resize_size = True, square
-    elif isinstance(model, SOLOv2):
-        num_classes = int(model.num_classes)
-        net = _SOLOv2Export(model)
-        image_spec = InputSpec([-1, 3, -1, -1], "float32", "image")  # keep-ratio resize: any size
-        batch_inference = False  # the post-process reads image 0 only (PaddleX runs it one at a time)
+    layout = family_of(name).export
+    batch_dim = layout.graph_batch  # the graph's batch dimension (-1: any)
+    if layout.square_input:
+        # the graph's H = W and the yml Resize target (default 640)
+        square = size or 640
+        input_hw: tuple[int, int] | None = (square, square)
+        image_spec = InputSpec([batch_dim, 3, square, square], "float32", "image")
+        resize_size = square
+    else:
+        # keep-ratio resize: the graph takes any size, the yml Resize short side (None: official 800)
+        input_hw = None
+        image_spec = InputSpec([batch_dim, 3, -1, -1], "float32", "image")
         resize_size = size
-        score_floor = None
-    elif isinstance(model, MaskRCNN):
-        num_classes = int(model.num_classes)
-        net = _MaskRCNNExport(model)
-        batch_dim = 1  # the R-CNN post-process handles one image per call in a graph
-        image_spec = InputSpec([batch_dim, 3, -1, -1], "float32", "image")  # keep-ratio resize: any size
-        batch_inference = False
-        resize_size = size
-        score_floor = None
-    else:  # pragma: no cover - every network build_model makes is one of the four above
-        raise NotImplementedError(f"export of {name!r} is not implemented yet")
+    if not layout.score_floor:
+        score_floor = None  # the family's graph drops low scores by its own rule (see above)
+    net = _ExportGraph(model, input_hw, score_floor)
     net.eval()
 
     if labels is None:
@@ -279,5 +213,5 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
         paddle.jit.save(net, str(out / "inference"), input_spec=specs)
 
     write_inference_yml(out, name, labels, draw_threshold=draw_threshold, input_size=resize_size,
-                        batch_inference=batch_inference, score_floor=score_floor)
+                        batch_inference=layout.batch_inference, score_floor=score_floor)
     return out

@@ -28,19 +28,20 @@ BatchNorm keeps its statistics and affine parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
 
-from .backbones.resnet import Res5Head, ResNet
-from .heads.roi_heads import (BBoxHead, BBoxPostProcess, CascadeHead, CascadeTwoFCHead, MaskFeat, MaskHead,
-                              RoIAlign, TwoFCHead, paste_masks)
-from .heads.rpn import AnchorGenerator, RPNHead
-from .losses.rcnn_loss import box_head_loss, flatten_rpn_outputs, mask_loss, rpn_loss
-from .losses.rcnn_targets import (RCNNTrainConfig, RoITargets, assign_anchors, mask_targets, nonempty_boxes,
-                                  sample_rois)
-from .necks.fpn import FPN
+from instseg_core.modeling.backbones.resnet import Res5Head, ResNet
+from instseg_core.modeling.base import InstanceSegModel
+from instseg_core.modeling.heads.roi_heads import (BBoxHead, BBoxPostProcess, CascadeHead, CascadeTwoFCHead, MaskFeat,
+                                                   MaskHead, RoIAlign, TwoFCHead, paste_masks)
+from instseg_core.modeling.heads.rpn import AnchorGenerator, RPNHead
+from instseg_core.modeling.losses.rcnn_loss import box_head_loss, flatten_rpn_outputs, mask_loss, rpn_loss
+from instseg_core.modeling.losses.rcnn_targets import (RCNNTrainConfig, RoITargets, assign_anchors, mask_targets,
+                                                       nonempty_boxes, sample_rois)
+from instseg_core.modeling.necks.fpn import FPN
 
 __all__ = ["MaskRCNN", "MaskRCNNConfig", "MASK_RCNN_CONFIGS", "MASK_RCNN_NAMES", "mask_rcnn"]
 
@@ -56,10 +57,10 @@ class MaskRCNNConfig:
     fpn: bool = True
     cascade: bool = False
     # training only: per-stage learning-rate multipliers of res2..res5 (the SSLDv2 config's lr_mult_list)
-    backbone_lr_mult: Optional[Tuple[float, float, float, float]] = None
+    backbone_lr_mult: tuple[float, float, float, float] | None = None
 
 
-MASK_RCNN_CONFIGS: Dict[str, MaskRCNNConfig] = {
+MASK_RCNN_CONFIGS: dict[str, MaskRCNNConfig] = {
     "MaskRCNN-ResNet50": MaskRCNNConfig(fpn=False),
     "MaskRCNN-ResNet50-FPN": MaskRCNNConfig(),
     "MaskRCNN-ResNet50-vd-FPN": MaskRCNNConfig(variant="d"),
@@ -74,16 +75,17 @@ MASK_RCNN_CONFIGS: Dict[str, MaskRCNNConfig] = {
 MASK_RCNN_NAMES = tuple(MASK_RCNN_CONFIGS)
 
 
-class MaskRCNN(nn.Layer):
+class MaskRCNN(InstanceSegModel):
     """Backbone (+ FPN) -> RPN -> box head (single or cascade) -> NMS -> mask head -> paste.
 
     ``predict(inputs)`` also returns the intermediate results (proposals, per-proposal deltas
-    and scores, the boxes before rescaling, the per-box mask probabilities) for checking.
+    and scores, the boxes before rescaling, the per-box mask probabilities) for checking; the eval
+    forward and the exported graph return ``bbox``, ``bbox_num`` and ``mask`` only.
     """
 
-    def __init__(self, backbone: nn.Layer, neck: Optional[nn.Layer], rpn_head: RPNHead, bbox_head: nn.Layer,
+    def __init__(self, backbone: nn.Layer, neck: nn.Layer | None, rpn_head: RPNHead, bbox_head: nn.Layer,
                  mask_head: MaskHead, bbox_post_process: BBoxPostProcess, mask_threshold: float = 0.5,
-                 model_name: Optional[str] = None, train_cfg: Optional[RCNNTrainConfig] = None):
+                 model_name: str | None = None, train_cfg: RCNNTrainConfig | None = None):
         super().__init__()
         self.backbone = backbone
         # (the cascade reference registers its neck after the box head: same keys, listed in its order)
@@ -100,7 +102,7 @@ class MaskRCNN(nn.Layer):
         self.num_classes = bbox_post_process.num_classes
         self.train_cfg = train_cfg or RCNNTrainConfig()
 
-    def predict(self, inputs: Dict[str, paddle.Tensor]) -> Dict[str, object]:
+    def predict(self, inputs: dict[str, paddle.Tensor]) -> dict[str, object]:
         """The final outputs (``bbox``, ``bbox_num``, ``mask``) plus the intermediate results."""
         image, im_shape, scale_factor = inputs["image"], inputs["im_shape"], inputs["scale_factor"]
         body_feats = self.backbone(image)
@@ -123,7 +125,7 @@ class MaskRCNN(nn.Layer):
         return out
 
     def to_original_images(self, bbox: paddle.Tensor, bbox_num: paddle.Tensor, mask_probs: paddle.Tensor,
-                           im_shape: paddle.Tensor, scale_factor: paddle.Tensor) -> Dict[str, paddle.Tensor]:
+                           im_shape: paddle.Tensor, scale_factor: paddle.Tensor) -> dict[str, paddle.Tensor]:
         """Per image: boxes to original pixels, masks pasted at the original size and thresholded."""
         out_bbox, out_mask, out_num = [], [], []
         batch = int(im_shape.shape[0])
@@ -167,18 +169,9 @@ class MaskRCNN(nn.Layer):
         probs = paddle.slice(paddle.concat([probs, fake_probs]), axes=[0], starts=[0], ends=[keep[0]])
         return rows, probs, keep
 
-    def forward(self, inputs: Dict[str, paddle.Tensor],
-                targets: Optional[List[Dict[str, paddle.Tensor]]] = None) -> Dict[str, paddle.Tensor]:
-        if self.training:
-            if targets is None:
-                raise ValueError("training forward needs targets: model(inputs, targets)")
-            return self.losses(inputs, targets)
-        out = self.predict(inputs)
-        return {k: out[k] for k in ("bbox", "bbox_num", "mask")}
-
     # ------------------------------------------------------------------------------- training
-    def losses(self, inputs: Dict[str, paddle.Tensor],
-               targets: List[Dict[str, paddle.Tensor]]) -> Dict[str, paddle.Tensor]:
+    def losses(self, inputs: dict[str, paddle.Tensor],
+               targets: list[dict[str, paddle.Tensor]]) -> dict[str, paddle.Tensor]:
         """Training losses of one batch: RPN on sampled anchors, box head(s) on sampled RoIs, mask
         head on their foreground; ``loss`` is the sum of the terms."""
         image, im_shape = inputs["image"], inputs["im_shape"]
@@ -220,12 +213,12 @@ class MaskRCNN(nn.Layer):
         losses["loss"] = paddle.add_n(list(losses.values()))
         return losses
 
-    def _cascade_box_losses(self, feats: Sequence[paddle.Tensor], roi_targets: List[RoITargets],
-                            gts: List[Dict[str, paddle.Tensor]], im_shape: paddle.Tensor) -> Dict[str, paddle.Tensor]:
+    def _cascade_box_losses(self, feats: Sequence[paddle.Tensor], roi_targets: list[RoITargets],
+                            gts: list[dict[str, paddle.Tensor]], im_shape: paddle.Tensor) -> dict[str, paddle.Tensor]:
         """Each stage trains on the previous stage's refined boxes (no gradient through them),
         relabelled with its own IoU threshold and not resampled; its terms are scaled by its weight."""
         cfg = self.train_cfg
-        losses: Dict[str, paddle.Tensor] = {}
+        losses: dict[str, paddle.Tensor] = {}
         targets = roi_targets
         for stage in range(self.bbox_head.num_stages):
             if stage > 0:
@@ -242,8 +235,8 @@ class MaskRCNN(nn.Layer):
                 losses[f"{k}_stage{stage}"] = v * cfg.cascade_stage_loss_weights[stage]
         return losses
 
-    def _mask_loss(self, feats: Sequence[paddle.Tensor], roi_targets: List[RoITargets],
-                   gts: List[Dict[str, paddle.Tensor]], head_feat: Optional[paddle.Tensor]) -> paddle.Tensor:
+    def _mask_loss(self, feats: Sequence[paddle.Tensor], roi_targets: list[RoITargets],
+                   gts: list[dict[str, paddle.Tensor]], head_feat: paddle.Tensor | None) -> paddle.Tensor:
         """BCE of the mask logits of the foreground RoIs against their GT masks resampled into them."""
         resolution = self.train_cfg.mask_resolution
         rois, labels, masks, index = [], [], [], []
@@ -270,7 +263,7 @@ class MaskRCNN(nn.Layer):
         return mask_loss(logits, paddle.concat(labels), paddle.concat(masks)) * weight
 
     @staticmethod
-    def _rois(targets: List[RoITargets]) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
+    def _rois(targets: list[RoITargets]) -> tuple[list[paddle.Tensor], paddle.Tensor]:
         """The RoIs of each image and their counts (int32 [B]), as the RoI extractors take them."""
         return [t.rois for t in targets], paddle.to_tensor([int(t.rois.shape[0]) for t in targets], dtype="int32")
 
@@ -281,7 +274,7 @@ class MaskRCNN(nn.Layer):
         return paddle.gather(boxes, keep) if keep.shape[0] > 0 else boxes[:1]
 
     @staticmethod
-    def _valid_instances(target: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
+    def _valid_instances(target: dict[str, paddle.Tensor]) -> dict[str, paddle.Tensor]:
         """Labels (int64), boxes and masks of the instances whose box has a positive area."""
         boxes = target["boxes"].astype("float32").reshape([-1, 4])
         keep = nonempty_boxes(boxes)

@@ -12,31 +12,29 @@ per mask; the matcher's mask costs are dense on the stride-4 grid).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
 import paddle
-import paddle.nn as nn
 
-from .backbones.hgnetv2 import hgnetv2
-from .heads.mask_rtdetr import (MaskRTDETRTransformer, mask_rtdetr_post_process,
-                                 mask_rtdetr_post_process_batch)
-from .losses.box_ops import xyxy_to_cxcywh
-from .losses.detr_loss import MaskDINOLoss
-from .necks.mask_hybrid_encoder import MASK_HYBRID_ENCODER_CONFIGS, mask_hybrid_encoder
+from instseg_core.modeling.backbones.hgnetv2 import hgnetv2
+from instseg_core.modeling.base import InstanceSegModel
+from instseg_core.modeling.heads.mask_rtdetr import (MaskRTDETRTransformer, mask_rtdetr_post_process,
+                                                     mask_rtdetr_post_process_batch)
+from instseg_core.modeling.losses.box_ops import xyxy_to_cxcywh
+from instseg_core.modeling.losses.detr_loss import MaskDINOLoss
+from instseg_core.modeling.necks.mask_hybrid_encoder import MASK_HYBRID_ENCODER_CONFIGS, mask_hybrid_encoder
 
 __all__ = ["MaskRTDETR", "mask_rtdetr", "normalize_targets"]
 
 
-class MaskRTDETR(nn.Layer):
+class MaskRTDETR(InstanceSegModel):
     """``forward({'image', 'im_shape', 'scale_factor'})`` -> ``{'bbox', 'bbox_num', 'mask'}``.
 
     ``bbox`` [100,6] float32 = [class, score, x1, y1, x2, y2] in original-image pixels (not clipped),
     ``bbox_num`` [1] int32, ``mask`` [100,H0,W0] uint8. A batch of B images gives
     [B*100,6] / [B] / [B*100,Hmax,Wmax]: each image's masks at its own original size, padded with 0.
-    In training mode ``forward(inputs, targets)`` returns the loss dict instead.
+    In training mode ``forward(inputs, targets)`` returns the loss dict instead (:meth:`losses`).
     """
 
-    def __init__(self, backbone: nn.Layer, transformer: MaskRTDETRTransformer, neck: nn.Layer,
+    def __init__(self, backbone: paddle.nn.Layer, transformer: MaskRTDETRTransformer, neck: paddle.nn.Layer,
                  num_top_queries: int = 100):
         super().__init__()
         self.backbone = backbone
@@ -46,18 +44,19 @@ class MaskRTDETR(nn.Layer):
         # a plain object, not a sub-layer: it has no parameters and stays out of state_dict()
         self.criterion = MaskDINOLoss(transformer.num_classes)
 
-    def head_outputs(self, image: paddle.Tensor, query_index: Optional[paddle.Tensor] = None):
+    @property
+    def num_classes(self) -> int:
+        """The number of classes the queries score."""
+        return self.transformer.num_classes
+
+    def head_outputs(self, image: paddle.Tensor, query_index: paddle.Tensor | None = None):
         """Eval transformer outputs (reference nesting); ``query_index`` replaces the query selection
         (``MaskRTDETRTransformer.select_queries``)."""
         feats, mask_feat = self.neck(self.backbone(image))
         return self.transformer(feats, mask_feat, query_index=query_index)
 
-    def forward(self, inputs: Dict[str, paddle.Tensor],
-                targets: Optional[List[Dict[str, paddle.Tensor]]] = None):
-        if self.training:
-            if targets is None:
-                raise ValueError("MaskRTDETR in training mode needs targets: model(inputs, targets)")
-            return self.loss(inputs["image"], targets)
+    def predict(self, inputs: dict[str, paddle.Tensor]) -> dict[str, paddle.Tensor]:
+        """Detections of a batch (see the class docstring)."""
         logits, boxes, masks, _ = self.head_outputs(inputs["image"])
         if int(inputs["image"].shape[0]) != 1:
             return mask_rtdetr_post_process_batch(logits[-1], boxes[-1], masks[-1], inputs["im_shape"],
@@ -65,16 +64,27 @@ class MaskRTDETR(nn.Layer):
         return mask_rtdetr_post_process(logits[-1], boxes[-1], masks[-1], inputs["im_shape"],
                                         inputs["scale_factor"], self.num_top_queries)
 
-    def loss(self, image: paddle.Tensor, targets: List[Dict[str, paddle.Tensor]]) -> Dict[str, paddle.Tensor]:
+    def export_forward(self, im_shape: paddle.Tensor, image: paddle.Tensor, scale_factor: paddle.Tensor, *,
+                       input_hw: tuple[int, int] | None = None,
+                       score_floor: float | None = None) -> dict[str, paddle.Tensor]:
+        """The batch-capable post-process (each image's masks at its own original size, zero-padded
+        to the largest of the batch), with ``score_floor`` (see the base class)."""
+        logits, boxes, masks, _ = self.head_outputs(image)
+        return mask_rtdetr_post_process_batch(logits[-1], boxes[-1], masks[-1], im_shape, scale_factor,
+                                              self.num_top_queries, score_floor=score_floor)
+
+    def losses(self, inputs: dict[str, paddle.Tensor],
+               targets: list[dict[str, paddle.Tensor]]) -> dict[str, paddle.Tensor]:
         """Training losses of a batch; ``targets`` boxes are xyxy input pixels (data module format)."""
+        image = inputs["image"]
         norm = normalize_targets(targets, int(image.shape[2]), int(image.shape[3]))
         feats, mask_feat = self.neck(self.backbone(image))
         out = self.transformer(feats, mask_feat, norm)
         return self.criterion(out.predictions, norm, out.dn_predictions, out.dn_group)
 
 
-def normalize_targets(targets: List[Dict[str, paddle.Tensor]], height: int, width: int
-                      ) -> List[Dict[str, paddle.Tensor]]:
+def normalize_targets(targets: list[dict[str, paddle.Tensor]], height: int, width: int
+                      ) -> list[dict[str, paddle.Tensor]]:
     """xyxy input-pixel boxes -> cxcywh normalised by the input size (what the queries predict)."""
     scale = paddle.to_tensor([width, height, width, height], dtype="float32")
     out = []
@@ -87,6 +97,7 @@ def normalize_targets(targets: List[Dict[str, paddle.Tensor]], height: int, widt
 
 
 def mask_rtdetr(size: str, num_classes: int = 80) -> MaskRTDETR:
+    """Mask-RT-DETR of ``size`` (S, M, L, X or H) with ``num_classes`` classes."""
     size = size.upper()
     if size not in MASK_HYBRID_ENCODER_CONFIGS:
         raise ValueError(f"unknown Mask-RT-DETR size {size!r}; expected S, M, L, X or H")
@@ -94,5 +105,5 @@ def mask_rtdetr(size: str, num_classes: int = 80) -> MaskRTDETR:
     transformer = MaskRTDETRTransformer(in_channels=cfg["hidden_dim"], hidden_dim=256,
                                         num_classes=num_classes, num_prototypes=cfg["num_prototypes"])
     model = MaskRTDETR(hgnetv2(size), transformer, mask_hybrid_encoder(size))
-    model.model_name = f"Mask-RT-DETR-{size}"  # export_model reads it
+    model.model_name = f"Mask-RT-DETR-{size}"  # the official name tells the family (export, evaluation)
     return model

@@ -27,16 +27,18 @@ Reference quirks kept on purpose:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .backbones.resnet import ResNet
-from .heads.solov2_head import SOLOv2Head, SOLOv2MaskHead
-from .losses.solov2_loss import SOLOv2Loss
-from .necks.fpn import FPN
+from instseg_core.families import SOLOV2_OUTPUTS
+from instseg_core.modeling.backbones.resnet import ResNet
+from instseg_core.modeling.base import InstanceSegModel
+from instseg_core.modeling.heads.solov2_head import SOLOv2Head, SOLOv2MaskHead
+from instseg_core.modeling.losses.solov2_loss import SOLOv2Loss
+from instseg_core.modeling.necks.fpn import FPN
 
 __all__ = ["SOLOv2", "mask_matrix_nms", "solov2"]
 
@@ -49,7 +51,7 @@ def _sort_desc(scores: paddle.Tensor, top_n: int) -> paddle.Tensor:
 def mask_matrix_nms(seg_probs: paddle.Tensor, seg_masks: paddle.Tensor, labels: paddle.Tensor,
                     scores: paddle.Tensor, areas: paddle.Tensor, *, update_threshold: float = 0.05,
                     pre_nms_top_n: int = 500, post_nms_top_n: int = 100,
-                    sigma: float = 2.0) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+                    sigma: float = 2.0) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
     """Matrix NMS over masks (SOLOv2 paper, section 3.3.3), Gaussian kernel, in parallel.
 
     Instead of suppressing sequentially, each mask j's score is multiplied by
@@ -92,7 +94,7 @@ def mask_matrix_nms(seg_probs: paddle.Tensor, seg_masks: paddle.Tensor, labels: 
     return paddle.gather(seg_probs, order), paddle.gather(scores, order), paddle.gather(labels, order)
 
 
-class SOLOv2(nn.Layer):
+class SOLOv2(InstanceSegModel):
     """Eval: ``forward({'image', 'im_shape', 'scale_factor'})`` -> ``{'bbox_num', 'cate_label',
     'cate_score', 'segm'}`` (the reference's output names, sorted: the exported graph's order).
 
@@ -104,7 +106,8 @@ class SOLOv2(nn.Layer):
     any batch size, any input size that is a multiple of 32.
     """
 
-    model_name = "SOLOv2"  # the official name (export looks it up)
+    model_name = "SOLOv2"  # the official name (tells the family: export, evaluation)
+    output_keys = SOLOV2_OUTPUTS
 
     def __init__(self, backbone: nn.Layer, neck: nn.Layer, solov2_head: SOLOv2Head,
                  mask_head: SOLOv2MaskHead, update_threshold: float = 0.05, pre_nms_top_n: int = 500,
@@ -123,6 +126,7 @@ class SOLOv2(nn.Layer):
 
     @property
     def num_classes(self) -> int:
+        """The number of classes the category branch scores."""
         return self.solov2_head.num_classes
 
     def head_outputs(self, image: paddle.Tensor):
@@ -132,14 +136,15 @@ class SOLOv2(nn.Layer):
         cate_maps, kernel_maps = self.solov2_head(feats)
         return cate_maps, kernel_maps, mask_feat
 
-    def forward(self, inputs: Dict[str, paddle.Tensor],
-                targets: Optional[List[Dict[str, paddle.Tensor]]] = None) -> Dict[str, paddle.Tensor]:
-        if self.training:
-            if targets is None:
-                raise ValueError("training forward needs targets: model(inputs, targets)")
-            # in training mode the head returns raw category logits [B, C, S, S]
-            cate_logits, kernel_maps, mask_feat = self.head_outputs(inputs["image"])
-            return self.criterion(cate_logits, kernel_maps, mask_feat, targets)
+    def losses(self, inputs: dict[str, paddle.Tensor],
+               targets: list[dict[str, paddle.Tensor]]) -> dict[str, paddle.Tensor]:
+        """Training losses of a batch (see the class docstring)."""
+        # in training mode the head returns raw category logits [B, C, S, S]
+        cate_logits, kernel_maps, mask_feat = self.head_outputs(inputs["image"])
+        return self.criterion(cate_logits, kernel_maps, mask_feat, targets)
+
+    def predict(self, inputs: dict[str, paddle.Tensor]) -> dict[str, paddle.Tensor]:
+        """Instances of image 0 (also the exported graph's body)."""
         cate_maps, kernel_maps, mask_feat = self.head_outputs(inputs["image"])
         return self.post_process(cate_maps, kernel_maps, mask_feat, inputs["im_shape"],
                                  inputs["scale_factor"])
@@ -153,7 +158,7 @@ class SOLOv2(nn.Layer):
 
     def post_process(self, cate_maps: Sequence[paddle.Tensor], kernel_maps: Sequence[paddle.Tensor],
                      mask_feat: paddle.Tensor, im_shape: paddle.Tensor,
-                     scale_factor: paddle.Tensor) -> Dict[str, paddle.Tensor]:
+                     scale_factor: paddle.Tensor) -> dict[str, paddle.Tensor]:
         """Instances of image 0 from the head outputs (see the module docstring)."""
         head = self.solov2_head
         num_classes, kernel_dim = head.num_classes, head.kernel_out_channels

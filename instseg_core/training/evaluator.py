@@ -55,10 +55,11 @@ def _square_predictor(model: nn.Layer, input_size: int, mean: Sequence[float], s
 def _preprocess_predictor(model: nn.Layer, preprocess: Sequence[dict[str, Any]],
                           score_threshold: float) -> ImagePredictor:
     """The exported predictor's pre- and post-processing around the dygraph ``model`` (batch 1)."""
-    from instseg_core.inference.postprocess import box_instances, solov2_instances, split_box_outputs
     from instseg_core.inference.preprocess import Preprocessor, collate
+    from instseg_core.models import family_of
 
     preprocessor = Preprocessor(preprocess, source="evaluation preprocess")
+    postprocess = family_of(model.model_name).postprocess  # its family's, as its exported predictor runs
 
     def predict(rgb: np.ndarray) -> Instances:
         # The predictor takes BGR (as cv2 decodes files); the swap back is exact.
@@ -66,10 +67,8 @@ def _preprocess_predictor(model: nn.Layer, preprocess: Sequence[dict[str, Any]],
         out = model({k: paddle.to_tensor(v) for k, v in collate([sample]).items()})
         # the graph's outputs are the sorted keys of this dict; the postprocess reads them in that order
         outputs = [out[k].numpy() for k in sorted(out)]
-        if "segm" in out:  # SOLOv2: bbox_num, cate_label, cate_score, segm; boxes = the masks' extents
-            return solov2_instances(outputs, sample.orig_hw, score_threshold, strict=True)
-        (rows, masks), = split_box_outputs(outputs, 1)
-        return box_instances(rows, masks, sample.orig_hw, score_threshold)
+        # strict: score > threshold for SOLOv2 too, so threshold 0 drops its zero-score padding row
+        return postprocess(outputs, [sample.orig_hw], score_threshold, strict=True)[0]
 
     return predict
 
