@@ -8,6 +8,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+# test scaffolding some benchmarks reuse (tiny_models: stand-in model dirs); after the repo, so it shadows nothing
+if str(REPO / "tests") not in sys.path:
+    sys.path.append(str(REPO / "tests"))
 
 
 def image_pool() -> list[Path]:

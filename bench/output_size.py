@@ -36,7 +36,7 @@ MODEL = "MaskRCNN-ResNet50-FPN"
 def run_pipeline(tmp: Path, n: int | None) -> Path:
     import ray
 
-    from instseg_core.tiny_models import export_tiny_model
+    from tiny_models import export_tiny_model
     from pipelines.batch_predict import BatchPredictConfig, run_batch_predict
 
     pool = image_pool()[:n] if n else image_pool()

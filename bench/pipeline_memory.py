@@ -175,7 +175,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=240, help="per job, seconds")
     args = ap.parse_args()
 
-    from instseg_core.tiny_models import export_tiny_model
+    sys.path.insert(0, str(REPO / "tests"))  # the tiny stand-in models are test scaffolding
+    from tiny_models import export_tiny_model
 
     mib = 1 << 20
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp_s:

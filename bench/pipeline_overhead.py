@@ -118,7 +118,7 @@ def main() -> None:
 
     from instseg_core import create_model
     from instseg_core.inputs import decode_image_bytes
-    from instseg_core.tiny_models import export_tiny_model
+    from tiny_models import export_tiny_model
 
     _patch_progress()
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp_s:

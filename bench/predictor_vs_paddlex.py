@@ -25,9 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the tiny stand-in models are test scaffolding
 
 from instseg_core import create_model  # noqa: E402
-from instseg_core.tiny_models import export_tiny_model  # noqa: E402
+from tiny_models import export_tiny_model  # noqa: E402
 
 # (model, batch size): PaddleX cannot batch keep-ratio models (MaskRCNN, Cascade, SOLOv2) over images of
 # different sizes (np.stack fails), so for those its batch-4 figure is its batch-1 figure.

@@ -66,7 +66,7 @@ def test_images(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """Exported tiny models, one per name asked for, cached for the session."""
-    from instseg_core.tiny_models import export_tiny_model
+    from tiny_models import export_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     cache: dict[str, Path] = {}

@@ -19,7 +19,7 @@ from instseg_core import create_model
 from instseg_core.inference.model_dir import ModelDirError
 from instseg_core.inputs import InputError
 from instseg_core.masks import decode_rle
-from instseg_core.tiny_models import build_tiny_model, input_specs
+from tiny_models import build_tiny_model, input_specs
 
 FAMILY_MODELS = ["MaskRCNN-ResNet50-FPN", "MaskRCNN-ResNet50", "Cascade-MaskRCNN-ResNet50-FPN", "Mask-RT-DETR-M",
                  "PP-YOLOE_seg-S", "SOLOv2"]

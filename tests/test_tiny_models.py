@@ -9,7 +9,7 @@ import yaml
 from paddle import inference as paddle_infer
 
 from instseg_core.models import MODEL_NAMES, MODEL_SPECS
-from instseg_core.tiny_models import (
+from tiny_models import (
     FAMILIES,
     INPUT_NAMES,
     OUTPUT_NAMES,

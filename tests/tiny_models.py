@@ -20,6 +20,9 @@ quirk when degenerate boxes are dropped.
 Batching is real and exact: each image is resampled from its own unpadded region (``im_shape``)
 with integer gather indices and upsampled on a per-image grid, so a padded batch gives bit-for-bit
 the per-image results of running the images alone (no float drift that could flip mask pixels).
+
+Test and benchmark scaffolding, not part of the package: tests import it as ``tiny_models`` (pytest
+puts ``tests/`` on ``sys.path``), benchmarks after adding ``tests/`` to it.
 """
 
 from __future__ import annotations
@@ -34,28 +37,16 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.static import InputSpec
 
-from .export import write_inference_yml
-from .models import (
-    CASCADE_RCNN,
-    MASK_RTDETR,
-    MASKRCNN,
-    PPYOLOE_SEG,
-    SOLOV2,
-    get_spec,
-)
+from instseg_core.export import write_inference_yml
+from instseg_core.families import CASCADE_RCNN, FAMILIES as FAMILY_RECORDS, MASKRCNN, PPYOLOE_SEG, SOLOV2
+from instseg_core.models import get_spec
 
 __all__ = ["FAMILIES", "INPUT_NAMES", "NUM_SLOTS", "OUTPUT_NAMES", "build_tiny_model", "export_tiny_model", "input_specs"]
 
-FAMILIES: tuple[str, ...] = (MASK_RTDETR, MASKRCNN, CASCADE_RCNN, SOLOV2, PPYOLOE_SEG)
+FAMILIES: tuple[str, ...] = tuple(FAMILY_RECORDS)
 INPUT_NAMES: tuple[str, ...] = ("im_shape", "image", "scale_factor")
 # Output order of the saved program (PIR names them fetch_name_0..): sorted keys of the dict.
-OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
-    MASK_RTDETR: ("bbox", "bbox_num", "mask"),
-    MASKRCNN: ("bbox", "bbox_num", "mask"),
-    CASCADE_RCNN: ("bbox", "bbox_num", "mask"),
-    PPYOLOE_SEG: ("bbox", "bbox_num", "mask"),
-    SOLOV2: ("bbox_num", "cate_label", "cate_score", "segm"),
-}
+OUTPUT_NAMES: dict[str, tuple[str, ...]] = {name: f.output_keys for name, f in FAMILY_RECORDS.items()}
 
 
 _SAMPLE = 64  # the image is resampled to _SAMPLE x _SAMPLE, then avg-pooled 2x: cheap at any size
@@ -268,8 +259,8 @@ def export_tiny_model(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m instseg_core.tiny_models --model NAME --output DIR``: export a tiny model dir
-    (used by ``make demo``; skipped when DIR already holds one)."""
+    """``python tests/tiny_models.py --model NAME --output DIR``: export a tiny model dir (skipped
+    when DIR already holds one)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
