@@ -48,6 +48,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from instseg_core.io import open_uri
+
 __all__ = ["STAT_KEYS", "IOU_TYPES", "BACKENDS", "EvaluationError", "evaluate_coco", "ap_summary_lines",
            "summary_text", "load_json"]
 
@@ -72,17 +74,23 @@ class EvaluationError(ValueError):
 
 
 def load_json(source: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Any:
-    """Parse a JSON file from a local path or any fsspec URL (``s3://``...)."""
-    import fsspec
-
+    """Parse a JSON file from a local path or any fsspec URL (``s3://``...; S3 settings as
+    :class:`instseg_core.io.S3Options` finds them, ``storage_options`` on top)."""
     src = os.fspath(source)
     try:
-        with fsspec.open(src, "rb", **dict(storage_options or {})) as f:
+        with open_uri(src, "rb", **dict(storage_options or {})) as f:
             return json.load(f)
     except FileNotFoundError:
         raise EvaluationError(f"{src} does not exist") from None
     except json.JSONDecodeError as e:
         raise EvaluationError(f"{src} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+
+
+def _loaded(source: Any, what: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """``source`` parsed when it is a path or URL, else as given; and the name messages call it by."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_json(source, storage_options), os.fspath(source)
+    return source, what
 
 
 def _ids(values: Iterable[Any], limit: int = 10) -> str:
@@ -282,16 +290,10 @@ def evaluate_coco(gt: str | os.PathLike[str] | Mapping[str, Any],
             raise ValueError(f"unknown iou type {t!r}; expected some of {IOU_TYPES}")
     _backend_classes(backend)  # fail on a bad or missing backend before any work
 
-    gt_src = "ground truth"
-    if isinstance(gt, (str, os.PathLike)):
-        gt_src = os.fspath(gt)
-        gt = load_json(gt, storage_options)
+    gt, gt_src = _loaded(gt, "ground truth", storage_options)
     if not isinstance(gt, Mapping):
         raise EvaluationError(f"{gt_src}: ground truth must be a COCO dataset (a JSON object)")
-    res_src = "results"
-    if isinstance(results, (str, os.PathLike)):
-        res_src = os.fspath(results)
-        results = load_json(results, storage_options)
+    results, res_src = _loaded(results, "results", storage_options)
     if not isinstance(results, list):
         raise EvaluationError(f"{res_src}: results must be a JSON list of detections, not a {type(results).__name__}")
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import cv2
 import numpy as np
 
-from instseg_core.io import redact
+from instseg_core.io import is_http, read_uri, redact, url_to_fs
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff",
@@ -98,7 +98,7 @@ def iter_input_items(inputs: Any) -> Iterator[str | np.ndarray]:
 
 
 def _expand_location(location: str) -> Iterator[str]:
-    if _is_http(location):
+    if is_http(location):
         yield location
     elif "://" in location:
         yield from _expand_fsspec(location)
@@ -121,10 +121,8 @@ def _list_local_dir(directory: str) -> list[str]:
 
 
 def _expand_fsspec(url: str) -> list[str]:
-    import fsspec  # imported here: local-only use should not pay for it
-
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = url_to_fs(url)
         # An image suffix means a file: skip the isdir round trip (one request per object on S3).
         if has_image_suffix(path) or not fs.isdir(path):
             return [url]
@@ -166,7 +164,7 @@ def load_pages(item: str | np.ndarray) -> list[ImageItem]:
 
 def read_bytes(location: str) -> bytes:
     """The raw bytes of a local path, http(s) URL or fsspec URL; errors name the location."""
-    if _is_http(location):
+    if is_http(location):
         return _download(location)
     if "://" in location:
         return _read_fsspec(location)
@@ -209,11 +207,8 @@ def _download(url: str) -> bytes:
 
 
 def _read_fsspec(url: str) -> bytes:
-    import fsspec
-
     try:
-        with fsspec.open(url, "rb") as f:
-            return f.read()
+        return read_uri(url)
     except FileNotFoundError:
         raise InputError(f"{url} does not exist", "not_found") from None
     except Exception as exc:  # noqa: BLE001 - backends raise many types; name the input
@@ -337,10 +332,6 @@ def _array_to_bgr(array: np.ndarray) -> np.ndarray:
     if array.ndim == 3 and array.shape[2] == 3:
         return array
     raise InputError(f"numpy array input has shape {array.shape}; expected HxWx3 (BGR), HxW, HxWx1 or HxWx4")
-
-
-def _is_http(location: str) -> bool:
-    return location.lower().startswith(("http://", "https://"))
 
 
 def _short_repr(obj: Any, limit: int = 60) -> str:

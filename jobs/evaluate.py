@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _record_failure(cfg, error: BaseException) -> None:
     """PaddleX's failure record in OUT/evaluate_result.json (best effort: the error is what matters)."""
+    from instseg_core.io import join
     from pipelines.evaluate import RESULT_FILE
     from pipelines.sinks import write_json
-    from pipelines.storage import join
 
     try:
         write_json(join(cfg.output, RESULT_FILE),

@@ -44,10 +44,10 @@ def check_job(cfg: dict, args: argparse.Namespace) -> None:
     import os
 
     from instseg_core.datasets.coco import DatasetError
+    from instseg_core.io import S3Options, fsspec_fs, is_remote
     from instseg_core.training.engine import TrainSettings
     from pipelines.batch_predict import JobSettingsError, storage_errors
     from pipelines.evaluate import load_eval_dataset
-    from pipelines.storage import S3Options, fsspec_fs, is_remote
 
     if args.num_workers < 1 or args.max_failures < 0 or args.cpus_per_worker <= 0:
         raise JobSettingsError("--num-workers and --cpus-per-worker must be positive, --max-failures >= 0")

@@ -18,8 +18,8 @@ import os
 import sys
 from typing import Sequence
 
+from instseg_core.io import S3Options
 from jobs._common import add_ray_flags, connect_ray
-from pipelines.storage import S3Options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,8 +62,8 @@ def check_job(args: argparse.Namespace, s3: S3Options) -> None:
     """Numbers in range, the output not a file, the dataset's root found (and its storage
     reachable); raises :class:`pipelines.batch_predict.JobSettingsError` with one line."""
     from instseg_core.datasets.coco import DatasetError, find_dataset_root
+    from instseg_core.io import is_remote
     from pipelines.batch_predict import JobSettingsError, storage_errors
-    from pipelines.storage import is_remote
     from pipelines.validate import find_remote_root
 
     for name in ("sample_num", "max_examples", "batch_size"):

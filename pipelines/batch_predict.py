@@ -36,11 +36,11 @@ from instseg_core.inference.memory import estimate_predictor_memory
 from instseg_core.inference.predictor import check_max_mask_side, check_threshold
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
 from instseg_core.progress import eta_seconds, format_duration
+from instseg_core.io import S3Options, fsspec_fs, is_remote, is_s3, join, redact, storage_error_message
 from pipelines.rows import ROW_SCHEMA, error_row, ok_row, rows_to_table
 from pipelines.settings import PredictionSettings
 from pipelines.shards import Shard, SourceError, expand_shard, input_root, probe_input
 from pipelines.sinks import done_ids_of, write_part
-from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, redact, storage_error_message
 
 log = logging.getLogger("instseg")
 
@@ -570,7 +570,6 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
     from pipelines.merge import write_outputs
     from pipelines.shards import load_or_make_plan
     from pipelines.sinks import clear_markers, done_shards, list_parts, parts_by_shard, write_json
-    from pipelines.storage import join
 
     cfg.run_id = cfg.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     s3 = cfg.s3()

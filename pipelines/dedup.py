@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from instseg_core.io import S3Options, fsspec_fs, join, redact, write_bytes_atomic
 from pipelines.rows import image_id_for
-from pipelines.storage import S3Options, join, redact, write_bytes_atomic
 
 GROUP_SHARDS = 100  # shards per map task and per drops file
 MAX_BUCKETS = 64
@@ -104,8 +104,6 @@ def find_repeats(shards: Sequence[Any], uris_of: Callable[[Any, S3Options | None
 
 def repeated_lines(drops_file: str, shard_index: int, s3: S3Options | None = None) -> np.ndarray:
     """The line numbers (in the shard's URI order) that ``find_repeats`` marked in one shard."""
-    from pipelines.storage import fsspec_fs
-
     with fsspec_fs(drops_file, s3).open(drops_file, "rb") as f:
         table = pq.read_table(f, filters=[("shard", "=", shard_index)])
     return table.column("line").to_numpy()

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from instseg_core.datasets.coco import ANNOTATION_FILES, DatasetError
+from instseg_core.io import S3Options, fsspec_fs, is_remote, join, redact, write_bytes_atomic
 from pipelines.settings import PredictionSettings
-from pipelines.storage import S3Options, fsspec_fs, is_remote, join, redact, write_bytes_atomic
 
 log = logging.getLogger("instseg")
 
@@ -135,7 +135,8 @@ def check_labels(labels: list[str], ds: EvalDataset) -> list[dict[str, Any]]:
     return diff
 
 
-def write_dataset_results(rows: Iterable[dict[str, Any]], ds: EvalDataset, labels: list[str], out_uri: str) -> int:
+def write_dataset_results(rows: Iterable[dict[str, Any]], ds: EvalDataset, labels: list[str], out_uri: str,
+                          s3: S3Options | None = None) -> int:
     """COCO results of pipeline rows with the dataset's ids: image by URI, class k -> k-th category by
     id. Rows of images not in the dataset are left out (with a warning). Returns the detections."""
     from pipelines.writers import write_coco_results
@@ -149,7 +150,7 @@ def write_dataset_results(rows: Iterable[dict[str, Any]], ds: EvalDataset, label
             return []
         return ids
 
-    n = write_coco_results(rows, out_uri, labels, category_ids=ds.category_ids, image_ids=gt_ids)
+    n = write_coco_results(rows, out_uri, labels, category_ids=ds.category_ids, image_ids=gt_ids, s3=s3)
     if unmapped:
         log.warning("%d predicted image(s) are not in %s and were left out, e.g. %s", len(unmapped),
                     redact(ds.annotation_uri), [redact(u) for u in unmapped[:3]])
@@ -268,7 +269,8 @@ def evaluate_with_ray(cfg: EvaluateConfig, plan: EvaluationPlan | None = None) -
     pred_dir = pred_cfg.output
 
     results_uri = join(cfg.output, RESULTS_FILE)
-    n_dets = write_dataset_results(iter_rows(list_parts(pred_dir, s3), EXPORT_COLUMNS), ds, labels, results_uri)
+    rows = iter_rows(list_parts(pred_dir, s3), EXPORT_COLUMNS, s3=s3)
+    n_dets = write_dataset_results(rows, ds, labels, results_uri, s3)
     with fsspec_fs(results_uri, s3).open(results_uri, "rb") as f:
         results = json.load(f)
     stats = evaluate_coco(ds.gt, results, iou_types=("segm", "bbox"), backend=cfg.backend)

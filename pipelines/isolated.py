@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pipelines.storage import redact
+from instseg_core.io import redact
 
 log = logging.getLogger("instseg")
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from instseg_core.io import S3Options, fsspec_fs, is_remote, join, write_bytes_atomic, write_uri
 from pipelines.writers import (JSON_ENCODER, CategoryMap, coco_image_entry, coco_rle, f32, iter_rows, xywh,
                                write_labelme)
 from pipelines.rows import STATUS_OK
-from pipelines.storage import S3Options, fsspec_fs, is_remote, join, write_bytes_atomic
 
 log = logging.getLogger("instseg")
 
@@ -79,7 +79,7 @@ def write_group(output: str, group: Group, categories: Sequence[str], image_root
     images, annotations, results = io.StringIO(), io.StringIO(), io.StringIO()
     image_id, ann_id = group.first_image_id, group.first_annotation_id
     n_images = n_anns = n_results = 0
-    for row in iter_rows(group.parts, _COLUMNS):
+    for row in iter_rows(group.parts, _COLUMNS, s3=s3):
         if row["status"] != STATUS_OK:
             continue
         images.write((",\n" if n_images else "") + JSON_ENCODER.encode(coco_image_entry(row, image_id, image_root)))
@@ -110,7 +110,8 @@ def write_group(output: str, group: Group, categories: Sequence[str], image_root
         for kind, buf in (("images", images), ("annotations", annotations), ("results", results)):
             write_bytes_atomic(join(output, MERGE_DIR, f"{name}.{kind}"), buf.getvalue().encode("utf-8"), s3)
     if labelme:
-        write_labelme(iter_rows(group.parts, _COLUMNS), join(output, "labelme"), image_root=image_root, mirror=True)
+        write_labelme(iter_rows(group.parts, _COLUMNS, s3=s3), join(output, "labelme"), image_root=image_root,
+                      mirror=True, s3=s3)
     return {"images": n_images, "annotations": n_anns, "results": n_results}
 
 
@@ -131,13 +132,7 @@ def _stream(out_uri: str, pieces: list[tuple[str, list[str]]], s3: S3Options | N
                 with fs.open(uri, "rb") as src:
                     shutil.copyfileobj(src, f, 8 << 20)
 
-    if is_remote(out_uri):
-        with fs.open(out_uri, "wb") as f:  # s3fs: a multipart upload, the object appears on close
-            write(f)
-    else:
-        from instseg_core.io import atomic_write
-
-        atomic_write(out_uri, write)
+    write_uri(out_uri, write, s3)  # on S3 a multipart upload: the object appears when it completes
 
 
 def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[str, list[str]],

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE
-from pipelines.storage import S3Options
+from instseg_core.io import S3Options
 
 
 @dataclass(kw_only=True)

@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from instseg_core.io import S3Options, fsspec_fs, is_remote, is_s3, join, redact, write_bytes_atomic
 from pipelines.rows import image_id_for
-from pipelines.storage import S3Options, fsspec_fs, is_remote, is_s3, join, redact, write_bytes_atomic
 
 log = logging.getLogger("instseg")
 

@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from instseg_core.io import S3Options, fsspec_fs, is_remote, join, write_bytes_atomic
 from pipelines.rows import ROW_SCHEMA, STATUS_OK
-from pipelines.storage import S3Options, fsspec_fs, is_remote, join, write_bytes_atomic
 
 log = logging.getLogger("instseg")
 

@@ -43,7 +43,7 @@ from the last checkpoint of that run (Ray Train V2 restores its checkpoint manag
 
 ``storage_path`` must be reachable from every node: a shared file system or ``s3://`` (S3
 credentials come from each node's environment/instance role; the endpoint and region are taken
-from the driver's ``AWS_ENDPOINT_URL(_S3)``/``AWS_REGION`` as in :mod:`pipelines.storage`).
+from the driver's ``AWS_ENDPOINT_URL(_S3)``/``AWS_REGION`` as :class:`instseg_core.io.S3Options` reads them).
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ import ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.backend import Backend, BackendConfig
 
+from instseg_core.io import S3Options, fsspec_fs, is_remote, redact
 from instseg_core.training.engine import epoch_order
-from pipelines.storage import S3Options, arrow_fs, is_remote, redact
+from pipelines.storage import arrow_fs
 
 log = logging.getLogger("instseg")
 
@@ -434,8 +435,6 @@ def _engine_loop(config: dict) -> None:
             shutil.rmtree(resume, ignore_errors=True)
     upload = config.get("upload_output_to")
     if rank == 0 and upload:
-        from pipelines.storage import fsspec_fs
-
         out = str((cfg.get("Global") or {}).get("output", "output"))
         fsspec_fs(upload, S3Options.from_env()).put(out.rstrip("/") + "/", upload.rstrip("/") + "/", recursive=True)
 

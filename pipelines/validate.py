@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from instseg_core.datasets.check import Problem, check_dataset, check_image
 from instseg_core.datasets.coco import ANNOTATION_FILES
-from pipelines.storage import S3Options, fsspec_fs, is_remote, join, redact
+from instseg_core.io import S3Options, fsspec_fs, is_remote, join, redact
 
 log = logging.getLogger("instseg")
 

@@ -28,12 +28,13 @@ Conventions shared by every writer:
   temp file behind. Memory is O(number of images) only for the de-duplication set of int64 ids
   (plus file stems for LabelMe).
 
-Remote URIs (``s3://...``) go through fsspec; s3fs takes credentials, region and endpoint
-(``AWS_ENDPOINT_URL``) from the standard AWS environment variables.
+Remote URIs (``s3://...``) go through fsspec; S3 settings are the ``s3`` argument, else
+:class:`instseg_core.io.S3Options` from the standard AWS environment variables.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -50,6 +51,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from instseg_core.io import S3Options, atomic_open, atomic_write, is_remote, open_uri, url_to_fs
 from instseg_core.masks import decode_rle, mask_to_polygons
 from pipelines.rows import STATUS_OK
 
@@ -68,7 +70,7 @@ _REMOTE_PUT_BATCH = 64  # LabelMe files uploaded concurrently per fs.pipe call
 
 
 def iter_rows(part_uris: Iterable[str], columns: list[str] | None = None, *,
-              batch_size: int = 1024) -> Iterator[dict[str, Any]]:
+              batch_size: int = 1024, s3: S3Options | None = None) -> Iterator[dict[str, Any]]:
     """Rows of Parquet part files (local paths or fsspec URIs) as dicts, file by file, batch by batch.
 
     Only one record batch (``batch_size`` rows) is materialised as Python objects at a time, so
@@ -76,7 +78,7 @@ def iter_rows(part_uris: Iterable[str], columns: list[str] | None = None, *,
     (:data:`EXPORT_COLUMNS` is all the writers need).
     """
     for uri in part_uris:
-        with fsspec.open(uri, "rb") as f:
+        with open_uri(uri, "rb", s3) as f:
             pf = pq.ParquetFile(f)
             for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
                 yield from batch.to_pylist()
@@ -155,36 +157,30 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _temp_sibling(path: str) -> str:
-    """A hidden, unique name next to ``path`` (readers and listings skip names starting with '.')."""
-    d, name = os.path.split(path)
-    return os.path.join(d, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 @contextmanager
-def _staged_text(out_uri: str) -> Iterator[tuple[IO[str], str]]:
+def _staged_text(out_uri: str, s3: S3Options | None = None) -> Iterator[tuple[IO[str], str]]:
     """A text file to write the whole output into, published under ``out_uri`` only on success.
 
     Yields ``(file, staging_dir)``; ``staging_dir`` is where extra spool files should go (next to
     the output for local targets: same disk that must hold the result anyway).
     """
-    fs, path = fsspec.core.url_to_fs(out_uri)
+    fs, path = url_to_fs(out_uri, s3)
     if _is_local(fs):
         path = os.path.abspath(path)
-        staging_dir = os.path.dirname(path)
-        os.makedirs(staging_dir, exist_ok=True)
-        tmp = _temp_sibling(path)
-    else:
-        staging_dir = tempfile.gettempdir()
-        # keep the final name as suffix: s3fs guesses the object's Content-Type from it
-        tmp = os.path.join(staging_dir, f".{uuid.uuid4().hex}.{posixpath.basename(path)}")
+        with atomic_open(path) as raw:
+            f = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+            try:
+                yield f, os.path.dirname(path)
+            finally:
+                f.detach()  # flushes; atomic_open closes and publishes the file itself
+        return
+    staging_dir = tempfile.gettempdir()
+    # keep the final name as suffix: s3fs guesses the object's Content-Type from it
+    tmp = os.path.join(staging_dir, f".{uuid.uuid4().hex}.{posixpath.basename(path)}")
     try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:  # "x": honours umask, unlike mkstemp
+        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
             yield f, staging_dir
-        if _is_local(fs):
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
+        fs.put_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -208,7 +204,8 @@ class _JsonArray:
 
 def write_coco_results(rows: Iterable[dict[str, Any]], out_uri: str, categories: Sequence[str], *,
                        category_ids: Sequence[int] | None = None,
-                       image_ids: Callable[[Mapping[str, Any]], Sequence[int]] | None = None) -> int:
+                       image_ids: Callable[[Mapping[str, Any]], Sequence[int]] | None = None,
+                       s3: S3Options | None = None) -> int:
     """Write the COCO results JSON (a list of detections) of ``rows`` to ``out_uri``; returns their number.
 
     Each detection is ``{"image_id", "category_id", "segmentation" (RLE), "bbox" [x, y, w, h],
@@ -220,7 +217,7 @@ def write_coco_results(rows: Iterable[dict[str, Any]], out_uri: str, categories:
     its detections are written once per id, none for an empty list).
     """
     cats = CategoryMap(categories, category_ids)
-    with _staged_text(out_uri) as (f, _):
+    with _staged_text(out_uri, s3) as (f, _):
         f.write("[")
         arr = _JsonArray(f)
         for row in _unique_ok_rows(rows):
@@ -264,7 +261,7 @@ def coco_image_entry(row: Mapping[str, Any], image_id: int, image_root: str | No
 
 def write_coco_dataset(rows: Iterable[dict[str, Any]], out_uri: str, categories: Sequence[str], *,
                        min_score: float = 0.0, info: Mapping[str, Any] | None = None,
-                       image_root: str | None = None) -> dict[str, int]:
+                       image_root: str | None = None, s3: S3Options | None = None) -> dict[str, int]:
     """Write a COCO dataset JSON whose annotations are the predictions in ``rows``.
 
     Layout: ``{"info", "licenses": [], "categories", "annotations", "images"}`` (key order is
@@ -288,7 +285,7 @@ def write_coco_dataset(rows: Iterable[dict[str, Any]], out_uri: str, categories:
     head = {"description": "instseg predictions", "version": "1.0", "year": now.year,
             "date_created": now.isoformat(timespec="seconds")}
     head.update(info or {})
-    with _staged_text(out_uri) as (f, staging_dir), \
+    with _staged_text(out_uri, s3) as (f, staging_dir), \
             tempfile.TemporaryFile("w+", encoding="utf-8", dir=staging_dir) as images_spool:
         f.write('{"info":' + JSON_ENCODER.encode(head) + ',"licenses":[],"categories":'
                 + JSON_ENCODER.encode(cats.coco_categories()) + ',"annotations":[')
@@ -340,13 +337,9 @@ def _labelme_shapes(row: Mapping[str, Any], min_score: float) -> list[dict[str, 
     return shapes
 
 
-def _is_local_uri(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
 def _labelme_image_path(uri: str, out_dir: str | None) -> str:
     """LabelMe resolves imagePath relative to the JSON file: relative when both are local, else the URI."""
-    if out_dir is not None and _is_local_uri(uri):
+    if out_dir is not None and not is_remote(uri):
         local = os.path.abspath(uri.removeprefix("file://"))
         try:
             return os.path.relpath(local, out_dir).replace(os.sep, "/")
@@ -356,7 +349,7 @@ def _labelme_image_path(uri: str, out_dir: str | None) -> str:
 
 
 def write_labelme(rows: Iterable[dict[str, Any]], out_dir_uri: str, *, min_score: float = 0.0,
-                  image_root: str | None = None, mirror: bool = False) -> int:
+                  image_root: str | None = None, mirror: bool = False, s3: S3Options | None = None) -> int:
     """Write one LabelMe JSON per ok image into ``out_dir_uri``; returns the number of files.
 
     Files are named ``<image stem>.json``; when a stem was already used (same name in another
@@ -372,7 +365,7 @@ def write_labelme(rows: Iterable[dict[str, Any]], out_dir_uri: str, *, min_score
     uploaded in concurrent batches, on object stores). A failure mid-way leaves the files already
     written (each complete).
     """
-    fs, root = fsspec.core.url_to_fs(out_dir_uri)
+    fs, root = url_to_fs(out_dir_uri, s3)
     local = _is_local(fs)
     if local:
         root = os.path.abspath(root)
@@ -404,15 +397,7 @@ def write_labelme(rows: Iterable[dict[str, Any]], out_dir_uri: str, *, min_score
         data = JSON_ENCODER.encode(doc).encode("utf-8")  # compact: indent= would use json's ~10x slower Python encoder
         if local:
             path = os.path.join(root, name + ".json")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = _temp_sibling(path)
-            try:
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(path, lambda f: f.write(data))
         else:
             pending[f"{root}/{name}.json"] = data
             if len(pending) >= _REMOTE_PUT_BATCH:

@@ -118,7 +118,7 @@ def s3_job(ray_local, s3_server, tmp_path_factory):
     """The dataset on S3, and one unkilled 2-worker run of the job (checkpoints on S3)."""
     import boto3
 
-    from pipelines.storage import S3Options, fsspec_fs
+    from instseg_core.io import S3Options, fsspec_fs
 
     tmp = tmp_path_factory.mktemp("train_job")
     bucket = f"test-{uuid.uuid4().hex[:12]}"

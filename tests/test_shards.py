@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
+from instseg_core.io import redact
 from pipelines.rows import image_id_for
 from pipelines.shards import _parquet_shards, _text_shards, shard_uris, unique_uris
-from pipelines.storage import redact
 
 
 def _lines(n: int) -> list[str]:

@@ -20,7 +20,6 @@ Only the standard library is used (``urllib.request``), so this works without op
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import http.client
@@ -34,16 +33,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-try:  # POSIX only; on other platforms concurrent callers are not serialised.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from instseg_core.io import atomic_write, cache_root, file_lock, remove_temps, replace_dir, temp_prefix
 
-__all__ = ["DownloadError", "cache_root", "fetch_official_model", "is_complete", "MARKER_NAME"]
+__all__ = ["DownloadError", "cache_root", "download_file", "fetch_official_model", "is_complete", "MARKER_NAME"]
 
 logger = logging.getLogger("instseg")
 
@@ -73,14 +68,6 @@ _USER_AGENT = "instseg-model-download/1"
 
 class DownloadError(RuntimeError):
     """A model could not be downloaded or its archive is unusable; the message says what to do."""
-
-
-def cache_root() -> Path:
-    """The cache root: ``$INSTSEG_HOME`` if set (and non-empty), else ``~/.cache/instseg``."""
-    home = os.environ.get("INSTSEG_HOME")
-    if home:
-        return Path(home).expanduser()
-    return Path.home() / ".cache" / "instseg"
 
 
 def is_complete(model_dir: Path, sha256: str | None = None) -> bool:
@@ -143,19 +130,20 @@ def fetch_official_model(
             f"directory or pass model_dir=... to use a local model"
         ) from e
 
-    with _file_lock(models_dir / f"{model_name}.lock", model_name):
+    lock = models_dir / f"{model_name}.lock"
+    with file_lock(lock, f"model {model_name}: another process is downloading it, waiting ({lock})"):
         # Another process may have finished while we waited for the lock.
         if is_complete(target, sha256):
             logger.info("model %s: completed by another process, using %s", model_name, target)
             return target
-        tmp_prefix = f".{model_name}.tmp-"
-        _remove_stale_temps(models_dir, tmp_prefix)  # crashed earlier runs; safe: we hold the lock
+        tmp_prefix = temp_prefix(target)
+        remove_temps(models_dir, tmp_prefix)  # crashed earlier runs; safe: we hold the lock
         fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix, suffix=".tar.part", dir=models_dir)
         os.close(fd)
         tmp_tar = Path(tmp_name)
         tmp_dir: Path | None = None
         try:
-            size, digest = _download(url, tmp_tar, timeout=timeout, retries=retries)
+            size, digest = download_file(url, tmp_tar, timeout=timeout, retries=retries)
             pinned = _pinned_sha256(root, url)
             if sha256 is None and pinned is not None and digest != pinned:
                 raise DownloadError(
@@ -172,7 +160,7 @@ def fetch_official_model(
             files = _extract_model(tmp_tar, tmp_dir, url)
             _write_marker(tmp_dir, {"model_name": model_name, "url": url, "size": size,
                                     "sha256": digest, "files": files})
-            _replace_dir(tmp_dir, target, tmp_prefix)
+            replace_dir(tmp_dir, target)
             tmp_dir = None
             if pinned is None:
                 _pin_sha256(root, url, digest)
@@ -189,41 +177,6 @@ def fetch_official_model(
     return target
 
 
-# --------------------------------------------------------------------------------------- locking
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, model_name: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``; released on exit or when the process dies.
-
-    flock locks belong to the open file description, so threads of one process that each open the
-    file exclude each other too. The lock file is never deleted: unlinking it would let a waiter
-    lock an orphaned inode while a newcomer locks a fresh one.
-    """
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("model %s: another process is downloading it, waiting (%s)", model_name, path)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_stale_temps(models_dir: Path, prefix: str) -> None:
-    for p in models_dir.glob(prefix + "*"):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                p.unlink()
-
-
 # ------------------------------------------------------------------------------------ download
 
 
@@ -231,8 +184,13 @@ class _Retryable(Exception):
     """A transient failure worth another attempt; ``str()`` is the cause."""
 
 
-def _download(url: str, dest: Path, *, timeout: float, retries: int) -> tuple[int, str]:
-    """Stream ``url`` into ``dest`` with retries; return (size in bytes, hex sha256)."""
+def download_file(url: str, dest: Path, *, timeout: float = 60, retries: int = 3) -> tuple[int, str]:
+    """Stream ``url`` into the local file ``dest`` (truncated first); return (size in bytes, hex sha256).
+
+    Connection errors, timeouts, truncated bodies and 5xx/429 are retried ``retries`` times with
+    exponential backoff; a file over ``MAX_DOWNLOAD_BYTES`` is refused. Any failure is a
+    :class:`DownloadError` saying what to do.
+    """
     attempts = max(0, retries) + 1
     last = ""
     for attempt in range(1, attempts + 1):
@@ -427,8 +385,6 @@ def _pinned_sha256(root: Path, url: str) -> str | None:
 
 def _pin_sha256(root: Path, url: str, digest: str) -> None:
     """Record the first download's hash (called under the model's lock; other models' entries kept)."""
-    from instseg_core.io import atomic_write
-
     path = root / PINS_FILE
     try:
         pins = json.loads(path.read_text(encoding="utf-8"))
@@ -446,18 +402,3 @@ def _write_marker(model_dir: Path, info: dict[str, object]) -> None:
         json.dump(info, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _replace_dir(src: Path, target: Path, tmp_prefix: str) -> None:
-    """Move ``src`` to ``target``; an existing (incomplete or stale) ``target`` is moved aside first.
-
-    ``os.replace`` cannot overwrite a non-empty dir, hence the two renames; between them the target
-    name is briefly absent, never half-filled.
-    """
-    old: Path | None = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=tmp_prefix, suffix=".old", dir=target.parent))
-        os.replace(target, old / "stale")
-    os.replace(src, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

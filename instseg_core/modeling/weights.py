@@ -13,19 +13,18 @@ globals (NumPy array reconstruction, builtin containers, ``collections.OrderedDi
 else raises :class:`WeightsError` naming the forbidden global.
 
 ``source`` may be a local path, an ``http(s)://`` URL (downloaded once into
-``cache_root()/"weights"``, atomically), an ``s3://`` URI (via fsspec/s3fs; endpoint from the
-argument or ``AWS_ENDPOINT_URL``) or the raw bytes of a file.
+``cache_root()/"weights"``, atomically: :func:`instseg_core.io.cached_fetch`), an ``s3://`` URI
+(via fsspec/s3fs; endpoint from the argument, else as :class:`instseg_core.io.S3Options` finds it)
+or the raw bytes of a file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
 import pickle
 import re
-import tempfile
 import urllib.parse
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from instseg_core.inference.download import DownloadError, download_file
+from instseg_core.io import S3Options, cache_root, cached_fetch, read_uri
 
 __all__ = ["LoadReport", "WeightsError", "load_weights", "read_pdparams"]
 
@@ -190,17 +192,10 @@ def _read_local(path: Path, where: str) -> bytes:
 
 def _read_s3(uri: str, endpoint: str | None) -> bytes:
     try:
-        import fsspec
-    except ImportError:  # pragma: no cover - optional extra
-        raise WeightsError(f"reading {uri} needs fsspec and s3fs (pip install s3fs)") from None
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-    opts: dict[str, Any] = {"endpoint_url": endpoint} if endpoint else {}
-    try:
-        with fsspec.open(uri, "rb", **opts) as f:
-            return f.read()
+        return read_uri(uri, S3Options.from_env(endpoint))
     except FileNotFoundError:
         raise WeightsError(f"weights object not found: {uri}") from None
-    except ImportError as e:
+    except ImportError as e:  # pragma: no cover - s3fs is a core dependency
         raise WeightsError(f"reading {uri} needs s3fs ({e})") from None
     except Exception as e:  # botocore / aiohttp errors
         raise WeightsError(f"cannot read {uri} ({type(e).__name__}: {e})") from None
@@ -208,34 +203,19 @@ def _read_s3(uri: str, endpoint: str | None) -> bytes:
 
 def _download_cached(url: str, *, timeout: float = 60, retries: int = 3) -> Path:
     """``url`` downloaded into ``cache_root()/"weights"`` (reused if already there)."""
-    from instseg_core.inference import download as dl
-
-    cache_dir = dl.cache_root() / "weights"
     base = os.path.basename(urllib.parse.urlsplit(url).path) or "weights.pdparams"
     base = re.sub(r"[^A-Za-z0-9._+-]", "_", base).lstrip(".") or "weights.pdparams"
-    target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}"
-    if target.is_file():
-        logger.debug("weights %s: cache hit at %s", url, target)
-        return target
+    cache_dir = cache_root() / "weights"
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=".part", dir=cache_dir)
-        os.close(fd)
-    except OSError as e:
-        raise WeightsError(f"cannot create weights cache dir {cache_dir}: {e}; "
-                           f"set INSTSEG_HOME to a writable directory") from None
-    tmp = Path(tmp_name)
-    try:
-        dl._download(url, tmp, timeout=timeout, retries=retries)
-        os.replace(tmp, target)
-    except dl.DownloadError as e:
+        return cached_fetch(url, "weights", lambda dest: download_file(url, dest, timeout=timeout, retries=retries),
+                            name=base)
+    except DownloadError as e:
         raise WeightsError(str(e)) from None
     except OSError as e:
+        if not cache_dir.is_dir():
+            raise WeightsError(f"cannot create weights cache dir {cache_dir}: {e}; "
+                               f"set INSTSEG_HOME to a writable directory") from None
         raise WeightsError(f"writing {url} into {cache_dir} failed: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    logger.info("weights %s: cached at %s", url, target)
-    return target
 
 
 # ----------------------------------------------------------------------------------- loading

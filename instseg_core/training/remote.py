@@ -1,37 +1,26 @@
 """Datasets on object storage: copy once into a local cache, then train from local files."""
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
-from instseg_core.inference.download import cache_root
+from instseg_core.io import cached_fetch, fsspec_fs, is_remote
 
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
+MARKER = ".complete"
 
 
 def localize_dataset(dataset_dir: str) -> str:
     """``dataset_dir`` itself when local; for ``s3://...`` (any fsspec URL) a local copy.
 
-    The copy lives in ``$INSTSEG_HOME/datasets/<hash of the URL>`` and is reused when a
-    ``.complete`` marker exists (written last, so an interrupted copy is redone).
+    The copy lives in ``$INSTSEG_HOME/datasets/<hash of the URL>`` (:func:`instseg_core.io.cached_fetch`:
+    copied once per host, renamed into place when complete) and holds a ``.complete`` marker, so a
+    partial copy left by an older version (which copied in place) is never taken for a dataset.
     """
     if not is_remote(dataset_dir):
         return dataset_dir
-    import fsspec
 
-    key = hashlib.sha1(dataset_dir.rstrip("/").encode()).hexdigest()[:16]
-    local = Path(cache_root()) / "datasets" / key
-    marker = local / ".complete"
-    if marker.exists():
-        return str(local)
-    kwargs = {}
-    if dataset_dir.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        kwargs["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
-    fs, _, (root,) = fsspec.get_fs_token_paths(dataset_dir, storage_options=kwargs)
-    local.mkdir(parents=True, exist_ok=True)
-    fs.get(root.rstrip("/") + "/", str(local), recursive=True)
-    marker.write_text(dataset_dir + "\n")
-    return str(local)
+    def fetch(staging: Path) -> None:
+        staging.mkdir()
+        fsspec_fs(dataset_dir).get(dataset_dir.rstrip("/") + "/", str(staging), recursive=True)
+        (staging / MARKER).write_text(dataset_dir + "\n")
+
+    return str(cached_fetch(dataset_dir, "datasets", fetch, ready=lambda d: (d / MARKER).exists()))
