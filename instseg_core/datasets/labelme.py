@@ -85,7 +85,7 @@ from pycocotools import mask as coco_mask
 
 from instseg_core.datasets.check import DatasetError
 from instseg_core.datasets.layout import IMAGE_EXTS, ImagePlacer, LayoutError, find_labelme_files
-from instseg_core.datasets.split import backup_existing, seeded_cut, write_json_replacing
+from instseg_core.datasets.split import seeded_cut, write_json_replacing, write_replacing
 
 __all__ = ["ConvertError", "IMAGE_EXTS", "LABELS_FILE", "convert_labelme_to_coco", "read_labels"]
 
@@ -367,11 +367,7 @@ def _load_json(path: Path) -> dict[str, Any]:
 
 
 def _write_list(path: Path, lines: list[str]) -> Path | None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
-    backup = backup_existing(path)
-    os.replace(tmp, path)
-    return backup
+    return write_replacing(path, "".join(ln + "\n" for ln in lines).encode("utf-8"))
 
 
 LAYOUTS_HELP = ("accepted layouts: LabelMe files next to their photos anywhere under the folder (LabelMe's own, "

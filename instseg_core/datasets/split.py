@@ -39,7 +39,8 @@ from instseg_core.datasets.check import DatasetError
 from instseg_core.datasets.layout import layout_hint
 from instseg_core.io import atomic_write
 
-__all__ = ["SplitError", "split_coco_dataset", "backup_existing", "seeded_cut", "write_json_replacing"]
+__all__ = ["SplitError", "split_coco_dataset", "backup_existing", "seeded_cut", "write_json_replacing",
+           "write_replacing"]
 
 SPLITS = ("train", "val")
 T = TypeVar("T")
@@ -78,20 +79,25 @@ def seeded_cut(items: Sequence[T], seed: int, train_ratio: float) -> tuple[list[
     return shuffled[:n_train], shuffled[n_train:]
 
 
-def write_json_replacing(path: Path, obj: Any) -> Path | None:
-    """Write ``obj`` as compact UTF-8 JSON to ``path``; an existing file is first backed up.
+def write_replacing(path: Path, data: bytes) -> Path | None:
+    """Write ``data`` to ``path`` all at once; an existing file is first backed up (only once the new
+    content is complete, so a failure leaves the old file where it was).
 
     Returns the backup path (``None`` when there was nothing to back up).
     """
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     backups: list[Path | None] = []
 
     def publish(tmp: Path, target: Path) -> None:
         backups.append(backup_existing(target))
         os.replace(tmp, target)
 
-    atomic_write(path, lambda f: f.write(text), publish=publish)
+    atomic_write(path, lambda f: f.write(data), publish=publish)
     return backups[0]
+
+
+def write_json_replacing(path: Path, obj: Any) -> Path | None:
+    """Write ``obj`` as compact UTF-8 JSON to ``path`` with :func:`write_replacing`; returns the backup path."""
+    return write_replacing(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
 
 
 def _load_coco(path: Path) -> dict[str, Any]:

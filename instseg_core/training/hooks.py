@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import paddle
 import paddle.nn as nn
 
+from instseg_core.io import atomic_write
 from instseg_core.training.checkpoint import optimizer_state_by_structured_name, save_checkpoint
 from instseg_core.training.data import CocoInstanceDataset
 from instseg_core.training.recipes import evaluation_inputs
@@ -170,9 +171,8 @@ def _write_train_result(output: Path, model_name: str, last: list[dict[str, Any]
     models["best"] = best
     record = {"model_name": model_name, "label_dict": "", "train_log": "train.log", "visualdl_log": "",
               "config": "config.yaml", "models": models, "done_flag": done}
-    tmp = output / "train_result.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, output / "train_result.json")
+    text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(output / "train_result.json", lambda f: f.write(text.encode("utf-8")))
 
 
 def _save_best(s: TrainSettings, model: nn.Layer, eval_state: dict[str, paddle.Tensor] | None, ckpt_dir: Path,
