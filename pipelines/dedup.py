@@ -34,8 +34,9 @@ TRIPLE = np.dtype([("id", np.int64), ("shard", np.int32), ("line", np.int32)])
 
 
 def _ids_of_group(shards: Sequence[Any], first: int, buckets: int, uris_of: Callable[[Any, S3Options | None], list[str]],
-                  s3: S3Options | None) -> Any:
-    """Map: the ``(id, shard, line)`` triples of shards ``first..first+len(shards)``, one array per bucket."""
+                  s3: S3Options | None) -> tuple:
+    """Map: the ``(id, shard, line)`` triples of shards ``first..first+len(shards)``, one array per
+    bucket, then how many URIs the shards hold."""
     chunks = []
     for k, shard in enumerate(shards):
         uris = uris_of(shard, s3)
@@ -46,8 +47,7 @@ def _ids_of_group(shards: Sequence[Any], first: int, buckets: int, uris_of: Call
         chunks.append(triples)
     triples = np.concatenate(chunks) if chunks else np.empty(0, TRIPLE)
     bucket = triples["id"] % buckets
-    out = tuple(triples[bucket == b] for b in range(buckets))
-    return out if buckets > 1 else out[0]
+    return (*(triples[bucket == b] for b in range(buckets)), len(triples))  # the count: for the plan
 
 
 def _repeats_in_bucket(groups: int, *parts: np.ndarray) -> Any:
@@ -74,23 +74,25 @@ def _write_group(path: str, s3: S3Options | None, *parts: np.ndarray) -> dict[in
 
 
 def find_repeats(shards: Sequence[Any], uris_of: Callable[[Any, S3Options | None], list[str]], folder: str,
-                 s3: S3Options | None = None) -> dict[int, tuple[str, int]]:
+                 s3: S3Options | None = None) -> tuple[dict[int, tuple[str, int]], int]:
     """Every later occurrence of a URI in ``shards`` (``uris_of(shard, s3)`` lists a shard's URIs in
-    a fixed order), written under ``folder``; returns {shard index: (its drops file, how many)} for
-    the shards that have repeats. URIs are compared redacted (a re-signed URL is the same image)."""
+    a fixed order), written under ``folder``. Returns {shard index: (its drops file, how many)} for
+    the shards that have repeats, and how many URIs the shards hold in all. URIs are compared
+    redacted (a re-signed URL is the same image)."""
     import ray
 
     groups = max(1, -(-len(shards) // GROUP_SHARDS))
     buckets = max(1, min(MAX_BUCKETS, groups))
-    mapper = ray.remote(num_cpus=0.5, max_retries=3)(_ids_of_group).options(num_returns=buckets)
+    mapper = ray.remote(num_cpus=0.5, max_retries=3)(_ids_of_group).options(num_returns=buckets + 1)
     reducer = ray.remote(num_cpus=0.5, max_retries=3)(_repeats_in_bucket).options(num_returns=groups)
     writer = ray.remote(num_cpus=0.25, max_retries=3)(_write_group)
 
     def as_list(refs: Any, n: int) -> list:
         return list(refs) if n > 1 else [refs]
 
-    mapped = [as_list(mapper.remote(shards[g * GROUP_SHARDS:(g + 1) * GROUP_SHARDS], g * GROUP_SHARDS, buckets,
-                                    uris_of, s3), buckets) for g in range(groups)]
+    mapped = [mapper.remote(shards[g * GROUP_SHARDS:(g + 1) * GROUP_SHARDS], g * GROUP_SHARDS, buckets, uris_of, s3)
+              for g in range(groups)]
+    total = sum(ray.get([m[-1] for m in mapped]))
     reduced = [as_list(reducer.remote(groups, *[m[b] for m in mapped]), groups) for b in range(buckets)]
     del mapped  # the map outputs are freed once every reducer has read them
     paths = [join(folder, f"g{g:06d}.parquet") for g in range(groups)]
@@ -99,7 +101,7 @@ def find_repeats(shards: Sequence[Any], uris_of: Callable[[Any, S3Options | None
     for g, ref in enumerate(written):
         for shard, count in ray.get(ref).items():
             out[shard] = (paths[g], count)
-    return out
+    return out, total
 
 
 def repeated_lines(drops_file: str, shard_index: int, s3: S3Options | None = None) -> np.ndarray:

@@ -81,7 +81,7 @@ class Plan:
 
     input: str  # redacted
     shards: list[Shard]
-    listed: int | None = None  # URIs found by listings (None for manifests: known after expansion)
+    listed: int | None = None  # images found by listings, or a manifest's URIs less its repeats
     listing: bool = False  # a directory/prefix/glob: a rerun lists again and appends new images
     generation: int = 0  # how many times the input was listed again after the first
     new: int | None = None  # images the last listing added (None: not a relisting)
@@ -156,12 +156,12 @@ def mark_repeats(plan: Plan, output: str, s3: S3Options | None = None) -> Plan:
     from pipelines.dedup import find_repeats
 
     folder = join(output, PLAN_DIR, REPEATS_DIR, f"gen{plan.generation:04d}")
-    found = find_repeats(plan.shards, shard_uris_with_repeats, folder, s3)
+    found, total = find_repeats(plan.shards, shard_uris_with_repeats, folder, s3)
     shards = [replace(sh, drops=found[sh.index][0] if sh.index in found else None) for sh in plan.shards]
     repeats = sum(n for _, n in found.values())
     if repeats:
         log.info("the manifest repeats %d URI(s) (over %d shard(s)): each is labelled once", repeats, len(found))
-    return replace(plan, shards=shards, repeats=repeats)
+    return replace(plan, shards=shards, repeats=repeats, listed=total - repeats)
 
 
 def _manifest_state(manifest: str, s3: S3Options | None) -> dict[str, Any]:

@@ -79,6 +79,7 @@ def test_repeats_across_shards_are_found_by_tasks_first_occurrence_kept(ray_loca
         first.setdefault(image_id_for(redact(u)), (k, u))
     assert kept == [u for _, u in sorted(first.values())]  # first occurrences, in manifest order
     assert plan.repeats == sum(repeats) == len(uris) - len(first) == 599
+    assert plan.listed == len(first)  # what a fresh run's progress line counts down from (its ETA)
     assert repeats[0] == 0 and repeats[-1] == 6
 
 
