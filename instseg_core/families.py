@@ -14,23 +14,24 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
-from instseg_core.inference.postprocess import PostProcess, box_outputs_to_instances, solov2_outputs_to_instances
+from instseg_core.inference.postprocess import (
+    BOX_OUTPUTS,
+    SOLOV2_OUTPUTS,
+    PostProcess,
+    box_outputs_to_instances,
+    solov2_outputs_to_instances,
+)
 
 if TYPE_CHECKING:
     from instseg_core.modeling.base import InstanceSegModel
 
-__all__ = ["ARCHS", "BOX_OUTPUTS", "CASCADE_RCNN", "FAMILIES", "IMAGENET_MEAN", "IMAGENET_STD", "MASKRCNN",
-           "MASK_RTDETR", "PPYOLOE_SEG", "SOLOV2", "SOLOV2_OUTPUTS", "SOLOV2_ARCH_KEYS", "ExportLayout", "Family",
-           "TrainRecipe", "family_of_arch"]
+__all__ = ["ARCHS", "CASCADE_RCNN", "FAMILIES", "IMAGENET_MEAN", "IMAGENET_STD", "MASKRCNN", "MASK_RTDETR",
+           "PPYOLOE_SEG", "SOLOV2", "SOLOV2_ARCH_KEYS", "ExportLayout", "Family", "TrainRecipe", "family_of_arch"]
 
 MASK_RTDETR, MASKRCNN, CASCADE_RCNN, SOLOV2, PPYOLOE_SEG = "Mask-RT-DETR", "MaskRCNN", "CascadeRCNN", "SOLOv2", "PPYOLOE_seg"
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-# Output names of the eval forward and the exported graph, in the graph's order (sorted keys).
-BOX_OUTPUTS: tuple[str, ...] = ("bbox", "bbox_num", "mask")
-SOLOV2_OUTPUTS: tuple[str, ...] = ("bbox_num", "cate_label", "cate_score", "segm")
 
 SOLOV2_ARCH_KEYS = ("fpn_channels", "seg_feat_channels", "stacked_convs", "num_grids", "kernel_out_channels",
                     "mask_mid_channels")

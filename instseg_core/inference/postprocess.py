@@ -23,6 +23,12 @@ from instseg_core.masks import encode_rle, masks_to_xyxy, rle_to_xywh
 from instseg_core.structures import Instances
 
 
+# The two conventions' output names, in the graph's order (the sorted keys of the exported dict);
+# a network's eval forward returns the same keys (instseg_core.modeling.base.InstanceSegModel.output_keys).
+BOX_OUTPUTS: tuple[str, ...] = ("bbox", "bbox_num", "mask")
+SOLOV2_OUTPUTS: tuple[str, ...] = ("bbox_num", "cate_label", "cate_score", "segm")
+
+
 class OutputFormatError(RuntimeError):
     """The graph's outputs do not look like the convention its ``arch`` promises."""
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import paddle
 import paddle.nn as nn
 
-from instseg_core.families import BOX_OUTPUTS
+from instseg_core.inference.postprocess import BOX_OUTPUTS
 
 __all__ = ["InstanceSegModel"]
 

@@ -33,7 +33,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from instseg_core.families import SOLOV2_OUTPUTS
+from instseg_core.inference.postprocess import SOLOV2_OUTPUTS
 from instseg_core.modeling.backbones.resnet import ResNet
 from instseg_core.modeling.base import InstanceSegModel
 from instseg_core.modeling.heads.solov2_head import SOLOv2Head, SOLOv2MaskHead
