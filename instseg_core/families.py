@@ -6,8 +6,8 @@ laid out, and the post-process of that graph's outputs. A plain dict, no registr
 means adding one entry here and one network under :mod:`instseg_core.modeling` that follows
 :class:`~instseg_core.modeling.base.InstanceSegModel`.
 
-Importing this module imports neither Paddle nor any network: builders import their network when
-called, so the predictor and ``import instseg_core`` stay light.
+Importing this module imports neither Paddle nor any network (builders import theirs when called),
+so the predictor and ``import instseg_core`` can read the records without loading Paddle.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ MASK_RTDETR, MASKRCNN, CASCADE_RCNN, SOLOV2, PPYOLOE_SEG = "Mask-RT-DETR", "Mask
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
+# the architecture overrides SOLOv2's builder accepts (slim variants for tests and experiments)
 SOLOV2_ARCH_KEYS = ("fpn_channels", "seg_feat_channels", "stacked_convs", "num_grids", "kernel_out_channels",
                     "mask_mid_channels")
 
@@ -83,7 +84,8 @@ Builder = Callable[..., "InstanceSegModel"]
 @dataclass(frozen=True)
 class Family:
     """Everything that differs between model families (the model names of one family differ only
-    in their ``ModelSpec``)."""
+    in their ``ModelSpec``). The export wrapper is the network's own ``export_forward``
+    (:class:`~instseg_core.modeling.base.InstanceSegModel`), laid out as ``export`` says."""
 
     name: str
     arch: str  # the `arch` of its inference.yml
