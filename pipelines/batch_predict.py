@@ -37,6 +37,7 @@ from instseg_core.inference.predictor import check_max_mask_side, check_threshol
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
 from instseg_core.progress import eta_seconds, format_duration
 from instseg_core.io import S3Options, fsspec_fs, is_remote, is_s3, join, redact, storage_error_message
+from pipelines.passes import run_pass_in_child
 from pipelines.rows import ROW_SCHEMA, error_row, ok_row, rows_to_table
 from pipelines.settings import PredictionSettings
 from pipelines.shards import Shard, SourceError, expand_shard, input_root, probe_input
@@ -341,6 +342,12 @@ def build_dataset(cfg: BatchPredictConfig, shards: list[Shard], parts: dict[str,
                           fn_kwargs={"output": cfg.output, "s3": cfg.s3()})
 
 
+def pass_dataset(config: dict[str, Any], shards: list[dict[str, Any]], parts: dict[str, list[str]]):
+    """:func:`build_dataset` from plain values: what a pass's own process calls
+    (:func:`pipelines.passes.run_pass_in_child`)."""
+    return build_dataset(BatchPredictConfig(**config), [Shard(**s) for s in shards], parts)
+
+
 class Progress:
     """Progress lines for logs and `ray job logs`: images done / to do, images/s, errors and an ETA,
     every ``interval_s`` seconds whether or not a part file arrived (a background ticker), so a
@@ -602,14 +609,19 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
     # One Ray Dataset per pass of shards_per_pass shards: Ray Data keeps statistics for every block
     # an operator produced (on the driver, for the whole execution), so one execution over 100M
     # images would grow the driver without bound; passes cap it at one pass's blocks (each pass
-    # starts its own actor pool: one model load per actor per pass).
+    # starts its own actor pool: one model load per actor per pass). With more than one pass, each
+    # runs in a process of its own (pipelines.passes): what an execution leaves behind goes with it.
     passes = [todo[i:i + cfg.shards_per_pass] for i in range(0, len(todo), cfg.shards_per_pass)]
     with Progress(shards_plan.listed if fresh else None, 0, cfg.progress_interval_s) as progress:
         for k, shards in enumerate(passes):
             if len(passes) > 1:
                 log.info("pass %d/%d: shards %s..%s", k + 1, len(passes), shards[0].shard_id, shards[-1].shard_id)
-            for batch_counts in build_dataset(cfg, shards, parts).iter_batches(batch_format="pyarrow",
-                                                                              batch_size=None):
+            if len(passes) == 1:
+                batches = build_dataset(cfg, shards, parts).iter_batches(batch_format="pyarrow", batch_size=None)
+            else:  # each pass in a driver process of its own: nothing of it stays in this one
+                batches = run_pass_in_child(pass_dataset, asdict(cfg), [asdict(sh) for sh in shards],
+                                            {sh.shard_id: parts[sh.shard_id] for sh in shards if sh.shard_id in parts})
+            for batch_counts in batches:
                 progress.update(batch_counts)
     progress.log("predicted")
 

@@ -175,17 +175,42 @@ def _job(args, env=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
-def test_killed_driver_then_rerun_gives_every_image_once(tiny_model_dirs, test_images, tmp_path):
+def _pass_processes(session: int) -> list[int]:
+    """Processes of ``session`` running a pass of the job (``python -m pipelines.passes``)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == session and b"pipelines.passes" in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.parametrize("passes", ["one pass", "a process per pass"])
+def test_killed_driver_then_rerun_gives_every_image_once(tiny_model_dirs, test_images, tmp_path, passes):
     src = tmp_path / "in"
     good = _good_images(test_images, src, 80)
     out = tmp_path / "out"
     args = ["--input", str(src), "--output", str(out), "--model-dir", str(tiny_model_dirs(MODEL)),
             "--batch-size", "1", "--rows-per-file", "2", "--ray-address", "local", "--num-cpus", "4"]
+    if passes != "one pass":
+        args += ["--shard-size", "20", "--shards-per-pass", "1"]  # 4 passes, each in its own process
     proc = _job(args)
     deadline = time.time() + 240
     while time.time() < deadline and not list((out / "parts").glob("part-*.parquet")):
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    if passes == "one pass":
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    else:
+        assert _pass_processes(proc.pid), "a pass should be running in a process of its own"
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its pass process must not outlive it
+        gone = time.time() + 15
+        while _pass_processes(proc.pid) and time.time() < gone:
+            time.sleep(0.2)
+        assert not _pass_processes(proc.pid), "the pass process outlived the driver"
+        os.killpg(proc.pid, signal.SIGKILL)  # the Ray it started
     proc.wait()
     # tasks already running when the driver died may still publish their parts: wait until quiet
     count, stable_since = -1, time.time()
