@@ -45,7 +45,7 @@ def check_job(cfg: dict, args: argparse.Namespace) -> None:
 
     from instseg_core.datasets.coco import DatasetError
     from instseg_core.io import S3Options, fsspec_fs, is_remote
-    from instseg_core.training.engine import TrainSettings
+    from instseg_core.training.settings import TrainSettings
     from pipelines.batch_predict import JobSettingsError, storage_errors
     from pipelines.evaluate import load_eval_dataset
 

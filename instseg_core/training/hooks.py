@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paddle
 import paddle.nn as nn
@@ -29,9 +29,8 @@ from instseg_core.training.checkpoint import optimizer_state_by_structured_name,
 from instseg_core.training.data import CocoInstanceDataset
 from instseg_core.training.recipes import evaluation_inputs
 from instseg_core.training.schedule import ModelEMA
+from instseg_core.training.settings import TrainSettings
 
-if TYPE_CHECKING:  # the engine imports this module
-    from instseg_core.training.engine import TrainSettings
 
 log = logging.getLogger("instseg.train")
 
