@@ -5,7 +5,9 @@ The parts are made once: the demo model labels the sample photos (a real part, r
 its rows are repeated under new URIs and ids into ``--images`` rows over shards of 1000 (one part
 each), as the job writes them. Each merge then runs in its own process (``ray.init(num_cpus=k)``)
 on a copy of the parts: ``finish_all`` (per-shard de-duplication and counts, Ray tasks) and
-``write_outputs`` (Ray tasks per group of shards; single-file COCO assembled by streaming).
+``write_outputs`` (Ray tasks per group of shards; single-file COCO assembled by streaming). Each
+task takes a whole CPU here (the job packs two to four of these light tasks per CPU), so 1 CPU
+runs one task at a time and 2 CPUs two.
 Printed: seconds per stage, images/s, and the 2-CPU / 1-CPU throughput ratio.
 
     .venv/bin/python bench/merge_scaling.py [--images 200000] [--layout single|sharded] [--labelme]
@@ -63,8 +65,11 @@ import json, sys, time
 sys.path.insert(0, {str(REPO)!r})
 import ray
 ray.init(num_cpus={cpus}, include_dashboard=False, logging_level="ERROR")
+import pipelines.batch_predict, pipelines.merge
 from pipelines.batch_predict import finish_all
 from pipelines.merge import write_outputs
+# one task per CPU, so that N CPUs means N tasks at a time (the job packs 2-4 light tasks per CPU)
+pipelines.batch_predict.FINISH_TASK_CPUS = pipelines.merge.WRITE_TASK_CPUS = 1.0
 from pipelines.sinks import list_parts, parts_by_shard
 out = {str(parts_dir)!r}
 t0 = time.time()

@@ -534,6 +534,9 @@ def _finish_shards(output: str, groups: list[tuple[str, list[str]]], s3: S3Optio
     return [finish_shard(output, shard_id, parts, s3) for shard_id, parts in groups]
 
 
+FINISH_TASK_CPUS = 0.25  # finishing a shard is a few small reads and writes
+
+
 def finish_all(output: str, parts: dict[str, list[str]], s3: S3Options) -> dict[str, Any]:
     """De-duplicate and count every shard that has parts, in Ray tasks (32 shards each, at most
     32 in flight); returns the totals over shards (the driver holds only running sums)."""
@@ -542,7 +545,7 @@ def finish_all(output: str, parts: dict[str, list[str]], s3: S3Options) -> dict[
     from pipelines.sinks import remove_staging_files
 
     remove_staging_files(output, s3)
-    finish = ray.remote(num_cpus=0.25, max_retries=3)(_finish_shards)
+    finish = ray.remote(num_cpus=FINISH_TASK_CPUS, max_retries=3)(_finish_shards)
     groups = sorted(parts.items())
     chunks = [groups[i:i + 32] for i in range(0, len(groups), 32)]
     totals: dict[str, Any] = {"images": 0, "images_total": 0, "by_status": Counter(), "errors_by_kind": Counter(),

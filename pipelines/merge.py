@@ -33,6 +33,7 @@ from pipelines.rows import STATUS_OK
 log = logging.getLogger("instseg")
 
 SINGLE_FILE_MAX_IMAGES = 200_000
+WRITE_TASK_CPUS = 0.5  # a writer task mostly waits on storage; two share a CPU
 MERGE_DIR = "_merge"
 COCO_DIR = "coco"
 _COLUMNS = ["image_id", "uri", "width", "height", "status", "instances"]
@@ -147,7 +148,7 @@ def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[s
     if layout == "auto":
         layout = "single" if total_images <= SINGLE_FILE_MAX_IMAGES else "sharded"
     groups = plan_groups(shard_counts, parts, shards_per_task)
-    task = ray.remote(num_cpus=0.5, max_retries=3)(write_group)
+    task = ray.remote(num_cpus=WRITE_TASK_CPUS, max_retries=3)(write_group)
     totals = {"images": 0, "annotations": 0, "results": 0}
     pending: list = []
     todo = list(reversed(groups))
