@@ -5,13 +5,13 @@ Sub-layer attribute names are part of the state-dict contract (``conv``, ``bn``,
 """
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-ActLike = Union[None, str, Callable[[paddle.Tensor], paddle.Tensor]]
+ActLike = None | str | Callable[[paddle.Tensor], paddle.Tensor]
 
 
 def _identity(x):

@@ -1,3 +1,3 @@
-from .cspresnet import CSPResNet
+from instseg_core.modeling.backbones.cspresnet import CSPResNet
 
 __all__ = ["CSPResNet"]

@@ -1,12 +1,12 @@
 """CSPResNet backbone of PP-YOLOE (training form, with RepVGG ``alpha`` and effective SE)."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Union
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
 
-from ..layers import ActLike, BasicBlock, ConvBNLayer, EffectiveSELayer, get_activation
+from instseg_core.modeling.layers import ActLike, BasicBlock, ConvBNLayer, EffectiveSELayer, get_activation
 
 
 class CSPResStage(nn.Layer):
@@ -75,7 +75,7 @@ class CSPResNet(nn.Layer):
         self.out_channels = [channels[i + 1] for i in self.return_idx]
         self.out_strides = [4 * 2 ** i for i in self.return_idx]
 
-    def forward(self, inputs: Union[paddle.Tensor, Dict[str, paddle.Tensor]]) -> List[paddle.Tensor]:
+    def forward(self, inputs: paddle.Tensor | dict[str, paddle.Tensor]) -> list[paddle.Tensor]:
         x = inputs["image"] if isinstance(inputs, dict) else inputs
         x = self.stem(x)
         outs = []

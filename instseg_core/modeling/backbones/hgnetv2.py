@@ -17,7 +17,7 @@ so no learnable-affine-block parameters exist.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
@@ -25,7 +25,7 @@ import paddle.nn as nn
 __all__ = ["HGNetV2", "hgnetv2", "HGNETV2_ARCHS", "MASK_RTDETR_SIZE_TO_ARCH"]
 
 # stage rows: (in_ch, mid_ch, out_ch, num_blocks, downsample, light_block, kernel_size, layer_num)
-HGNETV2_ARCHS: Dict[str, dict] = {
+HGNETV2_ARCHS: dict[str, dict] = {
     # PPHGNetV2_B1 (Mask-RT-DETR-S)
     "S": {"stem": (3, 24, 32), "stages": [
         (32, 32, 64, 1, False, False, 3, 3),
@@ -199,7 +199,7 @@ class HGNetV2(nn.Layer):
         for p in layer.parameters():
             p.stop_gradient = True
 
-    def forward(self, x) -> List[paddle.Tensor]:
+    def forward(self, x) -> list[paddle.Tensor]:
         if isinstance(x, dict):
             x = x["image"]
         x = self.stem(x)

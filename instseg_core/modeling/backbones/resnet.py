@@ -20,7 +20,7 @@ shortcut, ``res4.res4b22`` for depth 101), so official ``.pdparams`` load as the
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
@@ -103,7 +103,7 @@ class Blocks(nn.Layer):
     def __init__(self, ch_in: int, ch_out: int, count: int, stage_num: int, variant: str = "b",
                  groups: int = 1, base_width: int = 64):
         super().__init__()
-        self.blocks: List[BottleNeck] = []
+        self.blocks: list[BottleNeck] = []
         for i in range(count):
             block = self.add_sublayer(
                 _block_name(stage_num, count, i),
@@ -145,7 +145,7 @@ class ResNet(nn.Layer):
 
         ch_out_list = (64, 128, 256, 512)
         self._all_channels = [BottleNeck.expansion * c for c in ch_out_list]
-        self.stages: List[Blocks] = []
+        self.stages: list[Blocks] = []
         ch_in = 64
         for i in range(num_stages):
             stage = self.add_sublayer(
@@ -172,14 +172,14 @@ class ResNet(nn.Layer):
                 p.optimize_attr["learning_rate"] = float(mult)
 
     @property
-    def out_channels(self) -> List[int]:
+    def out_channels(self) -> list[int]:
         return [self._all_channels[i] for i in self.return_idx]
 
     @property
-    def out_strides(self) -> List[int]:
+    def out_strides(self) -> list[int]:
         return [4 * 2 ** i for i in self.return_idx]
 
-    def forward(self, image: paddle.Tensor) -> List[paddle.Tensor]:
+    def forward(self, image: paddle.Tensor) -> list[paddle.Tensor]:
         x = F.max_pool2d(self.conv1(image), kernel_size=3, stride=2, padding=1)
         outs = []
         for i, stage in enumerate(self.stages):

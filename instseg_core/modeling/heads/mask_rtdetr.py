@@ -31,16 +31,16 @@ the previous layer's *undetached* box ("look forward twice", DINO).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Sequence
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..losses.denoising import DenoisingGroup, build_denoising_group
-from ..losses.detr_loss import SetPrediction
-from ..necks.mask_hybrid_encoder import _MultiHeadSelfAttention
-from ..resize import bilinear_matrix
+from instseg_core.modeling.losses.denoising import DenoisingGroup, build_denoising_group
+from instseg_core.modeling.losses.detr_loss import SetPrediction
+from instseg_core.modeling.necks.mask_hybrid_encoder import _MultiHeadSelfAttention
+from instseg_core.modeling.resize import bilinear_matrix
 
 __all__ = ["MaskRTDETRTransformer", "MaskRTDETRTrainOutputs", "mask_rtdetr_post_process",
            "mask_rtdetr_post_process_batch", "inverse_sigmoid",
@@ -52,7 +52,7 @@ def inverse_sigmoid(x: paddle.Tensor, eps: float = 1e-5) -> paddle.Tensor:
     return paddle.log(x.clip(min=eps) / (1.0 - x).clip(min=eps))
 
 
-def generate_anchors(shapes: Sequence[Tuple[int, int]], grid_size: float = 0.05, eps: float = 1e-2):
+def generate_anchors(shapes: Sequence[tuple[int, int]], grid_size: float = 0.05, eps: float = 1e-2):
     """Anchor logits [1, L, 4] (cx, cy, w, h; invalid -> +inf) and valid mask [1, L, 1] float32."""
     out = []
     for lvl, (h, w) in enumerate(shapes):
@@ -187,9 +187,9 @@ class _ConvNorm(nn.Layer):
 class MaskRTDETRTrainOutputs(NamedTuple):
     """Training forward of the transformer (input of ``losses.detr_loss.MaskDINOLoss``)."""
 
-    predictions: List[SetPrediction]  # matching queries: encoder top-k, decoder input, layers 1..L
-    dn_predictions: Optional[List[SetPrediction]]  # denoising queries: decoder input, layers 1..L
-    dn_group: Optional[DenoisingGroup]
+    predictions: list[SetPrediction]  # matching queries: encoder top-k, decoder input, layers 1..L
+    dn_predictions: list[SetPrediction] | None  # denoising queries: decoder input, layers 1..L
+    dn_group: DenoisingGroup | None
 
 
 class MaskRTDETRTransformer(nn.Layer):
@@ -242,13 +242,13 @@ class MaskRTDETRTransformer(nn.Layer):
         return self.score_head(q), masks
 
     def select_queries(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor,
-                       query_index: Optional[paddle.Tensor] = None):
+                       query_index: paddle.Tensor | None = None):
         """Encoder part: memory, level shapes, the selected query contents (detached) and the
         encoder's predictions for them (logits, sigmoid boxes, mask logits). The queries are the
         top-``num_queries`` memory tokens by their max class logit, or the tokens of
         ``query_index`` (int64 [B, Q], any Q) when given: e.g. every token, or another run's
         selection to reproduce (the oracle tests use both)."""
-        shapes: List[Tuple[int, int]] = []
+        shapes: list[tuple[int, int]] = []
         mem = []
         for proj, f in zip(self.input_proj, feats):
             y = proj(f)
@@ -276,8 +276,8 @@ class MaskRTDETRTransformer(nn.Layer):
         return memory, shapes, selected.detach(), SetPrediction(enc_sel_logits, enc_sel_boxes, enc_sel_masks)
 
     def forward(self, feats: Sequence[paddle.Tensor], mask_feat: paddle.Tensor,
-                targets: Optional[Sequence[Dict[str, paddle.Tensor]]] = None,
-                query_index: Optional[paddle.Tensor] = None):
+                targets: Sequence[dict[str, paddle.Tensor]] | None = None,
+                query_index: paddle.Tensor | None = None):
         """Eval: the reference nesting (module doc); ``query_index`` (eval only) replaces the
         top-k query selection (:meth:`select_queries`). Training: :class:`MaskRTDETRTrainOutputs`;
         ``targets`` (per image ``labels`` [n], ``boxes`` [n, 4] normalised cxcywh) feed the
@@ -355,7 +355,7 @@ def _top_detections(logits, boxes, im_shape, scale_factor, k: int):
 
 
 def mask_rtdetr_post_process(logits, boxes, masks, im_shape, scale_factor, num_top_queries: int = 100,
-                             ) -> Dict[str, paddle.Tensor]:
+                             ) -> dict[str, paddle.Tensor]:
     """logits [B,Q,C], boxes [B,Q,4] (normalised cxcywh), masks [B,Q,h,w] logits (batch 1).
 
     -> bbox [K,6] (class, score, x1, y1, x2, y2 in original pixels, not clipped), bbox_num [B] int32,
@@ -384,7 +384,7 @@ def _resize_weights(origin: paddle.Tensor, size: int, out_len: paddle.Tensor) ->
 
 
 def mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor, num_top_queries: int = 100,
-                                   score_floor: Optional[float] = None) -> Dict[str, paddle.Tensor]:
+                                   score_floor: float | None = None) -> dict[str, paddle.Tensor]:
     """Batch form of :func:`mask_rtdetr_post_process` (also traceable with a dynamic batch size).
 
     logits [B,Q,C], boxes [B,Q,4], masks [B,Q,h,w] -> bbox [N,6], bbox_num [B] int32, mask

@@ -7,15 +7,15 @@ state-dict contract: ``stem_{cls,reg,ins}.{i}.{fc,conv}``, ``pred_{cls,reg,ins}.
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..layers import ActLike, ConvBNLayer, get_activation
-from ..resize import bilinear_matrix, bilinear_taps
+from instseg_core.modeling.layers import ActLike, ConvBNLayer, get_activation
+from instseg_core.modeling.resize import bilinear_matrix, bilinear_taps
 
 
 class ESEAttn(nn.Layer):
@@ -133,7 +133,7 @@ class PPYOLOEInsHead(nn.Layer):
             reg_conv.bias.set_value(paddle.ones_like(reg_conv.bias))
 
     # ---------------------------------------------------------------- anchors
-    def generate_anchors(self, feats: Sequence[paddle.Tensor]) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    def generate_anchors(self, feats: Sequence[paddle.Tensor]) -> tuple[paddle.Tensor, paddle.Tensor]:
         points, strides = [], []
         for feat, stride in zip(feats, self.fpn_strides):
             h, w = feat.shape[2], feat.shape[3]
@@ -203,7 +203,7 @@ class PPYOLOEInsHead(nn.Layer):
 
     # ---------------------------------------------------------------- post-process
     def post_process(self, head_outs, im_shape: paddle.Tensor, scale_factor: paddle.Tensor,
-                     input_hw: Tuple[int, int]) -> Dict[str, paddle.Tensor]:
+                     input_hw: tuple[int, int]) -> dict[str, paddle.Tensor]:
         """Boxes in original pixels (not clipped), multiclass NMS, per-detection full-image masks.
 
         Batch size 1 (as in the exported model). ``input_hw`` is the (padded) network input size.
@@ -250,8 +250,8 @@ class PPYOLOEInsHead(nn.Layer):
 
 
     def post_process_batch(self, head_outs, im_shape: paddle.Tensor, scale_factor: paddle.Tensor,
-                           input_hw: Tuple[int, int], score_floor: float | None = None,
-                           ) -> Dict[str, paddle.Tensor]:
+                           input_hw: tuple[int, int], score_floor: float | None = None,
+                           ) -> dict[str, paddle.Tensor]:
         """Graph-friendly (``paddle.jit.save``-able) post-process of a batch of B images.
 
         Same maths as :meth:`post_process` (sigmoid prototypes -> bilinear to the input size ->

@@ -25,7 +25,7 @@ State-dict keys follow PaddleDetection (``bbox_head.head.fc6``, ``bbox_head.bbox
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Sequence
 
 import paddle
 import paddle.nn as nn
@@ -33,7 +33,7 @@ import paddle.nn.functional as F
 from paddle.nn.initializer import KaimingNormal, Normal, XavierUniform
 from paddle.vision.ops import distribute_fpn_proposals, roi_align
 
-from ..resize import bilinear_matrix
+from instseg_core.modeling.resize import bilinear_matrix
 
 __all__ = ["RoIAlign", "TwoFCHead", "CascadeTwoFCHead", "BBoxHead", "CascadeHead", "BBoxPostProcess",
            "MaskFeat", "MaskHead", "delta2bbox", "clip_boxes", "multiclass_nms", "paste_masks"]
@@ -69,7 +69,7 @@ class RoIAlign(nn.Layer):
         self.start_level = start_level
         self.end_level = end_level
 
-    def forward(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor],
+    def forward(self, feats: Sequence[paddle.Tensor], rois: list[paddle.Tensor],
                 rois_num: paddle.Tensor) -> paddle.Tensor:
         boxes = paddle.concat(rois) if len(rois) > 1 else rois[0]
         if len(feats) == 1:
@@ -167,13 +167,13 @@ class BBoxHead(nn.Layer):
         self.bbox_score = nn.Linear(in_channel, num_classes + 1, weight_attr=_normal(0.01))
         self.bbox_delta = nn.Linear(in_channel, 4 * num_classes, weight_attr=_normal(0.001))
 
-    def forward(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor],
-                rois_num: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    def forward(self, feats: Sequence[paddle.Tensor], rois: list[paddle.Tensor],
+                rois_num: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         _, logits, deltas = self.head_outputs(feats, rois, rois_num)
         return deltas, F.softmax(logits)
 
-    def head_outputs(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor], rois_num: paddle.Tensor
-                     ) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    def head_outputs(self, feats: Sequence[paddle.Tensor], rois: list[paddle.Tensor], rois_num: paddle.Tensor
+                     ) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
         """``(head features, class logits [R, C+1], deltas [R, 4C])``; the head features are the
         Res5Head's 7x7 maps for C4 (its mask head reuses them in training)."""
         head_feat = self.head(self.roi_extractor(feats, rois, rois_num))
@@ -202,16 +202,16 @@ class CascadeHead(nn.Layer):
         self.num_classes = num_classes
         self.bbox_weight = [list(w) for w in bbox_weight]
         self.num_stages = len(self.bbox_weight)
-        self.bbox_score_list: List[nn.Linear] = []
-        self.bbox_delta_list: List[nn.Linear] = []
+        self.bbox_score_list: list[nn.Linear] = []
+        self.bbox_delta_list: list[nn.Linear] = []
         for i in range(self.num_stages):
             self.bbox_score_list.append(self.add_sublayer(
                 f"bbox_score_stage{i}", nn.Linear(in_channel, num_classes + 1, weight_attr=_normal(0.01))))
             self.bbox_delta_list.append(self.add_sublayer(
                 f"bbox_delta_stage{i}", nn.Linear(in_channel, 4, weight_attr=_normal(0.001))))
 
-    def forward(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor], rois_num: paddle.Tensor,
-                im_shape: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor, List[paddle.Tensor]]:
+    def forward(self, feats: Sequence[paddle.Tensor], rois: list[paddle.Tensor], rois_num: paddle.Tensor,
+                im_shape: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, list[paddle.Tensor]]:
         probs_sum = None
         deltas = None
         for stage in range(self.num_stages):
@@ -223,14 +223,14 @@ class CascadeHead(nn.Layer):
             probs_sum = probs if probs_sum is None else probs_sum + probs
         return deltas, probs_sum / self.num_stages, rois
 
-    def stage_outputs(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor], rois_num: paddle.Tensor,
-                      stage: int) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    def stage_outputs(self, feats: Sequence[paddle.Tensor], rois: list[paddle.Tensor], rois_num: paddle.Tensor,
+                      stage: int) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Class logits [R, C+1] and class-agnostic deltas [R, 4] of stage ``stage`` on ``rois``."""
         feat = self.head(self.roi_extractor(feats, rois, rois_num), stage)
         return self.bbox_score_list[stage](feat), self.bbox_delta_list[stage](feat)
 
-    def refine(self, deltas: paddle.Tensor, rois: List[paddle.Tensor], rois_num: paddle.Tensor,
-               im_shape: paddle.Tensor, stage: int) -> List[paddle.Tensor]:
+    def refine(self, deltas: paddle.Tensor, rois: list[paddle.Tensor], rois_num: paddle.Tensor,
+               im_shape: paddle.Tensor, stage: int) -> list[paddle.Tensor]:
         """Per image: ``rois`` moved by stage ``stage``'s ``deltas`` and clipped to the image."""
         boxes = delta2bbox(deltas, paddle.concat(rois) if len(rois) > 1 else rois[0],
                            self.bbox_weight[stage]).reshape([-1, 4])
@@ -238,7 +238,7 @@ class CascadeHead(nn.Layer):
         return [clip_boxes(r, im_shape[i, 0], im_shape[i, 1]) for i, r in enumerate(rois)]
 
     @staticmethod
-    def _split(boxes: paddle.Tensor, rois_num: paddle.Tensor) -> List[paddle.Tensor]:
+    def _split(boxes: paddle.Tensor, rois_num: paddle.Tensor) -> list[paddle.Tensor]:
         if int(rois_num.shape[0]) == 1:
             return [boxes]
         return list(paddle.split(boxes, [int(n) for n in rois_num.numpy()]))
@@ -246,7 +246,7 @@ class CascadeHead(nn.Layer):
 
 def multiclass_nms(bboxes: paddle.Tensor, scores: paddle.Tensor, rois_num: paddle.Tensor,
                    score_threshold: float = 0.05, nms_threshold: float = 0.5, keep_top_k: int = 100,
-                   nms_top_k: int = -1, background_label: int = -1) -> Tuple[paddle.Tensor, paddle.Tensor]:
+                   nms_top_k: int = -1, background_label: int = -1) -> tuple[paddle.Tensor, paddle.Tensor]:
     """Per-class NMS of class-specific boxes ``bboxes`` [R, C, 4] with ``scores`` [R, C]
     (``rois_num`` [B] RoIs per image) -> ``(out [N, 6] = [class, score, x1, y1, x2, y2], num [B])``.
 
@@ -274,8 +274,8 @@ class BBoxPostProcess(nn.Layer):
         self.nms_threshold = nms_threshold
         self.keep_top_k = keep_top_k
 
-    def forward(self, deltas: paddle.Tensor, probs: paddle.Tensor, rois: List[paddle.Tensor],
-                rois_num: paddle.Tensor, im_shape: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    def forward(self, deltas: paddle.Tensor, probs: paddle.Tensor, rois: list[paddle.Tensor],
+                rois_num: paddle.Tensor, im_shape: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         boxes = delta2bbox(deltas, paddle.concat(rois) if len(rois) > 1 else rois[0], self.prior_box_var)
         # one box per class: class-agnostic deltas (cascade) give the same box for every class
         boxes = paddle.expand(boxes, [paddle.shape(boxes)[0], self.num_classes, 4])
@@ -291,7 +291,7 @@ class BBoxPostProcess(nn.Layer):
 
     @staticmethod
     def rescale(bbox: paddle.Tensor, im_shape: paddle.Tensor, scale_factor: paddle.Tensor
-                ) -> Tuple[paddle.Tensor, paddle.Tensor]:
+                ) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Boxes of one image from input to original pixels, clipped to the original size
         ``floor(im_shape / scale_factor + 0.5)``; rows whose box became empty get label -1.
         Returns ``(bbox [N, 6], origin_shape [2] float32 (h, w))``."""
@@ -348,7 +348,7 @@ class MaskHead(nn.Layer):
                                          weight_attr=paddle.ParamAttr(initializer=KaimingNormal()))
 
     def forward(self, feats: Sequence[paddle.Tensor], bbox: paddle.Tensor, bbox_num: paddle.Tensor,
-                feat_func: Optional[Callable[[paddle.Tensor], paddle.Tensor]] = None) -> paddle.Tensor:
+                feat_func: Callable[[paddle.Tensor], paddle.Tensor] | None = None) -> paddle.Tensor:
         rois_feat = self.roi_extractor(feats, [bbox[:, 2:]], bbox_num)
         if self.share_bbox_feat:
             rois_feat = feat_func(rois_feat)
@@ -359,8 +359,8 @@ class MaskHead(nn.Layer):
         index = paddle.stack([paddle.arange(paddle.shape(labels)[0], dtype="int64"), labels], axis=1)
         return F.sigmoid(paddle.gather_nd(logits, index))
 
-    def forward_train(self, feats: Sequence[paddle.Tensor], rois: List[paddle.Tensor], rois_num: paddle.Tensor,
-                      shared_feat: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    def forward_train(self, feats: Sequence[paddle.Tensor], rois: list[paddle.Tensor], rois_num: paddle.Tensor,
+                      shared_feat: paddle.Tensor | None = None) -> paddle.Tensor:
         """Mask logits [P, C, M, M] of the foreground RoIs ``rois`` (one tensor per image). With
         ``share_bbox_feat`` (C4) ``shared_feat`` holds their box-head features (the Res5Head's
         7x7 maps) and no new RoIAlign runs."""

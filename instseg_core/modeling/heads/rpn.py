@@ -14,7 +14,7 @@ State-dict keys: ``rpn_feat.rpn_conv.*``, ``rpn_rois_score.*``, ``rpn_rois_delta
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
@@ -49,7 +49,7 @@ class AnchorGenerator(nn.Layer):
         self.num_anchors = len(self.cell_anchors[0])
 
     @staticmethod
-    def _cell_anchors(sizes: Sequence[float], ratios: Sequence[float]) -> List[List[float]]:
+    def _cell_anchors(sizes: Sequence[float], ratios: Sequence[float]) -> list[list[float]]:
         out = []
         for size in sizes:
             area = float(size) ** 2
@@ -59,7 +59,7 @@ class AnchorGenerator(nn.Layer):
                 out.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
         return out
 
-    def forward(self, feats: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:
+    def forward(self, feats: Sequence[paddle.Tensor]) -> list[paddle.Tensor]:
         anchors = []
         for feat, stride, cell in zip(feats, self.strides, self.cell_anchors):
             shape = paddle.shape(feat)  # dynamic H, W so that exported graphs accept any size
@@ -81,7 +81,7 @@ class RPNFeat(nn.Layer):
         self.rpn_conv = nn.Conv2D(in_channel, out_channel, kernel_size=3, padding=1,
                                   weight_attr=paddle.ParamAttr(initializer=Normal(0.0, 0.01)))
 
-    def forward(self, feats: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:
+    def forward(self, feats: Sequence[paddle.Tensor]) -> list[paddle.Tensor]:
         return [F.relu(self.rpn_conv(f)) for f in feats]
 
 
@@ -113,12 +113,12 @@ class RPNHead(nn.Layer):
         self.min_size = float(min_size)
 
     def forward(self, feats: Sequence[paddle.Tensor], im_shape: paddle.Tensor
-                ) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
+                ) -> tuple[list[paddle.Tensor], paddle.Tensor]:
         scores, deltas, anchors = self.head_outputs(feats)
         return self.proposals(scores, deltas, anchors, im_shape)
 
     def head_outputs(self, feats: Sequence[paddle.Tensor]
-                     ) -> Tuple[List[paddle.Tensor], List[paddle.Tensor], List[paddle.Tensor]]:
+                     ) -> tuple[list[paddle.Tensor], list[paddle.Tensor], list[paddle.Tensor]]:
         """Per level: objectness logits ``[B, A, H, W]``, deltas ``[B, 4A, H, W]`` and anchors ``[H*W*A, 4]``."""
         rpn_feats = self.rpn_feat(feats)
         scores = [self.rpn_rois_score(f) for f in rpn_feats]
@@ -126,10 +126,10 @@ class RPNHead(nn.Layer):
         anchors = self.anchor_generator(rpn_feats)
         return scores, deltas, anchors
 
-    def train_proposals(self, scores: List[paddle.Tensor], deltas: List[paddle.Tensor],
-                        anchors: List[paddle.Tensor], im_shape: paddle.Tensor, *, pre_nms_top_n: int,
+    def train_proposals(self, scores: list[paddle.Tensor], deltas: list[paddle.Tensor],
+                        anchors: list[paddle.Tensor], im_shape: paddle.Tensor, *, pre_nms_top_n: int,
                         post_nms_top_n: int, topk_after_collect: bool
-                        ) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
+                        ) -> tuple[list[paddle.Tensor], paddle.Tensor]:
         """Proposals with training settings, on detached outputs (no gradient through them):
         ``pre_nms_top_n`` per level before NMS, ``post_nms_top_n`` after merging the levels; with
         ``topk_after_collect`` (FPN) each level keeps up to its pre-NMS count after NMS, otherwise
@@ -140,10 +140,10 @@ class RPNHead(nn.Layer):
                                   pre_nms_top_n=pre_nms_top_n, level_post_nms_top_n=level_top_n,
                                   post_nms_top_n=post_nms_top_n)
 
-    def proposals(self, scores: List[paddle.Tensor], deltas: List[paddle.Tensor],
-                  anchors: List[paddle.Tensor], im_shape: paddle.Tensor, pre_nms_top_n: int | None = None,
+    def proposals(self, scores: list[paddle.Tensor], deltas: list[paddle.Tensor],
+                  anchors: list[paddle.Tensor], im_shape: paddle.Tensor, pre_nms_top_n: int | None = None,
                   level_post_nms_top_n: int | None = None, post_nms_top_n: int | None = None
-                  ) -> Tuple[List[paddle.Tensor], paddle.Tensor]:
+                  ) -> tuple[list[paddle.Tensor], paddle.Tensor]:
         """Per-image proposals; the top-k settings default to the test ones (``level_post_nms_top_n``:
         the count each level keeps after NMS, ``post_nms_top_n``: after merging the levels)."""
         pre_nms_top_n = self.pre_nms_top_n if pre_nms_top_n is None else int(pre_nms_top_n)

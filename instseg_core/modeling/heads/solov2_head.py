@@ -20,7 +20,7 @@ output conv as both ``mask_feat_head.conv_pred.0`` and ``conv_pred``. Do not ren
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
@@ -90,8 +90,8 @@ class SOLOv2Head(nn.Layer):
         self.mask_threshold = mask_threshold
 
         # Plain lists: the layers are registered under their official dotted names below.
-        self.kernel_convs: List[ConvGNLayer] = []
-        self.cate_convs: List[ConvGNLayer] = []
+        self.kernel_convs: list[ConvGNLayer] = []
+        self.cate_convs: list[ConvGNLayer] = []
         for i in range(stacked_convs):
             # the kernel branch sees the two coordinate channels, the category branch does not
             k_in = in_channels + 2 if i == 0 else seg_feat_channels
@@ -115,7 +115,7 @@ class SOLOv2Head(nn.Layer):
         self.solo_cate = cate
 
     @staticmethod
-    def split_feats(feats: Sequence[paddle.Tensor]) -> Tuple[paddle.Tensor, ...]:
+    def split_feats(feats: Sequence[paddle.Tensor]) -> tuple[paddle.Tensor, ...]:
         """P2 halved and P6 brought up to P5's size, so the five levels sit at strides
         8, 8, 16, 32, 32 (bilinear, align_corners False)."""
         p2, p3, p4, p5, p6 = feats
@@ -124,7 +124,7 @@ class SOLOv2Head(nn.Layer):
                            align_mode=0)
         return p2, p3, p4, p5, p6
 
-    def forward_level(self, feat: paddle.Tensor, grid: int) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    def forward_level(self, feat: paddle.Tensor, grid: int) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Raw (category logits ``[N, C, S, S]``, kernels ``[N, E, S, S]``) of one level."""
         # CoordConv, then resample to the S x S grid: each cell predicts one instance
         kernel_feat = paddle.concat([feat, coord_features(feat)], axis=1)
@@ -137,7 +137,7 @@ class SOLOv2Head(nn.Layer):
             cate_feat = F.relu(conv(cate_feat))
         return self.solo_cate(cate_feat), self.solo_kernel(kernel_feat)
 
-    def forward(self, feats: Sequence[paddle.Tensor]) -> Tuple[List[paddle.Tensor], List[paddle.Tensor]]:
+    def forward(self, feats: Sequence[paddle.Tensor]) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
         cate_maps, kernel_maps = [], []
         for feat, grid in zip(self.split_feats(feats), self.num_grids):
             cate, kernel = self.forward_level(feat, grid)
@@ -159,7 +159,7 @@ class _MaskFeatLevel(nn.Layer):
     def __init__(self, level: int, ch_in: int, mid_channels: int, first: bool):
         super().__init__()
         self.upsample = not first
-        self.convs: List[ConvGNLayer] = []
+        self.convs: list[ConvGNLayer] = []
         for j in range(1 if first else level):
             conv = ConvGNLayer(ch_in if j == 0 else mid_channels, mid_channels)
             self.convs.append(self.add_sublayer(f"mask_feat_head.convs_all_levels.{level}.conv{j}", conv))
@@ -188,7 +188,7 @@ class SOLOv2MaskHead(nn.Layer):
         if not 0 <= start_level <= end_level:
             raise ValueError(f"need 0 <= start_level <= end_level, got {start_level}, {end_level}")
         self.start_level, self.end_level = start_level, end_level
-        self.levels: List[_MaskFeatLevel] = []
+        self.levels: list[_MaskFeatLevel] = []
         for i in range(start_level, end_level + 1):
             ch_in = in_channels + 2 if i == end_level and i != start_level else in_channels
             self.levels.append(self.add_sublayer(

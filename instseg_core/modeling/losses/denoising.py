@@ -22,12 +22,12 @@ at inference), and each denoising group sees itself and the matching queries but
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 import paddle
 
-from .box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
+from instseg_core.modeling.losses.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
 
 __all__ = ["DenoisingGroup", "build_denoising_group", "denoising_attn_mask"]
 
@@ -40,7 +40,7 @@ class DenoisingGroup:
     num_groups: int
     max_gt: int
     contrastive: bool
-    num_gts: List[int]  # real objects per image
+    num_gts: list[int]  # real objects per image
 
     @property
     def num_queries(self) -> int:
@@ -51,7 +51,7 @@ class DenoisingGroup:
     def group_size(self) -> int:
         return self.max_gt * (2 if self.contrastive else 1)
 
-    def match_indices(self) -> List[Tuple[np.ndarray, np.ndarray]]:
+    def match_indices(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per image (query idx, object idx) of the positive queries: object ``j`` is slot ``j`` of
         every group (the negatives in the second half of a contrastive group stay unassigned)."""
         out = []
@@ -76,7 +76,7 @@ def denoising_attn_mask(num_denoising: int, group_size: int, num_queries: int) -
 def build_denoising_group(labels: Sequence[paddle.Tensor], boxes: Sequence[paddle.Tensor],
                           class_embed: paddle.Tensor, num_queries: int, num_denoising: int = 100,
                           label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0,
-                          contrastive: bool = False) -> Optional[DenoisingGroup]:
+                          contrastive: bool = False) -> DenoisingGroup | None:
     """Noised ground-truth queries of a batch; None when there is nothing to denoise.
 
     ``labels``: per image int64 [n]; ``boxes``: per image [n, 4] normalised cxcywh;

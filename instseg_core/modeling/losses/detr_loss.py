@@ -22,17 +22,17 @@ the known assignment and give ``loss_<term>_dn`` / ``loss_<term>_aux_dn``, norma
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from .box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
-from .denoising import DenoisingGroup
-from .distributed import mean_over_ranks
-from .hungarian_matcher import HungarianMatcher, MatchIndices
-from .point_sample import point_sample, uncertain_points
+from instseg_core.modeling.losses.box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
+from instseg_core.modeling.losses.denoising import DenoisingGroup
+from instseg_core.modeling.losses.distributed import mean_over_ranks
+from instseg_core.modeling.losses.hungarian_matcher import HungarianMatcher, MatchIndices
+from instseg_core.modeling.losses.point_sample import point_sample, uncertain_points
 
 __all__ = ["SetPrediction", "MaskDINOLoss", "varifocal_loss", "sigmoid_focal_loss", "dice_loss",
            "mask_iou", "TERMS"]
@@ -103,8 +103,8 @@ class MaskDINOLoss:
     sets always use box IoU (as the reference does: cheaper, and they are only auxiliary).
     """
 
-    def __init__(self, num_classes: int, matcher: Optional[HungarianMatcher] = None,
-                 weights: Optional[Dict[str, float]] = None, use_vfl: bool = True,
+    def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None,
+                 weights: dict[str, float] | None = None, use_vfl: bool = True,
                  vfl_iou_type: str = "mask", num_points: int = 12544, oversample_ratio: float = 3.0,
                  importance_ratio: float = 0.75):
         self.num_classes = num_classes
@@ -115,9 +115,9 @@ class MaskDINOLoss:
         self.num_points, self.oversample_ratio, self.importance_ratio = (
             num_points, oversample_ratio, importance_ratio)
 
-    def __call__(self, predictions: Sequence[SetPrediction], targets: Sequence[Dict[str, paddle.Tensor]],
-                 dn_predictions: Optional[Sequence[SetPrediction]] = None,
-                 dn_group: Optional[DenoisingGroup] = None) -> Dict[str, paddle.Tensor]:
+    def __call__(self, predictions: Sequence[SetPrediction], targets: Sequence[dict[str, paddle.Tensor]],
+                 dn_predictions: Sequence[SetPrediction] | None = None,
+                 dn_group: DenoisingGroup | None = None) -> dict[str, paddle.Tensor]:
         # objects per batch, averaged over data-parallel ranks (N workers train as one process)
         num_objects = max(float(mean_over_ranks(float(sum(int(t["labels"].shape[0]) for t in targets)))), 1.0)
         losses = self._over_sets(predictions, targets, num_objects, None, "")
@@ -130,7 +130,7 @@ class MaskDINOLoss:
         return losses
 
     def _over_sets(self, sets: Sequence[SetPrediction], targets, num_objects: float,
-                   indices: Optional[List[MatchIndices]], postfix: str) -> Dict[str, paddle.Tensor]:
+                   indices: list[MatchIndices] | None, postfix: str) -> dict[str, paddle.Tensor]:
         """Final set -> ``loss_<t><postfix>``, the others summed -> ``loss_<t>_aux<postfix>``."""
         out = {}
         aux = {t: [] for t in TERMS}
@@ -148,8 +148,8 @@ class MaskDINOLoss:
             out[f"loss_{t}_aux{postfix}"] = paddle.add_n(aux[t]) if aux[t] else _zero()
         return out
 
-    def set_loss(self, pred: SetPrediction, targets, match: List[MatchIndices], num_objects: float,
-                 iou_type: str = "bbox") -> Dict[str, paddle.Tensor]:
+    def set_loss(self, pred: SetPrediction, targets, match: list[MatchIndices], num_objects: float,
+                 iou_type: str = "bbox") -> dict[str, paddle.Tensor]:
         """The five weighted terms of one prediction set under a given assignment."""
         bsz, nq, nc = (int(s) for s in pred.logits.shape)
         flat = np.concatenate([b * nq + q for b, (q, _) in enumerate(match)]).astype(np.int64)
@@ -187,7 +187,7 @@ class MaskDINOLoss:
                 "mask": w["mask"] * bce, "dice": w["dice"] * dice}
 
     def _class_loss(self, logits: paddle.Tensor, flat: np.ndarray, labels: np.ndarray,
-                    iou: Optional[paddle.Tensor], num_objects: float) -> paddle.Tensor:
+                    iou: paddle.Tensor | None, num_objects: float) -> paddle.Tensor:
         bsz, nq, nc = (int(s) for s in logits.shape)
         onehot = np.zeros([bsz * nq, nc], np.float32)
         onehot[flat, labels] = 1.0

@@ -16,19 +16,19 @@ Per image the cost of pairing query ``q`` with object ``j`` is a weighted sum of
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from .box_ops import cxcywh_to_xyxy, generalized_box_iou
+from instseg_core.modeling.losses.box_ops import cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = ["HungarianMatcher", "MatchIndices"]
 
 # (query indices, target indices) of one image, both int64 and of equal length
-MatchIndices = Tuple[np.ndarray, np.ndarray]
+MatchIndices = tuple[np.ndarray, np.ndarray]
 
 
 def _empty_match() -> MatchIndices:
@@ -51,8 +51,8 @@ class HungarianMatcher:
         self.alpha, self.gamma = alpha, gamma
 
     @paddle.no_grad()
-    def __call__(self, logits: paddle.Tensor, boxes: paddle.Tensor, masks: Optional[paddle.Tensor],
-                 targets: Sequence[Dict[str, paddle.Tensor]]) -> List[MatchIndices]:
+    def __call__(self, logits: paddle.Tensor, boxes: paddle.Tensor, masks: paddle.Tensor | None,
+                 targets: Sequence[dict[str, paddle.Tensor]]) -> list[MatchIndices]:
         out = []
         for b, tgt in enumerate(targets):
             if int(tgt["labels"].shape[0]) == 0:
@@ -63,8 +63,8 @@ class HungarianMatcher:
             out.append((q.astype(np.int64), j.astype(np.int64)))
         return out
 
-    def cost_matrix(self, logits: paddle.Tensor, boxes: paddle.Tensor, masks: Optional[paddle.Tensor],
-                    tgt: Dict[str, paddle.Tensor]) -> paddle.Tensor:
+    def cost_matrix(self, logits: paddle.Tensor, boxes: paddle.Tensor, masks: paddle.Tensor | None,
+                    tgt: dict[str, paddle.Tensor]) -> paddle.Tensor:
         """[Q, n] matching cost of one image (inputs without the batch dimension)."""
         prob = paddle.gather(F.sigmoid(logits), tgt["labels"], axis=1)  # [Q, n]
         pos = self.alpha * (1 - prob) ** self.gamma * -paddle.log(prob + 1e-8)

@@ -12,14 +12,14 @@ by the sum of the soft class targets (at least 1); the mask term is the mean ove
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import paddle
 import paddle.nn.functional as F
 
-from .box_ops import generalized_box_iou
-from .distributed import mean_over_ranks
-from .task_aligned_assigner import Assignment, TaskAlignedAssigner
+from instseg_core.modeling.losses.box_ops import generalized_box_iou
+from instseg_core.modeling.losses.distributed import mean_over_ranks
+from instseg_core.modeling.losses.task_aligned_assigner import Assignment, TaskAlignedAssigner
 
 DEFAULT_WEIGHTS = {"cls": 1.0, "iou": 2.5, "dfl": 0.5, "mask": 2.5}
 
@@ -64,7 +64,7 @@ def ltrb_targets(points: paddle.Tensor, boxes: paddle.Tensor, reg_max: int) -> p
     return paddle.concat([lt, rb], axis=-1).clip(0.0, reg_max - 0.01)
 
 
-def downsample_masks(masks: paddle.Tensor, size_hw: Tuple[int, int]) -> paddle.Tensor:
+def downsample_masks(masks: paddle.Tensor, size_hw: tuple[int, int]) -> paddle.Tensor:
     """Instance masks ``[n,H,W]`` averaged over the integer blocks that map onto ``size_hw``.
 
     Each prototype pixel covers a ``factor x factor`` block of input pixels (bilinear upsampling
@@ -80,7 +80,7 @@ def downsample_masks(masks: paddle.Tensor, size_hw: Tuple[int, int]) -> paddle.T
     return F.avg_pool2d(masks.unsqueeze(1), kernel_size=[fh, fw], stride=[fh, fw]).squeeze(1)
 
 
-def box_crop(boxes: paddle.Tensor, size_hw: Tuple[int, int]) -> paddle.Tensor:
+def box_crop(boxes: paddle.Tensor, size_hw: tuple[int, int]) -> paddle.Tensor:
     """``[N,h,w]`` 0/1 float: pixel ``(r, c)`` with ``x1 <= c < x2`` and ``y1 <= r < y2`` of each box.
 
     The same pixel-index rule as the inference-time mask crop.
@@ -108,8 +108,8 @@ def prototype_mask_loss(coefs: paddle.Tensor, protos: paddle.Tensor, gt_masks: p
 
 
 # ------------------------------------------------------------------------------- batch targets
-def pad_targets(targets: Sequence[Dict[str, paddle.Tensor]]
-                ) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+def pad_targets(targets: Sequence[dict[str, paddle.Tensor]]
+                ) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
     """Stack per-image ``labels``/``boxes`` into ``[B,n]`` labels, ``[B,n,4]`` boxes, ``[B,n]`` valid.
 
     ``n`` is the largest instance count; shorter images are padded with label 0, a zero box and
@@ -143,8 +143,8 @@ class PPYOLOESegLoss:
     """
 
     def __init__(self, num_classes: int, reg_max: int = 16,
-                 assigner: Optional[TaskAlignedAssigner] = None,
-                 weights: Optional[Dict[str, float]] = None,
+                 assigner: TaskAlignedAssigner | None = None,
+                 weights: dict[str, float] | None = None,
                  vfl_alpha: float = 0.75, vfl_gamma: float = 2.0):
         self.num_classes = num_classes
         self.reg_max = reg_max
@@ -153,8 +153,8 @@ class PPYOLOESegLoss:
         self.vfl_alpha = vfl_alpha
         self.vfl_gamma = vfl_gamma
 
-    def __call__(self, outputs, targets: Sequence[Dict[str, paddle.Tensor]],
-                 input_hw: Tuple[int, int]) -> Dict[str, paddle.Tensor]:
+    def __call__(self, outputs, targets: Sequence[dict[str, paddle.Tensor]],
+                 input_hw: tuple[int, int]) -> dict[str, paddle.Tensor]:
         cls_logits, reg_logits, distances, coefs, protos, points, strides = outputs
         if len(targets) != cls_logits.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {cls_logits.shape[0]} images")
@@ -183,7 +183,7 @@ class PPYOLOESegLoss:
         return terms
 
     def _positive_terms(self, assign: Assignment, reg_logits, pred_boxes, coefs, protos, points,
-                        strides, targets, input_hw, norm, num_pos) -> Dict[str, paddle.Tensor]:
+                        strides, targets, input_hw, norm, num_pos) -> dict[str, paddle.Tensor]:
         """Box (GIoU, DFL, L1) and mask terms, which only positive anchors have."""
         b, a = assign.positive.shape
         pos = paddle.nonzero(assign.positive.reshape([-1])).reshape([-1])
@@ -215,7 +215,7 @@ class PPYOLOESegLoss:
         """Sum over positive anchors of :func:`prototype_mask_loss`, image by image."""
         h, w = int(protos.shape[2]), int(protos.shape[3])
         scale = paddle.to_tensor([w / input_hw[1], h / input_hw[0]] * 2, dtype="float32")
-        losses: List[paddle.Tensor] = []
+        losses: list[paddle.Tensor] = []
         for i, t in enumerate(targets):
             pos = paddle.nonzero(assign.positive[i]).reshape([-1])
             if pos.shape[0] == 0:

@@ -16,12 +16,12 @@ to the outputs it would use, so every parameter gets a (zero) gradient.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Sequence
 
 import paddle
 import paddle.nn.functional as F
 
-from .rcnn_targets import AnchorTargets, RoITargets, encode_deltas
+from instseg_core.modeling.losses.rcnn_targets import AnchorTargets, RoITargets, encode_deltas
 
 __all__ = ["flatten_rpn_outputs", "rpn_loss", "box_head_loss", "mask_loss"]
 
@@ -34,8 +34,8 @@ def flatten_rpn_outputs(scores: Sequence[paddle.Tensor], deltas: Sequence[paddle
     return paddle.concat(flat_scores, axis=1), paddle.concat(flat_deltas, axis=1)
 
 
-def rpn_loss(scores: paddle.Tensor, deltas: paddle.Tensor, targets: List[AnchorTargets],
-             batch_size_per_im: int) -> Dict[str, paddle.Tensor]:
+def rpn_loss(scores: paddle.Tensor, deltas: paddle.Tensor, targets: list[AnchorTargets],
+             batch_size_per_im: int) -> dict[str, paddle.Tensor]:
     """``loss_rpn_cls`` and ``loss_rpn_reg`` of logits ``scores`` [B, N] and ``deltas`` [B, N, 4]
     (see :func:`flatten_rpn_outputs`) against one :class:`AnchorTargets` per image."""
     labels = paddle.concat([t.labels for t in targets])
@@ -58,8 +58,8 @@ def rpn_loss(scores: paddle.Tensor, deltas: paddle.Tensor, targets: List[AnchorT
     return {"loss_rpn_cls": loss_cls / norm, "loss_rpn_reg": loss_reg / norm}
 
 
-def box_head_loss(logits: paddle.Tensor, deltas: paddle.Tensor, targets: List[RoITargets],
-                  num_classes: int, weights: Sequence[float]) -> Dict[str, paddle.Tensor]:
+def box_head_loss(logits: paddle.Tensor, deltas: paddle.Tensor, targets: list[RoITargets],
+                  num_classes: int, weights: Sequence[float]) -> dict[str, paddle.Tensor]:
     """``loss_bbox_cls`` and ``loss_bbox_reg`` of one box head.
 
     ``logits`` [R, C+1] and ``deltas`` [R, 4C] (class-specific) or [R, 4] (class-agnostic) are

@@ -21,12 +21,12 @@ Everything here is target construction: no gradient flows through it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import paddle
 from paddle.vision.ops import roi_align
 
-from .box_ops import box_iou
+from instseg_core.modeling.losses.box_ops import box_iou
 
 __all__ = ["RCNNTrainConfig", "AnchorTargets", "RoITargets", "encode_deltas", "match_boxes",
            "subsample_labels", "assign_anchors", "sample_rois", "mask_targets", "nonempty_boxes"]
@@ -54,8 +54,8 @@ class RCNNTrainConfig:
     roi_fg_thresh: float = 0.5
     roi_bg_thresh: float = 0.5
     # cascade: IoU threshold of each stage (stage 1 uses it for fg and bg alike) and loss weights
-    cascade_iou: Tuple[float, ...] = (0.5, 0.6, 0.7)
-    cascade_stage_loss_weights: Tuple[float, ...] = (1.0 / 3, 1.0 / 3, 1.0 / 3)
+    cascade_iou: tuple[float, ...] = (0.5, 0.6, 0.7)
+    cascade_stage_loss_weights: tuple[float, ...] = (1.0 / 3, 1.0 / 3, 1.0 / 3)
     # mask targets (MaskAssigner)
     mask_resolution: int = 28
 
@@ -108,7 +108,7 @@ def encode_deltas(boxes: paddle.Tensor, targets: paddle.Tensor, weights: Sequenc
 
 
 def match_boxes(iou: paddle.Tensor, positive_overlap: float, negative_overlap: float,
-                allow_low_quality: bool) -> Tuple[paddle.Tensor, paddle.Tensor]:
+                allow_low_quality: bool) -> tuple[paddle.Tensor, paddle.Tensor]:
     """Match each box (column of ``iou`` [G, N], G >= 1) to its best GT.
 
     Returns ``(matches [N] int64, labels [N] int32)``: label 1 when the best IoU is >=
@@ -129,7 +129,7 @@ def match_boxes(iou: paddle.Tensor, positive_overlap: float, negative_overlap: f
 
 
 def subsample_labels(labels: paddle.Tensor, num_samples: int, fg_fraction: float,
-                     bg_label: int) -> Tuple[paddle.Tensor, paddle.Tensor]:
+                     bg_label: int) -> tuple[paddle.Tensor, paddle.Tensor]:
     """Random sample of at most ``num_samples`` indices: foreground (labels not -1 and not
     ``bg_label``) up to ``int(num_samples * fg_fraction)``, background (``bg_label``) filling the
     rest. Returns ``(fg_inds, bg_inds)`` int64. Uses Paddle's global generator (``paddle.seed``)."""

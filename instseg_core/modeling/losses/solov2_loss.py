@@ -27,18 +27,18 @@ Category maps here use 0 for background and ``class + 1`` for a class, as the re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Mapping, Sequence
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from .distributed import mean_over_ranks
+from instseg_core.modeling.losses.distributed import mean_over_ranks
 
 __all__ = ["LevelTargets", "SOLOv2Loss", "SCALE_RANGES", "centre_cell_region", "dice_loss",
            "downsample_mask_targets", "image_targets"]
 
-SCALE_RANGES: Tuple[Tuple[float, float], ...] = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+SCALE_RANGES: tuple[tuple[float, float], ...] = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
 
 
 @dataclass
@@ -74,8 +74,8 @@ def downsample_mask_targets(masks: np.ndarray, stride: int) -> np.ndarray:
     return (blocks.mean(axis=(2, 4)) >= 0.5).astype(np.float32)
 
 
-def centre_cell_region(centre_yx: Tuple[float, float], half_hw: Tuple[float, float],
-                       input_hw: Tuple[int, int], grid: int) -> Tuple[int, int, int, int]:
+def centre_cell_region(centre_yx: tuple[float, float], half_hw: tuple[float, float],
+                       input_hw: tuple[int, int], grid: int) -> tuple[int, int, int, int]:
     """Inclusive cell rows/columns ``(top, bottom, left, right)`` of an ``grid x grid`` grid over
     an ``input_hw`` image that the centre region covers.
 
@@ -97,8 +97,8 @@ def centre_cell_region(centre_yx: Tuple[float, float], half_hw: Tuple[float, flo
 
 
 def image_targets(labels: np.ndarray, boxes: np.ndarray, masks: np.ndarray, num_grids: Sequence[int],
-                  scale_ranges: Sequence[Tuple[float, float]] = SCALE_RANGES, coord_sigma: float = 0.2,
-                  mask_stride: int = 4) -> List[LevelTargets]:
+                  scale_ranges: Sequence[tuple[float, float]] = SCALE_RANGES, coord_sigma: float = 0.2,
+                  mask_stride: int = 4) -> list[LevelTargets]:
     """SOLOv2 targets of one image, one :class:`LevelTargets` per level (see the module docstring).
 
     ``labels`` int [n] (0..C-1), ``boxes`` [n, 4] x1, y1, x2, y2 and ``masks`` [n, H, W] 0/1 in
@@ -126,11 +126,11 @@ def image_targets(labels: np.ndarray, boxes: np.ndarray, masks: np.ndarray, num_
     small = downsample_mask_targets(binary[idx], mask_stride) if len(idx) else None
     small_of = {int(i): k for k, i in enumerate(idx)}
 
-    out: List[LevelTargets] = []
+    out: list[LevelTargets] = []
     for (lo, hi), grid in zip(scale_ranges, num_grids):
         cate = np.zeros([grid, grid], np.int64)
-        cells: List[int] = []
-        pair_masks: List[int] = []
+        cells: list[int] = []
+        pair_masks: list[int] = []
         for i in idx:
             if not lo <= scales[i] <= hi:
                 continue
@@ -167,7 +167,7 @@ class SOLOv2Loss:
     """
 
     def __init__(self, num_classes: int, num_grids: Sequence[int],
-                 scale_ranges: Sequence[Tuple[float, float]] = SCALE_RANGES, coord_sigma: float = 0.2,
+                 scale_ranges: Sequence[tuple[float, float]] = SCALE_RANGES, coord_sigma: float = 0.2,
                  ins_weight: float = 3.0, focal_gamma: float = 2.0, focal_alpha: float = 0.25,
                  cate_weight: float = 1.0, mask_stride: int = 4):
         if len(scale_ranges) != len(num_grids):
@@ -182,7 +182,7 @@ class SOLOv2Loss:
         self.cate_weight = cate_weight
         self.mask_stride = mask_stride
 
-    def build_targets(self, targets: Sequence[Mapping[str, paddle.Tensor]]) -> List[List[LevelTargets]]:
+    def build_targets(self, targets: Sequence[Mapping[str, paddle.Tensor]]) -> list[list[LevelTargets]]:
         """Per image, per level :class:`LevelTargets` (numpy; runs on the host)."""
         out = []
         for t in targets:
@@ -197,7 +197,7 @@ class SOLOv2Loss:
 
     def __call__(self, cate_logits: Sequence[paddle.Tensor], kernel_maps: Sequence[paddle.Tensor],
                  mask_feat: paddle.Tensor, targets: Sequence[Mapping[str, paddle.Tensor]]
-                 ) -> Dict[str, paddle.Tensor]:
+                 ) -> dict[str, paddle.Tensor]:
         batch = int(mask_feat.shape[0])
         if len(targets) != batch:
             raise ValueError(f"{len(targets)} targets for a batch of {batch} images")
@@ -212,7 +212,7 @@ class SOLOv2Loss:
         return {"loss": loss_ins + loss_cate, "loss_ins": loss_ins, "loss_cate": loss_cate}
 
     def _instance_loss(self, kernel_maps: Sequence[paddle.Tensor], mask_feat: paddle.Tensor,
-                       level_targets: List[List[LevelTargets]]) -> paddle.Tensor:
+                       level_targets: list[list[LevelTargets]]) -> paddle.Tensor:
         """Weighted dice loss of the positive pairs, mean over the pairs with a non-empty target."""
         dims = int(mask_feat.shape[1])
         flat_kernels = [k.reshape([k.shape[0], dims, -1]).transpose([0, 2, 1]) for k in kernel_maps]  # [B,SS,E]
@@ -241,7 +241,7 @@ class SOLOv2Loss:
         return self.ins_weight * paddle.add_n(losses) / norm
 
     def _category_loss(self, cate_logits: Sequence[paddle.Tensor],
-                       level_targets: List[List[LevelTargets]]) -> paddle.Tensor:
+                       level_targets: list[list[LevelTargets]]) -> paddle.Tensor:
         """Sigmoid focal loss over every cell and class / (positive cells + 1)."""
         c = self.num_classes
         logits = paddle.concat([m.transpose([0, 2, 3, 1]).reshape([-1, c]) for m in cate_logits])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import paddle
 import paddle.nn.functional as F
 
-from .box_ops import box_iou
+from instseg_core.modeling.losses.box_ops import box_iou
 
 EPS = 1e-9
 

@@ -1,3 +1,3 @@
-from .custom_csp_pan import CustomCSPPAN
+from instseg_core.modeling.necks.custom_csp_pan import CustomCSPPAN
 
 __all__ = ["CustomCSPPAN"]

@@ -1,13 +1,13 @@
 """CustomCSPPAN neck of PP-YOLOE (no transformer branch)."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
 
-from ..layers import SPP, ActLike, BasicBlock, ConvBNLayer, get_activation
-from ..resize import upsample_nearest2x
+from instseg_core.modeling.layers import SPP, ActLike, BasicBlock, ConvBNLayer, get_activation
+from instseg_core.modeling.resize import upsample_nearest2x
 
 
 class CSPStage(nn.Layer):
@@ -89,7 +89,7 @@ class CustomCSPPAN(nn.Layer):
         self.pan_stages = nn.LayerList(pan_stages[::-1])
         self.pan_routes = nn.LayerList(pan_routes[::-1])
 
-    def forward(self, blocks: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:
+    def forward(self, blocks: Sequence[paddle.Tensor]) -> list[paddle.Tensor]:
         blocks = list(blocks)[::-1]  # coarsest first
         fpn_feats = []
         route = None

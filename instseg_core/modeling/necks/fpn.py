@@ -15,7 +15,7 @@ laterals, with bias) and ``fpn_res{2..5}_sum.*`` (the 3x3 output convs).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
@@ -40,8 +40,8 @@ class FPN(nn.Layer):
         self.out_channel = out_channel
         self.extra_stage = extra_stage
         first = 4 - len(in_channels)  # stage index of the first input (0 = res2)
-        self.lateral_convs: List[nn.Conv2D] = []
-        self.fpn_convs: List[nn.Conv2D] = []
+        self.lateral_convs: list[nn.Conv2D] = []
+        self.fpn_convs: list[nn.Conv2D] = []
         for i, c_in in enumerate(in_channels):
             level = first + i + 2
             lateral_name = "fpn_inner_res5_sum" if level == 5 else f"fpn_inner_res{level}_sum_lateral"
@@ -51,10 +51,10 @@ class FPN(nn.Layer):
         self.out_strides = [2 ** (first + i + 2) for i in range(len(in_channels) + extra_stage)]
 
     @property
-    def out_channels(self) -> List[int]:
+    def out_channels(self) -> list[int]:
         return [self.out_channel] * len(self.out_strides)
 
-    def forward(self, feats: Sequence[paddle.Tensor]) -> List[paddle.Tensor]:
+    def forward(self, feats: Sequence[paddle.Tensor]) -> list[paddle.Tensor]:
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
         # top-down: add the upsampled coarser level to each finer lateral
         for lvl in range(len(laterals) - 1, 0, -1):

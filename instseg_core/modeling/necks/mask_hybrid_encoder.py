@@ -19,19 +19,19 @@ Parameter names and order equal the official ``neck.*`` state-dict entries.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Sequence
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..resize import resize_bilinear, upsample_nearest2x
+from instseg_core.modeling.resize import resize_bilinear, upsample_nearest2x
 
 __all__ = ["MaskHybridEncoder", "mask_hybrid_encoder", "MASK_HYBRID_ENCODER_CONFIGS",
            "sincos_pos_embed_2d"]
 
 # Per-size settings, read off the reference configs / state dicts.
-MASK_HYBRID_ENCODER_CONFIGS: Dict[str, dict] = {
+MASK_HYBRID_ENCODER_CONFIGS: dict[str, dict] = {
     "S": dict(in_channels=[64, 256, 512, 1024], hidden_dim=256, dim_feedforward=1024,
               num_encoder_layers=1, encoder_level=1, expansion=0.5, num_blocks=3,
               mask_feat_channels=(64, 32), num_prototypes=128),
@@ -246,7 +246,7 @@ class MaskHybridEncoder(nn.Layer):
         self.enc_mask_lateral = _ConvBN(x4_ch, oc, 3)
         self.enc_mask_output = nn.Sequential(_ConvBN(oc, oc, 3), nn.Conv2D(oc, num_prototypes, 1))
 
-    def forward(self, feats: List[paddle.Tensor]):
+    def forward(self, feats: list[paddle.Tensor]):
         assert len(feats) == 4
         x4, feats = feats[0], list(feats[1:])
         proj = [p(f) for p, f in zip(self.input_proj, feats)]
