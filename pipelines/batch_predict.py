@@ -439,6 +439,7 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
     one-line message naming the setting."""
     from pipelines.model_source import validate_model_source
 
+    cfg.absolute_paths("input", "output")
     try:
         if cfg.threshold is not None:
             cfg.threshold = check_threshold(cfg.threshold)

@@ -217,6 +217,7 @@ def prepare_evaluation(cfg: EvaluateConfig) -> EvaluationPlan:
     from pipelines.sinks import write_json
 
     s3 = cfg.s3()
+    cfg.absolute_paths("dataset_dir", "output")
     if not cfg.model_name and not cfg.model_dir:
         raise JobSettingsError("give a model name or a model dir")
     if cfg.backend not in ("pycocotools", "faster"):

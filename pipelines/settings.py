@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE
-from instseg_core.io import S3Options
+from instseg_core.io import S3Options, is_remote
 
 
 @dataclass(kw_only=True)
@@ -40,6 +40,14 @@ class PredictionSettings:
     @property
     def model_label(self) -> str:
         return self.model_name or os.path.basename(str(self.model_dir).rstrip("/"))
+
+    def absolute_paths(self, *names: str) -> None:
+        """Make the local paths among ``model_dir`` and ``names`` absolute, in place: Ray's tasks and
+        actors run in other working directories (a running cluster's, a job's working dir)."""
+        for name in ("model_dir", *names):
+            value = getattr(self, name)
+            if value and not is_remote(value):
+                setattr(self, name, os.path.abspath(value))
 
     def prediction_settings(self) -> dict[str, Any]:
         """This object's :class:`PredictionSettings` fields, to build another job's config from."""

@@ -130,7 +130,9 @@ def load_or_make_plan(source: str, output: str, *, shard_size: int, extensions: 
     if fs.exists(uri):
         with fs.open(uri, "rb") as f:
             data = json.load(f)
-        if data.get("input") != redact(source):
+        stored = str(data.get("input"))
+        # plans of earlier versions may hold a relative path (the job now makes local paths absolute)
+        if redact(source) not in (stored, stored if is_remote(stored) else os.path.abspath(stored)):
             raise SourceError(f"{redact(output)} holds the plan of input {data.get('input')}, not "
                               f"{redact(source)}: use a new --output (or delete {PLAN_DIR}/ to start over)")
         plan = Plan.from_json(data)

@@ -131,6 +131,21 @@ def test_rerun_resumes_without_duplicates(ray_local, tiny_model_dirs, test_image
     assert len(uris) == len(set(uris)) == 8
 
 
+def test_relative_paths_mean_the_drivers_working_dir(ray_local, tiny_model_dirs, test_images, tmp_path,
+                                                     monkeypatch):
+    """Ray's workers run in the directory the cluster started in, not the driver's: relative
+    --input/--output/--model-dir are taken from the driver's working directory (they used to be
+    listed and written by tasks in their own)."""
+    _good_images(test_images, tmp_path / "in", 3)
+    model = tiny_model_dirs(MODEL)
+    monkeypatch.chdir(tmp_path)
+    s = run_batch_predict(BatchPredictConfig(input="in", output="out", model_dir=os.path.relpath(model),
+                                             batch_size=2))
+    assert s["images_written"] == 3 and s["by_status"] == {"ok": 3}
+    assert len(_rows(str(tmp_path / "out"))) == 3 and (tmp_path / "out" / "coco_dataset.json").exists()
+    assert s["input"] == str(tmp_path / "in") and s["output"] == str(tmp_path / "out")
+
+
 def test_manifests(ray_local, tiny_model_dirs, test_images, tmp_path):
     import pyarrow as pa
 
