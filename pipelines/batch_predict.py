@@ -345,6 +345,7 @@ def build_dataset(cfg: BatchPredictConfig, shards: list[Shard], parts: dict[str,
 def pass_dataset(config: dict[str, Any], shards: list[dict[str, Any]], parts: dict[str, list[str]]):
     """:func:`build_dataset` from plain values: what a pass's own process calls
     (:func:`pipelines.passes.run_pass_in_child`)."""
+    config = dict(config, extensions=tuple(config["extensions"]))  # a JSON list on the way
     return build_dataset(BatchPredictConfig(**config), [Shard(**s) for s in shards], parts)
 
 
@@ -623,7 +624,8 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
             if len(passes) == 1:
                 batches = build_dataset(cfg, shards, parts).iter_batches(batch_format="pyarrow", batch_size=None)
             else:  # each pass in a driver process of its own: nothing of it stays in this one
-                batches = run_pass_in_child(pass_dataset, asdict(cfg), [asdict(sh) for sh in shards],
+                batches = run_pass_in_child("pipelines.batch_predict:pass_dataset", asdict(cfg),
+                                            [asdict(sh) for sh in shards],
                                             {sh.shard_id: parts[sh.shard_id] for sh in shards if sh.shard_id in parts})
             for batch_counts in batches:
                 progress.update(batch_counts)

@@ -13,38 +13,43 @@ along), so a rerun never races a leftover pass.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
-import pickle
+import struct
 import subprocess
 import sys
 import threading
 import traceback
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 
 log = logging.getLogger("instseg")
 
-PassDataset = Callable[[dict[str, Any], list[dict[str, Any]], dict[str, list[str]]], Any]
+# messages from the child: a kind byte and a length-prefixed payload (no pickle: nothing here
+# deserialises code): b"B" an Arrow IPC stream of one batch, b"E" a traceback, b"D" done
+_HEADER = struct.Struct(">cQ")
 
 
 class PassError(RuntimeError):
     """The pass's process failed; the message holds its traceback."""
 
 
-def run_pass_in_child(make_dataset: PassDataset, config: dict[str, Any], shards: list[dict[str, Any]],
+def run_pass_in_child(make_dataset: str, config: dict[str, Any], shards: list[dict[str, Any]],
                       parts: dict[str, list[str]]) -> Iterator[pa.Table]:
-    """Run ``make_dataset(config, shards, parts)`` (a module-level function returning a lazy Ray
-    Dataset) in a new Python process (``python -m pipelines.passes``: it never imports the
-    caller's main script) joined to this process's Ray cluster, and yield what iterating the
-    Dataset yields. Raises :class:`PassError` if the child fails or dies."""
+    """Run ``make_dataset(config, shards, parts)`` (``"module:function"``, returning a lazy Ray
+    Dataset; the arguments are JSON values) in a new Python process (``python -m pipelines.passes``:
+    it never imports the caller's main script) joined to this process's Ray cluster, and yield the
+    tables that iterating the Dataset yields. Raises :class:`PassError` if the child fails or dies."""
     import ray
 
     root = logging.getLogger()
     fmt = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None  # noqa: SLF001
-    job = (make_dataset, config, shards, parts, ray.get_runtime_context().gcs_address,
-           logging.getLogger("instseg").getEffectiveLevel(), fmt)
+    job = {"make_dataset": make_dataset, "config": config, "shards": shards, "parts": parts,
+           "address": ray.get_runtime_context().gcs_address,
+           "level": logging.getLogger("instseg").getEffectiveLevel(), "format": fmt}
     read_fd, write_fd = os.pipe()  # the child's messages; its stdout/stderr stay the job's log
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # this process's imports
     child = subprocess.Popen([sys.executable, "-m", "pipelines.passes", str(write_fd), str(os.getpid())],
@@ -53,17 +58,14 @@ def run_pass_in_child(make_dataset: PassDataset, config: dict[str, Any], shards:
     finished = False
     try:
         with child.stdin as stdin:
-            stdin.write(pickle.dumps(job))
+            stdin.write(json.dumps(job).encode("utf-8"))
         with os.fdopen(read_fd, "rb") as messages:
-            while True:
-                try:
-                    kind, payload = pickle.load(messages)
-                except EOFError:
-                    break
-                if kind == "batch":
-                    yield payload
-                elif kind == "error":
-                    raise PassError(f"a pass of the job failed:\n{payload}")
+            while (message := _receive(messages)) is not None:
+                kind, payload = message
+                if kind == b"B":
+                    yield pa.ipc.open_stream(payload).read_all()
+                elif kind == b"E":
+                    raise PassError(f"a pass of the job failed:\n{payload.decode('utf-8', 'replace')}")
                 else:
                     finished = True
                     break
@@ -77,25 +79,45 @@ def run_pass_in_child(make_dataset: PassDataset, config: dict[str, Any], shards:
         raise PassError(f"the process running a pass of the job died (exit code {child.returncode})")
 
 
+def _receive(stream: BinaryIO) -> tuple[bytes, bytes] | None:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None  # the child is gone
+    kind, size = _HEADER.unpack(header)
+    payload = stream.read(size)
+    return (kind, payload) if len(payload) == size else None
+
+
+def _send(stream: BinaryIO, kind: bytes, payload: bytes) -> None:
+    stream.write(_HEADER.pack(kind, len(payload)) + payload)
+    stream.flush()
+
+
+def _arrow_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 def _child_main(message_fd: int, parent_pid: int) -> None:
     _exit_with_parent(parent_pid)
-    make_dataset, config, shards, parts, address, level, fmt = pickle.load(sys.stdin.buffer)
-    logging.basicConfig(level=logging.WARNING, format=fmt or logging.BASIC_FORMAT)
-    logging.getLogger("instseg").setLevel(level)
+    job = json.load(sys.stdin)
+    logging.basicConfig(level=logging.WARNING, format=job["format"] or logging.BASIC_FORMAT)
+    logging.getLogger("instseg").setLevel(job["level"])
+    module, _, name = job["make_dataset"].partition(":")
+    make_dataset = getattr(importlib.import_module(module), name)
     import ray
 
     with os.fdopen(message_fd, "wb") as messages:
-        def send(kind: str, payload: Any) -> None:
-            pickle.dump((kind, payload), messages)
-            messages.flush()
-
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
-            for batch in make_dataset(config, shards, parts).iter_batches(batch_format="pyarrow", batch_size=None):
-                send("batch", batch)
-            send("done", None)
+            ray.init(address=job["address"], logging_level=logging.WARNING)
+            dataset = make_dataset(job["config"], job["shards"], job["parts"])
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                _send(messages, b"B", _arrow_bytes(batch))
+            _send(messages, b"D", b"")
         except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
-            send("error", traceback.format_exc())
+            _send(messages, b"E", traceback.format_exc().encode("utf-8"))
             raise SystemExit(1) from None
         finally:
             ray.shutdown()
