@@ -22,8 +22,10 @@ $(PDX_VENV)/.installed: constraints-paddlex.txt
 	$(PDX_VENV)/bin/python -m pip install -q -c constraints-paddlex.txt "paddlex[cv]==3.7.2" "$(PADDLE_SPEC)"
 	touch $@
 
+# --ray-address local: the demo starts a Ray of its own even when another cluster runs on the machine
+# (joining it would run the demo on that cluster's workers, with their code and paths)
 demo: $(VENV)/.installed
-	$(PY) -m jobs.batch_predict --input samples/shapes --output demo_output --model-dir samples/model \
+	$(PY) -m jobs.batch_predict --input samples/shapes --output demo_output --model-dir samples/model --ray-address local \
 		--batch-size 2 --labelme --progress-interval-s 2
 	@echo "demo outputs in demo_output/: parts/*.parquet, coco_results.json, coco_dataset.json, labelme/, summary.json"
 
