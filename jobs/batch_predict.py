@@ -24,6 +24,7 @@ import yaml
 
 from jobs._common import add_prediction_flags, add_ray_flags, connect_ray, fail, prediction_values
 from pipelines.batch_predict import BatchPredictConfig, JobSettingsError, check_settings, run_batch_predict
+from pipelines.settings import PREDICTION_FIELDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +69,9 @@ def config_from_args(args: argparse.Namespace) -> BatchPredictConfig:
         fail(f"{args.config}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     if values.get("max_mask_side") in ("none", "None"):
         values["max_mask_side"] = None
-    values.update({k: v for k, v in vars(args).items() if k in known and v is not None})
-    values.update(prediction_values(args))
+    values.update({k: v for k, v in vars(args).items()
+                   if k in known and k not in PREDICTION_FIELDS and v is not None})
+    values.update(prediction_values(args))  # the prediction flags, 'none' read as None
     missing = [k for k in ("input", "output") if not values.get(k)]
     if missing:
         fail(f"missing --{' and --'.join(missing)}")

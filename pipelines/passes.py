@@ -26,8 +26,6 @@ from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 
-log = logging.getLogger("instseg")
-
 # messages from the child: a kind byte and a length-prefixed payload (no pickle: nothing here
 # deserialises code): b"B" an Arrow IPC stream of one batch, b"E" a traceback, b"D" done
 _HEADER = struct.Struct(">cQ")
