@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "$(PADDLE_SPEC)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[ray,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[ray,test,hpi]"
 	touch $@
 
 $(PDX_VENV)/.installed: constraints-paddlex.txt
