@@ -22,8 +22,7 @@ from instseg_core.io import S3Options
 from jobs._common import add_ray_flags, connect_ray
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.validate_dataset", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True)
@@ -33,7 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="images per Ray task")
     p.add_argument("--s3-endpoint")
     add_ray_flags(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
 
     from instseg_core.datasets.coco import DatasetError
     from pipelines.batch_predict import JobSettingsError
