@@ -59,6 +59,67 @@ class _ExportGraph(nn.Layer):
                                          score_floor=self.score_floor)
 
 
+class _HeadGraph(nn.Layer):
+    """``forward(image)``: the network up to its raw head outputs (``export_head``)."""
+
+    def __init__(self, model: nn.Layer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
+        return self.model.export_head(image)
+
+
+class _PostGraph(nn.Layer):
+    """``forward(im_shape, scale_factor, raw0, ...)``: the post-process of the head's (up to four)
+    raw outputs (``export_post``), with the same outputs as the whole graph. (``paddle.jit`` traces
+    named parameters, not ``*args``.)"""
+
+    def __init__(self, model: nn.Layer, input_hw: tuple[int, int] | None, score_floor: float | None):
+        super().__init__()
+        self.model = model
+        self.input_hw = input_hw
+        self.score_floor = score_floor
+
+    def forward(self, im_shape: paddle.Tensor, scale_factor: paddle.Tensor, raw0: paddle.Tensor,
+                raw1: paddle.Tensor | None = None, raw2: paddle.Tensor | None = None,
+                raw3: paddle.Tensor | None = None) -> dict[str, paddle.Tensor]:
+        raw = tuple(t for t in (raw0, raw1, raw2, raw3) if t is not None)
+        return self.model.export_post(im_shape, scale_factor, raw, input_hw=self.input_hw,
+                                      score_floor=self.score_floor)
+
+
+# the split graphs' folder in an inference dir, and their file stems in it
+HPI_DIR, HEAD_STEM, POST_STEM = "hpi", "head", "post"
+
+
+def _save_split_graphs(model: nn.Layer, out: Path, input_hw: tuple[int, int], batch_dim: int,
+                       score_floor: float | None) -> dict[str, Any]:
+    """Save the head and post-process graphs under ``out/hpi/``; returns their ``inference.yml`` entry."""
+    folder = out / HPI_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    head = _HeadGraph(model)
+    head.eval()
+    with paddle.no_grad():  # the raw outputs' shapes for the post graph's inputs
+        probe = head(paddle.zeros([1, 3, *input_hw], dtype="float32"))
+    names = list(model.raw_output_names)
+    if len(probe) != len(names) or not 1 <= len(names) <= 4:
+        raise RuntimeError(f"{type(model).__name__}.export_head gave {len(probe)} outputs for {len(names)} names")
+    # one image per call, every shape static: the converter and the runtimes handle a fixed batch best
+    # (ONNX Runtime rejects Mask-RT-DETR's head with a dynamic batch); the backends loop over a batch
+    paddle.jit.save(head, str(folder / HEAD_STEM), input_spec=[InputSpec([1, 3, *input_hw], "float32", "image")])
+    post = _PostGraph(model, input_hw, score_floor)
+    post.eval()
+    raw_specs = [InputSpec([batch_dim, *t.shape[1:]], "float32", n) for n, t in zip(names, probe)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
+        paddle.jit.save(post, str(folder / POST_STEM),
+                        input_spec=[InputSpec([batch_dim, 2], "float32", "im_shape"),
+                                    InputSpec([batch_dim, 2], "float32", "scale_factor"), *raw_specs])
+    return {"head": f"{HPI_DIR}/{HEAD_STEM}", "post": f"{HPI_DIR}/{POST_STEM}", "raw_outputs": names,
+            "input_shape": [1, 3, *input_hw]}
+
+
 # Keys a weights file may omit: constants the network sets itself (PP-YOLOE's DFL projection 0..16).
 OPTIONAL_KEYS = frozenset({"yolo_head.proj_conv.weight"})
 
@@ -107,10 +168,12 @@ def preprocess_for_size(ops: list[dict], input_size: int | None) -> list[dict]:
 
 def write_inference_yml(output_dir: str | os.PathLike, model_name: str, labels: list, *, draw_threshold: float = 0.5,
                         input_size: int | None = None, with_model_name: bool = True,
-                        batch_inference: bool | None = None, score_floor: float | None = None) -> Path:
+                        batch_inference: bool | None = None, score_floor: float | None = None,
+                        split_graphs: dict[str, Any] | None = None) -> Path:
     """Write ``inference.yml`` with PaddleX's fields, plus ``batch_inference`` when given (true: the
     graph takes a batch in one call; false: one image per call) and ``score_floor`` (the graph
-    drops detections scoring at or below it before drawing masks); returns its path."""
+    drops detections scoring at or below it before drawing masks) and ``split_graphs`` (the
+    ``hpi/`` head and post-process graphs, see :func:`export_model`); returns its path."""
     spec = get_spec(model_name)
     family = family_of(model_name)
     cfg: dict = {"mode": "paddle", "draw_threshold": float(draw_threshold), "metric": "COCO",
@@ -128,6 +191,8 @@ def write_inference_yml(output_dir: str | os.PathLike, model_name: str, labels: 
         cfg["batch_inference"] = bool(batch_inference)
     if score_floor is not None:
         cfg["score_floor"] = float(score_floor)
+    if split_graphs is not None:
+        cfg["split_graphs"] = split_graphs
     path = Path(output_dir) / "inference.yml"
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
@@ -143,7 +208,8 @@ def _model_name_of(model: nn.Layer) -> str:
 
 def export_model(model_or_name, weights, output_dir, *, input_size: int | None = None, labels=None,
                  draw_threshold: float = 0.5, num_classes: int | None = None, arch: dict | None = None,
-                 score_floor: float | None = DEFAULT_SCORE_FLOOR, strict: bool = True) -> Path:
+                 score_floor: float | None = DEFAULT_SCORE_FLOOR, strict: bool = True,
+                 split_graphs: bool = True) -> Path:
     """Export ``model_or_name`` (an official name or a built network) with ``weights``.
 
     ``weights``: None (keep the model's), a state dict, or a ``.pdparams`` path, URL or ``s3://``
@@ -159,7 +225,10 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
     keeps (PP-YOLOE_seg otherwise draws up to 300 candidates above 0.01, Mask-RT-DETR always 100);
     None keeps the model's own rule. It is written to ``inference.yml`` and the predictor warns
     when asked for a lower threshold. The R-CNN models already drop boxes at 0.05 (their NMS) and
-    SOLOv2 at its matrix-NMS update threshold. Returns ``output_dir``.
+    SOLOv2 at its matrix-NMS update threshold. ``split_graphs`` (PP-YOLOE_seg, Mask-RT-DETR): also
+    save the network as two graphs under ``hpi/`` (the network up to its raw head outputs, and their
+    post-process) for the high-performance backends, which run the first; about doubles the dir's
+    size. Returns ``output_dir``.
     """
     from instseg_core.modeling.build import build_model
 
@@ -212,6 +281,9 @@ def export_model(model_or_name, weights, output_dir, *, input_size: int | None =
         warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
         paddle.jit.save(net, str(out / "inference"), input_spec=specs)
 
+    split = None
+    if split_graphs and model.raw_output_names and input_hw is not None:
+        split = _save_split_graphs(model, out, input_hw, batch_dim, score_floor)
     write_inference_yml(out, name, labels, draw_threshold=draw_threshold, input_size=resize_size,
-                        batch_inference=layout.batch_inference, score_floor=score_floor)
+                        batch_inference=layout.batch_inference, score_floor=score_floor, split_graphs=split)
     return out

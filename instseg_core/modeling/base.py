@@ -20,6 +20,12 @@ Three entry points:
   the graph :func:`instseg_core.export.export_model` saves (``paddle.jit.save``), which may differ
   from ``predict`` (a batch-capable post-process, a score floor).
 
+Networks whose graph splits cleanly also give the two halves of ``export_forward``, exported as
+their own graphs for the high-performance backends (:mod:`instseg_core.inference.hpi`):
+:meth:`InstanceSegModel.export_head` (the network up to its raw head outputs, static ops only:
+what ONNX Runtime and OpenVINO run well) and :meth:`InstanceSegModel.export_post` (top-k / NMS
+and the masks, data-dependent: Paddle Inference runs it). ``export_forward`` is their composition.
+
 Which family a network belongs to, and what differs between families, is in
 :mod:`instseg_core.families`.
 """
@@ -49,6 +55,8 @@ class InstanceSegModel(nn.Layer):
     # what the eval forward and the exported graph return, in the graph's order (sorted keys)
     output_keys: tuple[str, ...] = BOX_OUTPUTS
     num_classes: int
+    # the raw head outputs of :meth:`export_head`, in order; empty: the graph does not split
+    raw_output_names: tuple[str, ...] = ()
 
     def forward(self, inputs: Tensors, targets: list[Tensors] | None = None) -> Tensors:
         """Train mode: :meth:`losses`; eval mode: :meth:`predict` restricted to ``output_keys``."""
@@ -74,6 +82,15 @@ class InstanceSegModel(nn.Layer):
         the model's own rule). This default is the eval forward and ignores both: for the families
         whose graphs run one image per call with their own thresholds (R-CNN, SOLOv2)."""
         return self._graph_outputs({"image": image, "im_shape": im_shape, "scale_factor": scale_factor})
+
+    def export_head(self, image: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
+        """The network up to its raw head outputs (``raw_output_names``), for a split export."""
+        raise NotImplementedError(f"{type(self).__name__} does not split into head and post-process graphs")
+
+    def export_post(self, im_shape: paddle.Tensor, scale_factor: paddle.Tensor, raw: tuple[paddle.Tensor, ...], *,
+                    input_hw: tuple[int, int] | None = None, score_floor: float | None = None) -> Tensors:
+        """The post-process of :meth:`export_head`'s outputs: the same outputs as :meth:`export_forward`."""
+        raise NotImplementedError(f"{type(self).__name__} does not split into head and post-process graphs")
 
     def _graph_outputs(self, inputs: Tensors) -> Tensors:
         out = self.predict(inputs)

@@ -64,14 +64,29 @@ class MaskRTDETR(InstanceSegModel):
         return mask_rtdetr_post_process(logits[-1], boxes[-1], masks[-1], inputs["im_shape"],
                                         inputs["scale_factor"], self.num_top_queries)
 
+    raw_output_names = ("logits", "boxes", "masks")
+
+    def export_head(self, image: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
+        """The last decoder layer's class logits [B,Q,C], boxes [B,Q,4] (normalised cxcywh) and
+        mask logits [B,Q,h,w]."""
+        logits, boxes, masks, _ = self.head_outputs(image)
+        return logits[-1], boxes[-1], masks[-1]
+
+    def export_post(self, im_shape: paddle.Tensor, scale_factor: paddle.Tensor, raw: tuple[paddle.Tensor, ...], *,
+                    input_hw: tuple[int, int] | None = None,
+                    score_floor: float | None = None) -> dict[str, paddle.Tensor]:
+        """Top-k (query, class) pairs and their masks at each image's original size."""
+        logits, boxes, masks = raw
+        return mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor, self.num_top_queries,
+                                              score_floor=score_floor)
+
     def export_forward(self, im_shape: paddle.Tensor, image: paddle.Tensor, scale_factor: paddle.Tensor, *,
                        input_hw: tuple[int, int] | None = None,
                        score_floor: float | None = None) -> dict[str, paddle.Tensor]:
         """The batch-capable post-process (each image's masks at its own original size, zero-padded
         to the largest of the batch), with ``score_floor`` (see the base class)."""
-        logits, boxes, masks, _ = self.head_outputs(image)
-        return mask_rtdetr_post_process_batch(logits[-1], boxes[-1], masks[-1], im_shape, scale_factor,
-                                              self.num_top_queries, score_floor=score_floor)
+        return self.export_post(im_shape, scale_factor, self.export_head(image), input_hw=input_hw,
+                                score_floor=score_floor)
 
     def losses(self, inputs: dict[str, paddle.Tensor],
                targets: list[dict[str, paddle.Tensor]]) -> dict[str, paddle.Tensor]:

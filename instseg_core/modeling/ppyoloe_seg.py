@@ -55,14 +55,32 @@ class PPYOLOESeg(InstanceSegModel):
         return self.yolo_head.post_process(self.head_outputs(image), inputs["im_shape"], inputs["scale_factor"],
                                            input_hw=(int(image.shape[2]), int(image.shape[3])))
 
+    raw_output_names = ("scores", "distances", "coefs", "protos")
+
+    def export_head(self, image: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
+        """Sigmoid class scores [B,C,A], DFL distances [B,A,4], mask coefficients [B,M,A] and
+        prototypes [B,M,h,w]: the head without its (input-size constant) anchors."""
+        scores, dist, coefs, protos, _, _ = self.head_outputs(image)
+        return scores, dist, coefs, protos
+
+    def export_post(self, im_shape: paddle.Tensor, scale_factor: paddle.Tensor, raw: tuple[paddle.Tensor, ...], *,
+                    input_hw: tuple[int, int] | None = None,
+                    score_floor: float | None = None) -> dict[str, paddle.Tensor]:
+        """NMS and masks of :meth:`export_head`'s outputs for the square input ``input_hw``."""
+        if input_hw is None:
+            raise ValueError("PP-YOLOE_seg's post-process needs the graph's input size (input_hw)")
+        anchor_points, stride_tensor = self.yolo_head.anchors_for_input(input_hw)
+        return self.yolo_head.post_process_batch((*raw, anchor_points, stride_tensor), im_shape, scale_factor,
+                                                 input_hw=input_hw, score_floor=score_floor)
+
     def export_forward(self, im_shape: paddle.Tensor, image: paddle.Tensor, scale_factor: paddle.Tensor, *,
                        input_hw: tuple[int, int] | None = None,
                        score_floor: float | None = None) -> dict[str, paddle.Tensor]:
         """The batch-capable post-process, with ``score_floor`` (see the base class). ``input_hw`` is
         required: the square input the graph is exported for (no branch on it here: the body is
         converted by ``paddle.jit``)."""
-        return self.yolo_head.post_process_batch(self.head_outputs(image), im_shape, scale_factor,
-                                                 input_hw=input_hw, score_floor=score_floor)
+        return self.export_post(im_shape, scale_factor, self.export_head(image), input_hw=input_hw,
+                                score_floor=score_floor)
 
 
 def ppyoloe_seg_s(num_classes: int = 80, width_mult: float = 0.50, depth_mult: float = 0.33,

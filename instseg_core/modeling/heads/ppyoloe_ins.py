@@ -134,9 +134,16 @@ class PPYOLOEInsHead(nn.Layer):
 
     # ---------------------------------------------------------------- anchors
     def generate_anchors(self, feats: Sequence[paddle.Tensor]) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Anchor points [A,2] (feature-map cells) and strides [A,1] for the levels' feature maps."""
+        return self.anchors_for_sizes([(int(f.shape[2]), int(f.shape[3])) for f in feats])
+
+    def anchors_for_input(self, input_hw: Sequence[int]) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """:meth:`generate_anchors` for an input of ``input_hw`` (multiples of the largest stride)."""
+        return self.anchors_for_sizes([(int(input_hw[0]) // s, int(input_hw[1]) // s) for s in self.fpn_strides])
+
+    def anchors_for_sizes(self, sizes: Sequence[tuple[int, int]]) -> tuple[paddle.Tensor, paddle.Tensor]:
         points, strides = [], []
-        for feat, stride in zip(feats, self.fpn_strides):
-            h, w = feat.shape[2], feat.shape[3]
+        for (h, w), stride in zip(sizes, self.fpn_strides):
             sx = paddle.arange(w, dtype="float32") + self.grid_cell_offset
             sy = paddle.arange(h, dtype="float32") + self.grid_cell_offset
             gy, gx = paddle.meshgrid(sy, sx)
