@@ -47,6 +47,20 @@ def int_or_none(flag: str, text: str) -> int | None:
         raise ValueError(f"{flag} takes an integer or 'none', got {text!r}") from None
 
 
+def _hpi_kwargs(args: argparse.Namespace) -> dict:
+    """``use_hpip`` / ``hpi_config`` from ``--hpi``, ``--hpi-backend`` and ``--hpi-config`` (either of
+    the last two implies the first)."""
+    from instseg_core.inference.hpi import parse_hpi_config
+
+    if not (args.hpi or args.hpi_backend or args.hpi_config):
+        return {}
+    config = parse_hpi_config(args.hpi_config)
+    if args.hpi_backend:
+        config = parse_hpi_config({"backend": args.hpi_backend, "backend_config": config.backend_config,
+                                   "auto_config": config.auto_config})
+    return {"use_hpip": True, "hpi_config": config}
+
+
 def _predict(args: argparse.Namespace) -> int:
     from instseg_core.inference.predictor import DEFAULT_MAX_MASK_SIDE, create_model
     from instseg_core.inputs import InputError
@@ -59,7 +73,8 @@ def _predict(args: argparse.Namespace) -> int:
         model = create_model(args.model, model_dir=args.model_dir, device=args.device, threshold=args.threshold,
                              batch_size=args.batch_size, cpu_threads=args.cpu_threads,
                              enable_onednn=args.onednn, use_tensorrt=args.tensorrt, mask_format=args.mask_format,
-                             max_mask_side=side if args.max_mask_side is not None else DEFAULT_MAX_MASK_SIDE)
+                             max_mask_side=side if args.max_mask_side is not None else DEFAULT_MAX_MASK_SIDE,
+                             **_hpi_kwargs(args))
         n = skipped = 0
         names = _OutputNames(args.input)
         save_file = _save_file_kind(args.save_path)
@@ -173,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cpu-threads", type=int, default=None)
     pr.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=None, help="force oneDNN on/off")
     pr.add_argument("--tensorrt", action="store_true", help="GPU: Paddle-TensorRT FP16 with an engine cache")
+    pr.add_argument("--hpi", action="store_true", help="high-performance mode: the fastest backend for the model "
+                                                       "(OpenVINO / ONNX Runtime on CPU), else Paddle Inference")
+    pr.add_argument("--hpi-backend", choices=("paddle", "onnxruntime", "openvino", "tensorrt"),
+                    help="high-performance mode with this backend (implies --hpi)")
+    pr.add_argument("--hpi-config", help="PaddleX's hpi_config as a dict literal, e.g. \"{'backend': 'openvino'}\"")
     pr.add_argument("--save-path", default=None,
                     help="dir for <stem>_res.json and overlay images; a .json or image file path saves that one "
                          "file of a single image")

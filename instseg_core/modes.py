@@ -54,7 +54,8 @@ def run_predict(cfg: dict[str, Any]) -> None:
     g, p = _section(cfg, "Global"), _section(cfg, "Predict")
     device = str(g.get("device") or "cpu").split(",")[0]  # a multi-GPU training device list -> its first GPU
     model = create_model(g["model"], model_dir=p.get("model_dir"), device=device, threshold=p.get("threshold"),
-                         max_mask_side=p.get("max_mask_side", DEFAULT_MAX_MASK_SIDE))
+                         max_mask_side=p.get("max_mask_side", DEFAULT_MAX_MASK_SIDE),
+                         use_hpip=bool(p.get("use_hpip", False)), hpi_config=p.get("hpi_config"))
     for res in model.predict(p["input"], batch_size=p.get("batch_size", 1), threshold=p.get("threshold")):
         res.print()
         res.save_all(g.get("output", "output"))

@@ -63,6 +63,8 @@ class EngineOptions:
 class InferenceEngine:
     """A Paddle Inference predictor with inputs fed by name and outputs returned in graph order."""
 
+    backend = "paddle"
+
     def __init__(self, model_file: Path, params_file: Path, options: EngineOptions, model_name: str | None = None):
         self.model_file, self.params_file = Path(model_file), Path(params_file)
         self.options = options
@@ -77,7 +79,8 @@ class InferenceEngine:
     def _config(self, onednn: bool, new_ir: bool = True):
         from paddle import inference as pi
 
-        cfg = pi.Config(str(self.model_file), str(self.params_file))
+        # a graph without parameters (the split post-process graph) has no weights file
+        cfg = pi.Config(str(self.model_file), str(self.params_file) if self.params_file.is_file() else "")
         if self.device_kind == "gpu":
             cfg.enable_use_gpu(256, self.device_index)
             if hasattr(cfg, "exp_disable_mixed_precision_ops"):

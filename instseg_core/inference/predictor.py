@@ -16,7 +16,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from instseg_core.families import family_of_arch
-from instseg_core.inference.engine import EngineOptions, InferenceEngine
+from instseg_core.inference.engine import EngineOptions
+from instseg_core.inference.hpi import HPIConfig, create_engine, parse_hpi_config
 from instseg_core.inference.model_dir import ModelDir, resolve_model_dir
 from instseg_core.inference.postprocess import OutputFormatError
 from instseg_core.inference.preprocess import Preprocessor, Sample, collate
@@ -40,7 +41,7 @@ class InstanceSegPredictor:
 
     def __init__(self, model_dir: ModelDir, engine_options: EngineOptions, threshold: float | None = None,
                  batch_size: int = 1, mask_format: str = "paddlex",
-                 max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE):
+                 max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE, hpi: HPIConfig | None = None):
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
         self.max_mask_side = check_max_mask_side(max_mask_side)
@@ -53,9 +54,11 @@ class InstanceSegPredictor:
         self.batch_size = _check_batch_size(batch_size)
         self.mask_format = mask_format
         self.preprocessor = Preprocessor(model_dir.preprocess, source=str(model_dir.path / "inference.yml"))
-        self.engine = InferenceEngine(model_dir.model_file, model_dir.params_file, engine_options, self.model_name)
+        family = family_of_arch(model_dir.arch)
+        # hpi None: normal mode (Paddle Inference); else the backend hpi picks (see inference.hpi)
+        self.engine = create_engine(model_dir, engine_options, family.name, hpi)
         # the graph's output convention follows its arch (MaskRCNN and Cascade share RCNN's)
-        self._to_instances = family_of_arch(model_dir.arch).postprocess
+        self._to_instances = family.postprocess
         spec = MODEL_SPECS.get(self.model_name or "")
         # PaddleX runs SOLOv2, PP-YOLOE_seg-S and Cascade one image at a time; their official graphs are
         # not trusted with batches. Dirs exported by instseg declare `batch_inference: true|false`.
@@ -249,6 +252,7 @@ def create_model(model_name: str | None = None, model_dir: str | Path | None = N
                  threshold: float | None = None, batch_size: int = 1, *, cpu_threads: int | None = None,
                  enable_onednn: bool | None = None, use_tensorrt: bool = False, trt_precision: str = "fp16",
                  mask_format: str = "paddlex", max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE,
+                 use_hpip: bool = False, hpi_config: HPIConfig | dict[str, Any] | str | None = None,
                  **paddlex_kwargs: Any) -> InstanceSegPredictor:
     """Load an instance-segmentation model, as ``paddlex.create_model`` does.
 
@@ -267,11 +271,21 @@ def create_model(model_name: str | None = None, model_dir: str | Path | None = N
             None: the image's own size, as PaddleX). A larger image is presented to the graph as
             scaled down to it, then its boxes are scaled back and only the kept masks are
             upsampled (bilinear, cut at 0.5), bounding memory on 12-100 MP images.
-        **paddlex_kwargs: PaddleX-only options (``pp_option``, ``use_hpip``, ``hpi_config``) are
-            accepted and ignored with a warning, so PaddleX code runs unchanged.
+        use_hpip: high-performance mode: the fastest backend for the model (ONNX Runtime or
+            OpenVINO on CPU, TensorRT on GPU; see :mod:`instseg_core.inference.hpi`), falling back
+            to Paddle Inference with a warning when none can run it.
+        hpi_config: PaddleX's ``hpi_config`` (``backend``, ``backend_config``, ``auto_config``), a
+            dict or its string form; used with ``use_hpip=True``.
+        **paddlex_kwargs: PaddleX-only options (``pp_option``, ``engine``, ...) are accepted and
+            ignored with a warning, so PaddleX code runs unchanged.
     """
+    if not isinstance(use_hpip, bool):
+        raise ValueError(f"use_hpip must be True or False, got {use_hpip!r}")
+    hpi = parse_hpi_config(hpi_config) if use_hpip else None
+    if hpi_config is not None and not use_hpip:
+        log.warning("create_model(hpi_config=...) has no effect without use_hpip=True")
     for key in paddlex_kwargs:
-        if key not in ("pp_option", "use_hpip", "hpi_config", "engine", "engine_config", "genai_config"):
+        if key not in ("pp_option", "engine", "engine_config", "genai_config"):
             raise TypeError(f"create_model() got an unexpected keyword argument {key!r}")
         log.warning("create_model(%s=...) is a PaddleX option that instseg ignores", key)
     md = resolve_model_dir(model_name, model_dir)
@@ -279,4 +293,4 @@ def create_model(model_name: str | None = None, model_dir: str | Path | None = N
                             use_tensorrt=use_tensorrt, trt_precision=trt_precision,
                             trt_min_subgraph_size=int(md.config.get("min_subgraph_size", 3)))
     return InstanceSegPredictor(md, options, threshold=threshold, batch_size=batch_size, mask_format=mask_format,
-                                max_mask_side=max_mask_side)
+                                max_mask_side=max_mask_side, hpi=hpi)
