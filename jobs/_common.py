@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from typing import Any, NoReturn
 
 from instseg_core.cli import int_or_none
+from instseg_core.inference.hpi import BACKENDS, parse_hpi_config
 from pipelines.settings import PREDICTION_FIELDS
 
 
@@ -41,6 +43,12 @@ def add_prediction_flags(p: argparse.ArgumentParser, threshold_help: str | None 
     p.add_argument("--num-gpus-per-actor", type=float, help="GPUs per actor, fractional allowed (default 0)")
     p.add_argument("--num-cpus-per-actor", type=float, help="CPUs per actor (default 1)")
     p.add_argument("--cpu-threads", type=int, help="Paddle threads per actor (default: its CPUs)")
+    p.add_argument("--hpi", dest="use_hpip", action="store_true", default=None,
+                   help="high-performance mode: the fastest backend for the model (OpenVINO / ONNX Runtime on CPU), "
+                        "Paddle Inference where none can run it")
+    p.add_argument("--hpi-backend", choices=BACKENDS, help="high-performance mode with this backend (implies --hpi)")
+    p.add_argument("--hpi-config", help="PaddleX's hpi_config as a dict literal, e.g. \"{'backend': 'openvino', "
+                                        "'backend_config': {'cpu_num_threads': 4}}\" (implies --hpi)")
     p.add_argument("--max-pixels", type=int, help="larger images become too_large rows (default 80M)")
     p.add_argument("--max-mask-side", type=_int_or_none, help="longest side at which masks are drawn before "
                                                               "upsampling (default 1333; 'none': full size, as PaddleX)")
@@ -57,6 +65,17 @@ def prediction_values(args: argparse.Namespace) -> dict[str, Any]:
     values = {k: v for k, v in vars(args).items() if k in PREDICTION_FIELDS and v is not None}
     if values.get("max_mask_side") == "none":
         values["max_mask_side"] = None
+    backend = getattr(args, "hpi_backend", None)
+    if isinstance(values.get("hpi_config"), str) or backend:
+        try:
+            config = parse_hpi_config(values.get("hpi_config"))
+            if backend:
+                config = parse_hpi_config(replace(config, backend=backend))
+        except ValueError as e:
+            fail(f"--hpi-config: {e}")
+        values["hpi_config"] = {"backend": config.backend, "backend_config": config.backend_config,
+                                "auto_config": config.auto_config}
+        values["use_hpip"] = True
     return values
 
 

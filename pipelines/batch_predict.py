@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from instseg_core.inference.memory import estimate_predictor_memory
+from instseg_core.inference.hpi import parse_hpi_config
 from instseg_core.inference.predictor import check_max_mask_side, check_threshold
 from instseg_core.inputs import IMAGE_SUFFIXES, InputError, decode_image_bytes, read_bytes
 from instseg_core.progress import eta_seconds, format_duration
@@ -181,9 +182,10 @@ class RowMaker:
         threads = cfg.cpu_threads or max(1, int(cfg.num_cpus_per_actor))
         self.model = create_model(cfg.model_name, model_dir=model_dir, device=device, threshold=cfg.threshold,
                                   batch_size=cfg.batch_size, cpu_threads=threads, mask_format="rle",
-                                  max_mask_side=cfg.max_mask_side)
+                                  max_mask_side=cfg.max_mask_side, use_hpip=cfg.use_hpip, hpi_config=cfg.hpi_config)
         self.labels = self.model.labels
-        log.info("predictor process on %s loaded %s", socket.gethostname(), cfg.model_label)
+        log.info("predictor process on %s loaded %s (%s)", socket.gethostname(), cfg.model_label,
+                 self.model.engine.backend)
 
     def __call__(self, items: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -445,6 +447,8 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
         if cfg.threshold is not None:
             cfg.threshold = check_threshold(cfg.threshold)
         cfg.max_mask_side = check_max_mask_side(cfg.max_mask_side)
+        if cfg.use_hpip:
+            parse_hpi_config(cfg.hpi_config)
     except ValueError as e:
         raise JobSettingsError(str(e)) from None
     for name in ("batch_size", "rows_per_file", "shard_size", "shards_per_pass", "read_batch_size", "max_pixels",
@@ -652,6 +656,7 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
         "errors_by_kind": totals["errors_by_kind"], "instances": totals["instances"],
         "retry_errors": cfg.retry_errors,
         "max_mask_side": cfg.max_mask_side, "actor_memory_gb": cfg.actor_memory_gb,
+        "use_hpip": cfg.use_hpip, "hpi_config": cfg.hpi_config,
         "batch_splits": progress.batch_splits, "predictor_restarts": progress.predictor_restarts,
         "coco_layout": coco["layout"], "coco_results": coco["results"], "coco_images": coco["images"],
         "coco_annotations": coco["annotations"],

@@ -26,6 +26,8 @@ class PredictionSettings:
     num_gpus_per_actor: float = 0.0  # fractional: two actors can share a GPU and overlap CPU work
     num_cpus_per_actor: float = 1.0
     cpu_threads: int | None = None  # Paddle threads per actor (default: num_cpus_per_actor)
+    use_hpip: bool = False  # high-performance mode: ONNX Runtime / OpenVINO (instseg_core.inference.hpi)
+    hpi_config: dict[str, Any] | None = None  # PaddleX's hpi_config keys: backend, backend_config, auto_config
     max_pixels: int = 80_000_000  # larger images become error rows instead of exhausting memory
     max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE  # masks drawn at most this large, then upsampled
     actor_memory_gb: float | None = None  # memory each actor reserves and its predictor may use (None: estimate)
