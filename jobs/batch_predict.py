@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errors", choices=("transient", "all", "none"),
                    help="on a rerun, redo error rows of transient kinds (default), of every kind, or none")
     p.add_argument("--labelme", action="store_true", default=None, help="also write LabelMe JSON per image")
+    p.add_argument("--label-studio", action="store_true", default=None,
+                   help="also write Label Studio tasks with predictions (label_studio/tasks.json) and their "
+                        "labeling config (label_studio/config.xml)")
+    p.add_argument("--label-studio-format", choices=("brush", "polygon"),
+                   help="Label Studio regions: brush masks (default; holes and parts kept) or polygons")
+    p.add_argument("--label-studio-root", metavar="DIR",
+                   help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT: local images become /data/local-files/?d=<path "
+                        "below DIR> (default /)")
     p.add_argument("--coco-layout", choices=("auto", "single", "sharded"),
                    help="one coco_dataset.json/coco_results.json, or coco/dataset-<k>.json files (default auto: "
                         "single up to 200k images)")

@@ -64,6 +64,9 @@ class BatchPredictConfig(PredictionSettings):
     retry_errors: str = "transient"  # on a rerun, redo error rows: transient kinds, "all" or "none"
     read_batch_size: int = 16
     labelme: bool = False
+    label_studio: bool = False  # label_studio/tasks.json (predictions) + config.xml (pipelines.label_studio)
+    label_studio_format: str = "brush"  # "brush" (brush RLE masks) or "polygon"
+    label_studio_root: str = "/"  # Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for local images
     coco_layout: str = "auto"  # "single" (coco_*.json), "sharded" (coco/*-<k>.json) or "auto" (by size)
     run_id: str | None = None
     extensions: tuple[str, ...] = IMAGE_SUFFIXES
@@ -474,6 +477,8 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
             raise JobSettingsError(f"model: {e}") from None
     if cfg.coco_layout not in ("auto", "single", "sharded"):
         raise JobSettingsError(f"coco_layout must be 'auto', 'single' or 'sharded', got {cfg.coco_layout!r}")
+    if cfg.label_studio:
+        _check_label_studio(cfg)
     if cfg.retry_errors not in ("transient", "all", "none"):
         raise JobSettingsError(f"retry_errors must be 'transient', 'all' or 'none', got {cfg.retry_errors!r}")
     with storage_errors("input", cfg.input):
@@ -482,6 +487,21 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
         except SourceError as e:
             raise JobSettingsError(f"input: {e}") from None
     return JobPlan(model=model)
+
+
+def _check_label_studio(cfg: BatchPredictConfig) -> None:
+    """The Label Studio settings: a known format, and a local input lying below the local files root
+    (a local manifest's images are checked when the tasks are written)."""
+    from instseg_core.label_studio import KINDS
+
+    if cfg.label_studio_format not in KINDS:
+        raise JobSettingsError(f"label_studio_format must be one of {KINDS}, got {cfg.label_studio_format!r}")
+    root = input_root(cfg.input)
+    if root is not None and not is_remote(root):
+        cfg.label_studio_root = os.path.abspath(cfg.label_studio_root)
+        if os.path.commonpath([cfg.label_studio_root, root]) != cfg.label_studio_root:
+            raise JobSettingsError(f"label_studio_root: the input {root} is not below {cfg.label_studio_root}; "
+                                   "Label Studio serves local files only below its LOCAL_FILES_DOCUMENT_ROOT")
 
 
 @contextmanager
@@ -583,6 +603,7 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
     :func:`check_settings`'s result when the caller already checked ``cfg`` (else it is checked here)."""
     import ray
 
+    from pipelines.label_studio import LabelStudioOptions
     from pipelines.merge import write_outputs
     from pipelines.shards import load_or_make_plan
     from pipelines.sinks import clear_markers, done_shards, list_parts, parts_by_shard, write_json
@@ -640,10 +661,15 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
         parts.setdefault(shard_id, [])
     totals = finish_all(cfg.output, parts, s3)
     merge_started = time.time()
+    label_studio = LabelStudioOptions(kind=cfg.label_studio_format, local_files_root=cfg.label_studio_root,
+                                      model_version=cfg.run_id) if cfg.label_studio else None
     coco = write_outputs(cfg.output, totals["shards"], parts_by_shard(list_parts(cfg.output, s3)), labels,
-                         image_root=input_root(cfg.input), layout=cfg.coco_layout, labelme=cfg.labelme, s3=s3)
-    log.info("wrote COCO (%s) and%s LabelMe files in %.1f s", coco["layout"], "" if cfg.labelme else " no",
-             time.time() - merge_started)
+                         image_root=input_root(cfg.input), layout=cfg.coco_layout, labelme=cfg.labelme,
+                         label_studio=label_studio, s3=s3)
+    log.info("wrote COCO (%s) and%s LabelMe files in %.1f s%s", coco["layout"], "" if cfg.labelme else " no",
+             time.time() - merge_started,
+             f"; Label Studio: {coco['label_studio']['tasks']} task(s) in {', '.join(coco['label_studio']['files'])}"
+             if cfg.label_studio else "")
     wall = time.time() - started
     summary = {
         "run_id": cfg.run_id, "model": cfg.model_label, "threshold": threshold, "batch_size": cfg.batch_size,
@@ -660,6 +686,8 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
         "batch_splits": progress.batch_splits, "predictor_restarts": progress.predictor_restarts,
         "coco_layout": coco["layout"], "coco_results": coco["results"], "coco_images": coco["images"],
         "coco_annotations": coco["annotations"],
+        **({"label_studio_tasks": coco["label_studio"]["tasks"], "label_studio_files": coco["label_studio"]["files"]}
+           if cfg.label_studio else {}),
         "wall_time_s": round(wall, 2), "images_per_s": round(progress.done / wall, 3) if wall > 0 else None,
         "time_to_first_output_s": None if progress.time_to_first_output is None else round(
             progress.time_to_first_output, 2),

@@ -13,7 +13,9 @@ the 63-bit ``image_id`` stays in Parquet, and each COCO image carries its ``uri`
 * ``"auto"``: single up to :data:`SINGLE_FILE_MAX_IMAGES` images, else sharded.
 
 LabelMe files mirror the images' paths below the input root (``labelme/a/img.json``), so tasks
-never need to agree on names.
+never need to agree on names. Label Studio tasks files are named by group and part
+(``label_studio/tasks-<k>-<j>.json``); a run that produced only one is renamed ``tasks.json``
+at the end (:mod:`pipelines.label_studio`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from instseg_core.io import S3Options, fsspec_fs, is_remote, join, write_bytes_atomic, write_uri
+from pipelines.label_studio import (LABEL_STUDIO_DIR, LS_COLUMNS, LabelStudioOptions, finish_label_studio,
+                                    write_task_files)
 from pipelines.writers import (JSON_ENCODER, CategoryMap, coco_image_entry, coco_rle, f32, iter_rows, xywh,
                                write_labelme)
 from pipelines.rows import STATUS_OK
@@ -73,9 +77,11 @@ def _coco_header(categories: Sequence[str]) -> str:
 
 
 def write_group(output: str, group: Group, categories: Sequence[str], image_root: str | None, layout: str,
-                labelme: bool, s3: S3Options | None) -> dict[str, int]:
+                labelme: bool, s3: S3Options | None,
+                label_studio: LabelStudioOptions | None = None) -> dict[str, Any]:
     """One task: the COCO images, annotations and results of ``group`` (fragments, or complete
-    files in the sharded layout), and its LabelMe files. Returns the counts written."""
+    files in the sharded layout), its LabelMe files and its Label Studio tasks files. Returns the
+    counts written (and ``label_studio_files``: ``[(uri, tasks), ...]``)."""
     cats = CategoryMap(categories)
     images, annotations, results = io.StringIO(), io.StringIO(), io.StringIO()
     image_id, ann_id = group.first_image_id, group.first_annotation_id
@@ -113,7 +119,12 @@ def write_group(output: str, group: Group, categories: Sequence[str], image_root
     if labelme:
         write_labelme(iter_rows(group.parts, _COLUMNS, s3=s3), join(output, "labelme"), image_root=image_root,
                       mirror=True, s3=s3)
-    return {"images": n_images, "annotations": n_anns, "results": n_results}
+    counts: dict[str, Any] = {"images": n_images, "annotations": n_anns, "results": n_results}
+    if label_studio is not None:
+        counts["label_studio_files"] = write_task_files(
+            iter_rows(group.parts, LS_COLUMNS, s3=s3), join(output, LABEL_STUDIO_DIR), f"tasks-{name}", categories,
+            label_studio, s3=s3)
+    return counts
 
 
 def _stream(out_uri: str, pieces: list[tuple[str, list[str]]], s3: S3Options | None) -> None:
@@ -138,10 +149,11 @@ def _stream(out_uri: str, pieces: list[tuple[str, list[str]]], s3: S3Options | N
 
 def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[str, list[str]],
                   categories: Sequence[str], *, image_root: str | None, layout: str = "auto",
-                  labelme: bool = False, s3: S3Options | None = None,
-                  shards_per_task: int = _SHARDS_PER_TASK) -> dict[str, Any]:
+                  labelme: bool = False, label_studio: LabelStudioOptions | None = None,
+                  s3: S3Options | None = None, shards_per_task: int = _SHARDS_PER_TASK) -> dict[str, Any]:
     """Run :func:`write_group` over every group in Ray tasks (at most 16 in flight), then assemble
-    the single files when asked. Returns ``{"layout", "images", "annotations", "results"}``."""
+    the single files when asked. Returns ``{"layout", "images", "annotations", "results"}``, plus
+    ``"label_studio": {"files", "tasks"}`` with ``label_studio`` options."""
     import ray
 
     total_images = sum(c["coco_images"] for c in shard_counts if c["shard"] in parts)
@@ -150,13 +162,17 @@ def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[s
     groups = plan_groups(shard_counts, parts, shards_per_task)
     task = ray.remote(num_cpus=WRITE_TASK_CPUS, max_retries=3)(write_group)
     totals = {"images": 0, "annotations": 0, "results": 0}
+    ls_files: list[tuple[str, int]] = []
     pending: list = []
     todo = list(reversed(groups))
     while todo or pending:
         while todo and len(pending) < 16:
-            pending.append(task.remote(output, todo.pop(), list(categories), image_root, layout, labelme, s3))
+            pending.append(task.remote(output, todo.pop(), list(categories), image_root, layout, labelme, s3,
+                                       label_studio))
         ready, pending = ray.wait(pending, num_returns=1)
-        for k, v in ray.get(ready[0]).items():
+        counts = ray.get(ready[0])
+        ls_files += counts.pop("label_studio_files", [])
+        for k, v in counts.items():
             totals[k] += v
     if layout == "single":
         frag = [f"{g.index:05d}" for g in groups]
@@ -172,4 +188,8 @@ def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[s
                 fs.rm(merge, recursive=True)
         else:
             shutil.rmtree(merge, ignore_errors=True)
-    return {"layout": layout, **totals}
+    out: dict[str, Any] = {"layout": layout, **totals}
+    if label_studio is not None:
+        out["label_studio"] = finish_label_studio(join(output, LABEL_STUDIO_DIR), sorted(ls_files), categories,
+                                                  label_studio.kind, s3=s3)
+    return out
