@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 PDX_VENV := .venv-paddlex
+LS_VENV := .venv-labelstudio
+DM_VENV := .venv-datumaro
 PY := $(VENV)/bin/python
 PADDLE_SPEC ?= paddlepaddle==3.3.1
 
@@ -22,6 +24,21 @@ $(PDX_VENV)/.installed: constraints-paddlex.txt
 	$(PDX_VENV)/bin/python -m pip install -q -c constraints-paddlex.txt "paddlex[cv]==3.7.2" "$(PADDLE_SPEC)"
 	touch $@
 
+# Label Studio (server + SDK) and datumaro (CVAT's dataset library): test-only, each in its own venv
+# (Label Studio pins Django and numpy 2.2; datumaro caps Pillow), for tests/test_label_studio.py and
+# tests/test_cvat.py
+$(LS_VENV)/.installed: constraints-labelstudio.txt
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q -c constraints-labelstudio.txt "label-studio==1.23.2"
+	touch $@
+
+$(DM_VENV)/.installed: constraints-datumaro.txt
+	$(PYTHON) -m venv $(DM_VENV)
+	$(DM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DM_VENV)/bin/python -m pip install -q -c constraints-datumaro.txt "datumaro==1.13.12"
+	touch $@
+
 # --ray-address local: the demo starts a Ray of its own even when another cluster runs on the machine
 # (joining it would run the demo on that cluster's workers, with their code and paths)
 demo: $(VENV)/.installed
@@ -34,8 +51,9 @@ demo: $(VENV)/.installed
 test test-fast: export MKL_CBWR ?= COMPATIBLE
 test test-fast: export ONEDNN_MAX_CPU_ISA ?= AVX2
 
-test: $(VENV)/.installed $(PDX_VENV)/.installed
-	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python $(PY) -m pytest -q --durations=25
+test: $(VENV)/.installed $(PDX_VENV)/.installed $(LS_VENV)/.installed $(DM_VENV)/.installed
+	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python INSTSEG_LABELSTUDIO_PYTHON=$(CURDIR)/$(LS_VENV)/bin/python \
+		INSTSEG_DATUMARO_PYTHON=$(CURDIR)/$(DM_VENV)/bin/python $(PY) -m pytest -q --durations=25
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not paddlex"
@@ -44,4 +62,4 @@ bench: $(VENV)/.installed $(PDX_VENV)/.installed
 	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python $(PY) bench/predictor_vs_paddlex.py
 
 clean:
-	rm -rf $(VENV) $(PDX_VENV) .cache demo_output
+	rm -rf $(VENV) $(PDX_VENV) $(LS_VENV) $(DM_VENV) .cache demo_output
