@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-layout", choices=("auto", "single", "sharded"),
                    help="one coco_dataset.json/coco_results.json, or coco/dataset-<k>.json files (default auto: "
                         "single up to 200k images)")
+    p.add_argument("--coco-root", metavar="DIR_OR_PREFIX",
+                   help="COCO file_names (and LabelMe paths) relative to this (default: the input directory or "
+                        "prefix; a manifest's images get bucket/key): for CVAT, the folder or prefix its task's "
+                        "images are named below")
     p.add_argument("--run-id")
     add_ray_flags(p)
     return p

@@ -68,6 +68,9 @@ class BatchPredictConfig(PredictionSettings):
     label_studio_format: str = "brush"  # "brush" (brush RLE masks) or "polygon"
     label_studio_root: str = "/"  # Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for local images
     coco_layout: str = "auto"  # "single" (coco_*.json), "sharded" (coco/*-<k>.json) or "auto" (by size)
+    # COCO file_names (and LabelMe paths) are relative to this dir/prefix; default: the input's (a
+    # manifest has none: bucket/key). CVAT matches file_name to its task's frame names.
+    coco_root: str | None = None
     run_id: str | None = None
     extensions: tuple[str, ...] = IMAGE_SUFFIXES
     extra: dict[str, Any] = field(default_factory=dict)
@@ -445,7 +448,7 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
     one-line message naming the setting."""
     from pipelines.model_source import validate_model_source
 
-    cfg.absolute_paths("input", "output")
+    cfg.absolute_paths("input", "output", "coco_root")
     try:
         if cfg.threshold is not None:
             cfg.threshold = check_threshold(cfg.threshold)
@@ -664,7 +667,7 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
     label_studio = LabelStudioOptions(kind=cfg.label_studio_format, local_files_root=cfg.label_studio_root,
                                       model_version=cfg.run_id) if cfg.label_studio else None
     coco = write_outputs(cfg.output, totals["shards"], parts_by_shard(list_parts(cfg.output, s3)), labels,
-                         image_root=input_root(cfg.input), layout=cfg.coco_layout, labelme=cfg.labelme,
+                         image_root=cfg.coco_root or input_root(cfg.input), layout=cfg.coco_layout, labelme=cfg.labelme,
                          label_studio=label_studio, s3=s3)
     log.info("wrote COCO (%s) and%s LabelMe files in %.1f s%s", coco["layout"], "" if cfg.labelme else " no",
              time.time() - merge_started,
