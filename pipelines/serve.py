@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from pipelines import serve_protocol as proto
 from pipelines.serve_fetch import fetch_image, new_session
@@ -53,11 +53,6 @@ def _json_response(payload: dict[str, Any], status: int = 200) -> Response:
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> Response:  # unknown route, wrong method
     return _json_response(proto.failure(proto.new_log_id(), exc.status_code, str(exc.detail)), exc.status_code)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    return _json_response(proto.failure(proto.new_log_id(), 422, str(exc)), 422)
 
 
 @dataclass
@@ -126,6 +121,8 @@ class InstanceSegmentationServer:
             payload, status = proto.success(log_id, result), 200
         except proto.RequestError as e:
             payload, status = proto.failure(log_id, e.status, e.message), e.status
+        except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing to log
+            payload, status = proto.failure(log_id, 400, "client disconnected"), 400
         except Exception:  # noqa: BLE001 - a server fault: logged, answered as PaddleX does
             log.exception("instseg serve: request %s failed", log_id)
             payload, status = proto.failure(log_id, 500, "Internal server error"), 500

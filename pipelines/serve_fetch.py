@@ -35,9 +35,7 @@ def allowed_host(url: str, allowlist: tuple[str, ...]) -> bool:
         return False
     default_port = 443 if parts.scheme.lower() == "https" else 80
     candidates = {host, f"{host}:{port or default_port}"}
-    if host.startswith("["):  # urlsplit strips IPv6 brackets; entries may carry them
-        candidates.add(host.strip("[]"))
-    elif ":" in host:
+    if ":" in host:  # IPv6: urlsplit drops the brackets, an entry may be written with them
         candidates |= {f"[{host}]", f"[{host}]:{port or default_port}"}
     return any(entry in candidates for entry in allowlist)
 

@@ -212,8 +212,6 @@ def build_result(instances: Instances, labels: Sequence[str], image: np.ndarray,
 def crop_rle(mask: np.ndarray) -> dict[str, Any]:
     """PaddleX's ``mask`` entry: COCO RLE counts of a (cropped) uint8 mask and its ``[h, w]``."""
     h, w = mask.shape
-    if h == 0 or w == 0:
-        return {"rleResult": "", "size": [h, w]}
     return {"rleResult": encode_rle(mask[None])[0]["counts"], "size": [h, w]}
 
 

@@ -368,3 +368,35 @@ def test_serve_config_file_and_cli_errors():
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode != 0
     assert "max_batch_size must be an integer >= 1, got 'many'" in proc.stderr
+
+
+def test_result_entries_for_box_models_and_solov2():
+    """PaddleX's mapping of a result to ``instances``: the box model's mask cropped to the rounded box;
+    SOLOv2 (PaddleX's app has no branch for it) gets the mask's extent and the full-image mask."""
+    from instseg_core.masks import masks_to_xyxy
+    from instseg_core.structures import Instances
+    from pipelines.serve_protocol import build_result
+
+    h, w = 20, 30
+    masks = np.zeros((2, h, w), bool)
+    masks[0, 2:8, 3:10] = True
+    masks[1, 10:15, 0:5] = True
+    image = np.zeros((h, w, 3), np.uint8)
+
+    def rle(m: np.ndarray) -> str:
+        return mask_util.encode(np.asfortranarray(m[..., None].astype(np.uint8)))[0]["counts"].decode()
+
+    boxes = Instances([[3.4, 2, 9.6, 8], [0, 10, 5, 15]], [0.9, 0.6], [1, 0], masks, (h, w))
+    got = build_result(boxes, ["a", "b"], image, visualize=False)
+    assert got["image"] is None
+    first = got["instances"][0]
+    assert first["bbox"] == [float(np.float32(3.4)), 2.0, float(np.float32(9.6)), 8.0]
+    assert (first["categoryId"], first["categoryName"], first["score"]) == (1, "b", float(np.float32(0.9)))
+    assert first["mask"] == {"rleResult": rle(masks[0][2:8, 3:10]), "size": [6, 7]}  # x: round(3.4)..round(9.6)
+    assert got["instances"][1]["bbox"][0] == 0 and isinstance(got["instances"][1]["bbox"][0], int)  # clip bound
+
+    solo = Instances(masks_to_xyxy(masks), [0.9, 0.6], [1, 0], masks, (h, w), boxes_from_masks=True)
+    got = build_result(solo, ["a", "b"], image, visualize=True)
+    assert got["instances"][0]["bbox"] == [3, 2, 10, 8]
+    assert got["instances"][0]["mask"] == {"rleResult": rle(masks[0]), "size": [h, w]}
+    assert base64.b64decode(got["image"])[:2] == b"\xff\xd8"  # a JPEG
