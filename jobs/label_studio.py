@@ -43,8 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
 
-    from pipelines.label_studio import (LABEL_STUDIO_DIR, MAX_TASKS_PER_FILE, LabelStudioOptions, OutputError,
-                                        convert_output)
+    from pipelines.label_studio import LABEL_STUDIO_DIR, MAX_TASKS_PER_FILE, LabelStudioOptions, convert_output
     from pipelines.sinks import list_parts, parts_by_shard
 
     output = args.output if is_remote(args.output) else os.path.abspath(args.output)
@@ -61,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if groups > 1:
             connect_ray(args.ray_address, args.num_cpus)
         result = convert_output(output, out_dir, options, s3=s3, use_ray=groups > 1)
-    except (OutputError, ValueError) as e:  # a bad flag value, an image outside the local files root
+    except ValueError as e:  # not a job output (OutputError), a bad value, an image outside the files root
         if args.debug:
             raise
         fail(str(e))

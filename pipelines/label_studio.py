@@ -31,7 +31,7 @@ from pipelines.writers import JSON_ENCODER, CategoryMap, _staged_text, iter_rows
 log = logging.getLogger("instseg")
 
 __all__ = ["CONFIG_NAME", "LABEL_STUDIO_DIR", "LS_COLUMNS", "MAX_BYTES_PER_FILE", "MAX_TASKS_PER_FILE", "TASKS_NAME",
-           "LabelStudioOptions", "convert_output", "finish_label_studio", "output_labels", "write_label_studio",
+           "LabelStudioOptions", "OutputError", "convert_output", "finish_label_studio", "output_labels", "write_label_studio",
            "write_task_files", "write_tasks"]
 
 LABEL_STUDIO_DIR = "label_studio"
@@ -150,13 +150,16 @@ def write_task_files(rows: Iterable[dict[str, Any]], out_dir: str, prefix: str, 
 def finish_label_studio(out_dir: str, written: Sequence[tuple[str, int]], categories: Sequence[str],
                         kind: str = "brush", *, s3: S3Options | None = None) -> dict[str, Any]:
     """After every tasks file of a run is written: write ``config.xml``, name a lone tasks file
-    ``tasks.json``, and remove tasks files of earlier runs that this run did not write. Returns
-    ``{"files": [names], "tasks": n}``."""
+    ``tasks.json`` (an empty list when no image was labelled), and remove tasks files of earlier
+    runs that this run did not write. Returns ``{"files": [names], "tasks": n}``."""
     fs = fsspec_fs(out_dir, s3)
     write_bytes_atomic(join(out_dir, CONFIG_NAME), labeling_config(categories, kind).encode("utf-8"), s3)
     names = [posixpath.basename(uri) for uri, _ in written]
     if len(written) == 1:
         fs.mv(written[0][0], join(out_dir, TASKS_NAME))  # a rename locally; copy + delete on S3
+        names = [TASKS_NAME]
+    elif not written:
+        write_bytes_atomic(join(out_dir, TASKS_NAME), b"[]\n", s3)
         names = [TASKS_NAME]
     keep = set(names)
     if fs.exists(out_dir):
