@@ -4,7 +4,7 @@
 ``<dataset>/annotations/instance_train.json``, evaluates mask AP on ``instance_val.json`` every
 ``eval_interval`` epochs and writes PaddleX's outputs into ``Global.output``::
 
-    config.yaml  train.log  train_result.json
+    config.yaml  train.log  train_result.json  train_curves.png  tensorboard/events.out.tfevents.*
     <epoch>/<epoch>.{pdparams,pdopt,pdstates,pdema}      (0-based epoch id, the 5 newest kept)
     best_model/best_model.{pdparams,pdopt,pdstates,pdema}  best_model.info.json  best_model/inference/
 
@@ -15,10 +15,11 @@ writes files. ``on_epoch_end(epoch, metrics, checkpoint_dir_or_None)`` is called
 each epoch (Ray Train reports through it).
 
 The loop itself is short: each step is a :class:`TrainStep` (forward, backward with AMP when
-asked, optimizer update, EMA); rank 0 calls two hooks at fixed points, after each step
+asked, optimizer update, EMA); rank 0 calls its hooks at fixed points, after each step
 (:class:`~instseg_core.training.hooks.StepLogger`) and after each epoch
 (:class:`~instseg_core.training.hooks.EvaluateAndCheckpoint`: evaluation, checkpoints, best model,
-``train_result.json``).
+``train_result.json``), and :class:`~instseg_core.training.curves.TrainingCurves` at both
+(TensorBoard scalars, ``train_curves.png``).
 
 Randomness is re-seeded from ``(seed, epoch, rank)`` at the start of every epoch, so a run resumed
 from an epoch checkpoint replays exactly the data order and augmentations it would have seen.
@@ -40,6 +41,7 @@ import yaml
 
 from instseg_core.training.checkpoint import load_checkpoint, restore_optimizer
 from instseg_core.training.cross_rank_bn import convert_to_cross_rank_bn
+from instseg_core.training.curves import TrainingCurves
 from instseg_core.training.data import CocoInstanceDataset, collate, make_train_transform
 from instseg_core.training.hooks import EvaluateAndCheckpoint, StepLogger, recover_best_model
 from instseg_core.training.recipes import TrainRecipe
@@ -221,6 +223,7 @@ def train(cfg: dict[str, Any], *, rank: int = 0, world_size: int = 1,
     r = s.recipe
     is_main = rank == 0
     handler = _attach_log_file(s.output) if is_main else None
+    curves: TrainingCurves | None = None
     try:
         _set_device(s.device)
         if is_main:
@@ -267,6 +270,7 @@ def train(cfg: dict[str, Any], *, rank: int = 0, world_size: int = 1,
                                           best_ap) if is_main else None
         if end_epoch is not None and resume:
             end_epoch.resumed(start_epoch)
+        curves = TrainingCurves(s.output, s.model_name, (start_epoch, step) if resume else None) if is_main else None
         if is_main:
             log.info("training %s: %d train / %d val images, %d classes, %d epochs x %d steps, batch %d x %d "
                      "worker(s), device %s", s.model_name, len(train_ds), len(val_ds), s.num_classes, s.epochs,
@@ -285,12 +289,16 @@ def train(cfg: dict[str, Any], *, rank: int = 0, world_size: int = 1,
                 losses = train_step(inputs, targets, lr)
                 step += 1
                 if log_step is not None:
-                    log_step(epoch, k, lr, losses)
+                    logged = log_step(epoch, k, lr, losses)
+                    if curves is not None:
+                        curves.after_step(step, losses, lr, logged)
             metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step}
             ckpt_dir = None
             if end_epoch is not None:
                 scores, ckpt_dir = end_epoch(epoch, step)
                 metrics.update(scores)
+            if curves is not None:
+                curves.after_epoch(epoch, metrics)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics, ckpt_dir)
         if end_epoch is not None:
@@ -302,6 +310,8 @@ def train(cfg: dict[str, Any], *, rank: int = 0, world_size: int = 1,
             return result
         return {"done_flag": True}
     finally:
+        if curves is not None:
+            curves.close()
         if handler is not None:
             log.removeHandler(handler)
             handler.close()

@@ -6,7 +6,9 @@ Two hooks, called by the loop at fixed points (plain objects, no registry):
   ``log_interval`` steps and at an epoch's last step), and a stop on a non-finite loss.
 * :class:`EvaluateAndCheckpoint`, after every epoch: on evaluation epochs, mask AP on the val
   split (with the EMA weights when kept), the epoch checkpoint, rotation to the ``KEEP_LAST``
-  newest, a new ``best_model/`` when the AP is the best so far, and ``train_result.json``.
+  newest, a new ``best_model/`` when the AP is the best so far, and ``train_result.json``
+  (its ``visualdl_log`` names the TensorBoard dir of :mod:`instseg_core.training.curves`, the
+  third hook).
 
 The files follow PaddleX's layout under ``Global.output`` (see the engine's module doc).
 """
@@ -26,6 +28,7 @@ import paddle.nn as nn
 
 from instseg_core.io import atomic_write
 from instseg_core.training.checkpoint import optimizer_state_by_structured_name, save_checkpoint
+from instseg_core.training.curves import LOG_DIR
 from instseg_core.training.data import CocoInstanceDataset
 from instseg_core.training.recipes import evaluation_inputs
 from instseg_core.training.schedule import ModelEMA
@@ -52,10 +55,11 @@ class StepLogger:
         """Start the epoch's clock (the s/step figure includes data loading)."""
         self._t0 = time.time()
 
-    def __call__(self, epoch: int, k: int, lr: float, losses: dict[str, paddle.Tensor]) -> None:
-        """After step ``k`` (0-based, within ``epoch``) trained with ``lr``."""
+    def __call__(self, epoch: int, k: int, lr: float, losses: dict[str, paddle.Tensor]) -> dict[str, float] | None:
+        """After step ``k`` (0-based, within ``epoch``) trained with ``lr``; returns the loss values
+        it read and logged, or None on the steps it skips (the training curves log the same)."""
         if not (k % self.log_interval == 0 or k == self.steps_per_epoch - 1):
-            return
+            return None
         values = {n: float(v.item()) for n, v in losses.items()}
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"loss is {values['loss']} at epoch {epoch} step {k}: "
@@ -64,6 +68,7 @@ class StepLogger:
         eta = dt * ((self.epochs - epoch) * self.steps_per_epoch - k - 1)
         log.info("epoch [%d/%d] step [%d/%d] lr %.6g %s | %.2f s/step, eta %s", epoch + 1, self.epochs,
                  k + 1, self.steps_per_epoch, lr, _fmt_losses(values), dt, _eta(eta))
+        return values
 
 
 def _fmt_losses(losses: dict[str, float]) -> str:
@@ -168,7 +173,7 @@ def _write_train_result(output: Path, model_name: str, last: list[dict[str, Any]
                         done: bool) -> None:
     models = {f"last_{i + 1}": (last[i] if i < len(last) else {}) for i in range(KEEP_LAST)}
     models["best"] = best
-    record = {"model_name": model_name, "label_dict": "", "train_log": "train.log", "visualdl_log": "",
+    record = {"model_name": model_name, "label_dict": "", "train_log": "train.log", "visualdl_log": LOG_DIR,
               "config": "config.yaml", "models": models, "done_flag": done}
     text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
     atomic_write(output / "train_result.json", lambda f: f.write(text.encode("utf-8")))
