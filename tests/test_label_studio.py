@@ -378,6 +378,30 @@ def test_converter_job(job_output, work, capsys):
         assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
 
 
+def test_merge_tasks_write_a_series_of_files_per_group(ray_local, job_output, work):
+    """With more than one group of shards (large runs), each Ray task writes its own files and a
+    rerun that fits one file replaces them with tasks.json."""
+    from pipelines.batch_predict import finish_all
+    from pipelines.merge import write_outputs
+    from pipelines.sinks import list_parts, parts_by_shard
+
+    out = work / "out_groups"
+    shutil.copytree(job_output / "parts", out / "parts")
+    parts = parts_by_shard(list_parts(str(out)))
+    totals = finish_all(str(out), parts, None)
+    options = LabelStudioOptions(local_files_root=str(work), model_version="x")
+    written = write_outputs(str(out), totals["shards"], parts, SHAPES, image_root=str(work / "in"),
+                            label_studio=options, shards_per_task=1)
+    assert len(parts) > 2  # shards of at most 2 images, per folder
+    assert written["label_studio"] == {"files": [f"tasks-{k:05d}-000.json" for k in range(len(parts))], "tasks": 6}
+    series = [t for f in written["label_studio"]["files"] for t in json.loads((out / "label_studio" / f).read_text())]
+    single = json.loads((job_output / "label_studio" / "tasks.json").read_text())
+    assert series == single  # the same tasks, in the same (shard) order
+    again = write_outputs(str(out), totals["shards"], parts, SHAPES, image_root=str(work / "in"), label_studio=options)
+    assert again["label_studio"] == {"files": ["tasks.json"], "tasks": 6}
+    assert sorted(p.name for p in (out / "label_studio").iterdir()) == ["config.xml", "tasks.json"]
+
+
 def test_batch_job_refuses_a_local_files_root_above_nothing(work):
     from pipelines.batch_predict import BatchPredictConfig, JobSettingsError, _check_label_studio
 
