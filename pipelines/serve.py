@@ -187,9 +187,10 @@ class InstanceSegmentationServer:
 
     # ------------------------------------------------------------------ introspection (handles)
 
-    def recent_batch_sizes(self) -> list[int]:
-        """Sizes of the last batches this replica ran (oldest first); for tests and debugging."""
-        return list(self._recent_batches)
+    def recent_batch_sizes(self) -> dict[str, Any]:
+        """``{"replica": id, "sizes": [...]}``: the sizes of the last batches this replica ran, oldest
+        first (for tests, benchmarks and debugging through a deployment handle)."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "sizes": list(self._recent_batches)}
 
     async def __del__(self) -> None:
         if self._session is not None:

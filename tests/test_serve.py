@@ -260,7 +260,7 @@ def test_two_concurrent_clients_share_a_batch(endpoint, model):
     payloads = [{"image": _b64(SHAPES)}, {"image": _b64(SAMPLES / "shapes_1.jpg")}]
     expected = [_expected(model, SHAPES), _expected(model, SAMPLES / "shapes_1.jpg")]
     for _attempt in range(3):  # 0.25 s of batch wait: a loaded machine could still split them
-        seen = len(handle.recent_batch_sizes.remote().result())
+        seen = len(handle.recent_batch_sizes.remote().result()["sizes"])  # one replica
         barrier = threading.Barrier(2)
         answers: list = [None, None]
 
@@ -275,7 +275,7 @@ def test_two_concurrent_clients_share_a_batch(endpoint, model):
             t.join(60)
         assert [a[0] for a in answers] == [200, 200], answers
         assert [a[1]["result"]["instances"] for a in answers] == expected
-        sizes = handle.recent_batch_sizes.remote().result()[seen:]
+        sizes = handle.recent_batch_sizes.remote().result()["sizes"][seen:]
         if 2 in sizes:
             break
     assert 2 in sizes, f"batch sizes the replica saw: {sizes}"
