@@ -89,8 +89,9 @@ class SegmentationPredictor:
         self.model_label = PredictionSettings(model_name=model_name, model_dir=model_dir).model_label
         log.info("SegmentationPredictor loaded %s on %s (%s)", self.model_label, device, self.model.engine.backend)
 
-    def __call__(self, batch: Mapping[str, Any] | Any) -> pa.Table:
-        """Rows (:data:`~pipelines.rows.ROW_SCHEMA`) for the batch's images, in batch order."""
+    def __call__(self, batch: Mapping[str, Any] | pa.Table | Any) -> pa.Table:
+        """Rows (:data:`~pipelines.rows.ROW_SCHEMA`) for the batch's images, in batch order.
+        ``batch``: any of Ray Data's batch formats (numpy dict, the default; pandas; pyarrow)."""
         columns = _columns(batch)
         uris = self._uris(columns)
         rows: list[dict[str, Any] | None] = [None] * len(uris)
