@@ -71,9 +71,10 @@ class _HeadGraph(nn.Layer):
 
 
 class _PostGraph(nn.Layer):
-    """``forward(im_shape, scale_factor, raw0, ...)``: the post-process of the head's (up to four)
-    raw outputs (``export_post``), with the same outputs as the whole graph. (``paddle.jit`` traces
-    named parameters, not ``*args``.)"""
+    """``forward(im_shape, scale_factor, threshold, raw0, ...)``: the post-process of the head's (up
+    to four) raw outputs (``export_post``), with the whole graph's outputs less the detections
+    scoring at or below ``threshold`` ([1]: the predictor's threshold, so no mask is drawn for a
+    detection it drops). (``paddle.jit`` traces named parameters, not ``*args``.)"""
 
     def __init__(self, model: nn.Layer, input_hw: tuple[int, int] | None, score_floor: float | None):
         super().__init__()
@@ -81,12 +82,12 @@ class _PostGraph(nn.Layer):
         self.input_hw = input_hw
         self.score_floor = score_floor
 
-    def forward(self, im_shape: paddle.Tensor, scale_factor: paddle.Tensor, raw0: paddle.Tensor,
-                raw1: paddle.Tensor | None = None, raw2: paddle.Tensor | None = None,
+    def forward(self, im_shape: paddle.Tensor, scale_factor: paddle.Tensor, threshold: paddle.Tensor,
+                raw0: paddle.Tensor, raw1: paddle.Tensor | None = None, raw2: paddle.Tensor | None = None,
                 raw3: paddle.Tensor | None = None) -> dict[str, paddle.Tensor]:
         raw = tuple(t for t in (raw0, raw1, raw2, raw3) if t is not None)
         return self.model.export_post(im_shape, scale_factor, raw, input_hw=self.input_hw,
-                                      score_floor=self.score_floor)
+                                      score_floor=self.score_floor, keep_above=threshold)
 
 
 # the split graphs' folder in an inference dir, and their file stems in it
@@ -113,9 +114,11 @@ def _save_split_graphs(model: nn.Layer, out: Path, input_hw: tuple[int, int], ba
     raw_specs = [InputSpec([batch_dim, *t.shape[1:]], "float32", n) for n, t in zip(names, probe)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Found 'dict' in given outputs")
+        warnings.filterwarnings("ignore", message="no variable in your model")  # the post-process has none
         paddle.jit.save(post, str(folder / POST_STEM),
                         input_spec=[InputSpec([batch_dim, 2], "float32", "im_shape"),
-                                    InputSpec([batch_dim, 2], "float32", "scale_factor"), *raw_specs])
+                                    InputSpec([batch_dim, 2], "float32", "scale_factor"),
+                                    InputSpec([1], "float32", "threshold"), *raw_specs])
     return {"head": f"{HPI_DIR}/{HEAD_STEM}", "post": f"{HPI_DIR}/{POST_STEM}", "raw_outputs": names,
             "input_shape": [1, 3, *input_hw]}
 

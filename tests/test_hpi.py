@@ -253,3 +253,19 @@ def test_batch_job_with_hpi_backend(ray_local, demo_dir, tmp_path):
     paths = sorted(src.glob("*.jpg"))
     expected = {p.name: len(normal.predict_arrays([cv2.imread(str(p))])[0]) for p in paths}
     assert got == expected and sum(expected.values()) > 0
+
+
+def test_split_post_process_draws_masks_only_above_the_threshold(demo_dir):
+    """The split post-process graph takes the predictor's threshold: rows at or below it get no mask
+    (they are not in its output at all), so a high threshold costs fewer masks."""
+    from instseg_core import create_model
+    from instseg_core.inference.predictor import _graph_inputs
+
+    model = create_model(model_dir=demo_dir, use_hpip=True, hpi_config={"backend": "openvino"})
+    samples = model.preprocess(_images(2))
+    low = model.engine.run(_graph_inputs(samples, 0.0))
+    high = model.engine.run(_graph_inputs(samples, 0.6))
+    bbox_low, bbox_high = low[0], high[0]
+    assert len(bbox_high) < len(bbox_low)
+    assert (bbox_high[:, 1] > 0.6).all() and high[2].shape[0] == len(bbox_high)
+    assert high[1].sum() == len(bbox_high)  # per-image counts follow the kept rows

@@ -129,6 +129,8 @@ class SplitEngine:
         if len(raw) != len(self.raw_names):
             raise RuntimeError(f"the head graph gave {len(raw)} outputs, expected {len(self.raw_names)} "
                                f"({', '.join(self.raw_names)})")
-        feed = {"im_shape": inputs["im_shape"], "scale_factor": inputs["scale_factor"]}
+        # the caller's threshold: the post-process draws no mask for what it drops (0: keep all)
+        threshold = inputs.get("threshold", np.zeros([1], np.float32))
+        feed = {"im_shape": inputs["im_shape"], "scale_factor": inputs["scale_factor"], "threshold": threshold}
         feed.update(dict(zip(self.raw_names, raw)))
         return self.post.run(feed)

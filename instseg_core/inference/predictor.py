@@ -115,7 +115,7 @@ class InstanceSegPredictor:
         if self._one_at_a_time or len(samples) == 1:
             return [self._infer_one(s, thr, rle) for s in samples]
         try:
-            outputs = self.engine.run(collate(samples))
+            outputs = self.engine.run(_graph_inputs(samples, thr))
             return self._postprocess(outputs, samples, thr, rle)
         except (OutputFormatError, RuntimeError, ValueError) as e:
             log.warning("%s: the graph does not run a batch of %d in one call (%s); running images one at a "
@@ -130,7 +130,7 @@ class InstanceSegPredictor:
         return self.infer(self.preprocess(images), threshold, rle=rle)
 
     def _infer_one(self, sample: Sample, thr: float, rle: bool = False) -> Instances:
-        return self._postprocess(self.engine.run(collate([sample])), [sample], thr, rle)[0]
+        return self._postprocess(self.engine.run(_graph_inputs([sample], thr)), [sample], thr, rle)[0]
 
     def _postprocess(self, outputs: list[np.ndarray], samples: Sequence[Sample], thr: float,
                      rle: bool = False) -> list[Instances]:
@@ -201,6 +201,12 @@ def mask_scale_for(orig_hw: tuple[int, int], max_mask_side: int | None) -> float
     if max_mask_side is None or longest <= max_mask_side:
         return 1.0
     return max_mask_side / longest
+
+
+def _graph_inputs(samples: Sequence[Sample], threshold: float) -> dict[str, np.ndarray]:
+    """The graph's inputs for a batch, plus ``threshold`` for split post-process graphs (see
+    :mod:`instseg_core.inference.hpi`); a whole graph has no such input and ignores it."""
+    return {**collate(samples), "threshold": np.array([threshold], np.float32)}
 
 
 def _check_batch_size(batch_size: Any) -> int:

@@ -88,8 +88,11 @@ class InstanceSegModel(nn.Layer):
         raise NotImplementedError(f"{type(self).__name__} does not split into head and post-process graphs")
 
     def export_post(self, im_shape: paddle.Tensor, scale_factor: paddle.Tensor, raw: tuple[paddle.Tensor, ...], *,
-                    input_hw: tuple[int, int] | None = None, score_floor: float | None = None) -> Tensors:
-        """The post-process of :meth:`export_head`'s outputs: the same outputs as :meth:`export_forward`."""
+                    input_hw: tuple[int, int] | None = None, score_floor: float | None = None,
+                    keep_above: paddle.Tensor | None = None) -> Tensors:
+        """The post-process of :meth:`export_head`'s outputs: the same outputs as :meth:`export_forward`,
+        less the detections scoring at or below ``keep_above`` ([1], the caller's threshold as a graph
+        input: no mask is drawn for what the caller drops anyway)."""
         raise NotImplementedError(f"{type(self).__name__} does not split into head and post-process graphs")
 
     def _graph_outputs(self, inputs: Tensors) -> Tensors:

@@ -73,12 +73,12 @@ class MaskRTDETR(InstanceSegModel):
         return logits[-1], boxes[-1], masks[-1]
 
     def export_post(self, im_shape: paddle.Tensor, scale_factor: paddle.Tensor, raw: tuple[paddle.Tensor, ...], *,
-                    input_hw: tuple[int, int] | None = None,
-                    score_floor: float | None = None) -> dict[str, paddle.Tensor]:
+                    input_hw: tuple[int, int] | None = None, score_floor: float | None = None,
+                    keep_above: paddle.Tensor | None = None) -> dict[str, paddle.Tensor]:
         """Top-k (query, class) pairs and their masks at each image's original size."""
         logits, boxes, masks = raw
         return mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor, self.num_top_queries,
-                                              score_floor=score_floor)
+                                              score_floor=score_floor, keep_above=keep_above)
 
     def export_forward(self, im_shape: paddle.Tensor, image: paddle.Tensor, scale_factor: paddle.Tensor, *,
                        input_hw: tuple[int, int] | None = None,

@@ -64,14 +64,14 @@ class PPYOLOESeg(InstanceSegModel):
         return scores, dist, coefs, protos
 
     def export_post(self, im_shape: paddle.Tensor, scale_factor: paddle.Tensor, raw: tuple[paddle.Tensor, ...], *,
-                    input_hw: tuple[int, int] | None = None,
-                    score_floor: float | None = None) -> dict[str, paddle.Tensor]:
+                    input_hw: tuple[int, int] | None = None, score_floor: float | None = None,
+                    keep_above: paddle.Tensor | None = None) -> dict[str, paddle.Tensor]:
         """NMS and masks of :meth:`export_head`'s outputs for the square input ``input_hw``."""
         if input_hw is None:
             raise ValueError("PP-YOLOE_seg's post-process needs the graph's input size (input_hw)")
         anchor_points, stride_tensor = self.yolo_head.anchors_for_input(input_hw)
         return self.yolo_head.post_process_batch((*raw, anchor_points, stride_tensor), im_shape, scale_factor,
-                                                 input_hw=input_hw, score_floor=score_floor)
+                                                 input_hw=input_hw, score_floor=score_floor, keep_above=keep_above)
 
     def export_forward(self, im_shape: paddle.Tensor, image: paddle.Tensor, scale_factor: paddle.Tensor, *,
                        input_hw: tuple[int, int] | None = None,

@@ -384,7 +384,8 @@ def _resize_weights(origin: paddle.Tensor, size: int, out_len: paddle.Tensor) ->
 
 
 def mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor, num_top_queries: int = 100,
-                                   score_floor: float | None = None) -> dict[str, paddle.Tensor]:
+                                   score_floor: float | None = None,
+                                   keep_above: paddle.Tensor | None = None) -> dict[str, paddle.Tensor]:
     """Batch form of :func:`mask_rtdetr_post_process` (also traceable with a dynamic batch size).
 
     logits [B,Q,C], boxes [B,Q,4], masks [B,Q,h,w] -> bbox [N,6], bbox_num [B] int32, mask
@@ -399,7 +400,8 @@ def mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor,
     scoring at or below it are dropped before any mask is drawn (``bbox_num`` counts the kept
     rows); when none is kept in the whole batch the output is one row ``[-1, 0, 0, 0, 0, 0]`` for
     image 0 (``bbox_num`` ``[1, 0, ...]``) with an empty mask, never a 0-size tensor (which oneDNN
-    cannot run; class -1 rows are dropped by the predictor).
+    cannot run; class -1 rows are dropped by the predictor). ``keep_above`` ([1], a graph input, the
+    caller's threshold) drops the rows scoring at or below it the same way.
     """
     k = int(num_top_queries)
     bbox, qidx, origin = _top_detections(logits, boxes, im_shape.astype("float32"),
@@ -410,10 +412,12 @@ def mask_rtdetr_post_process_batch(logits, boxes, masks, im_shape, scale_factor,
     img = paddle.arange(paddle.shape(rows)[0], dtype="int64") // k  # [B*K] each row's image
     src = img * nq + qidx.reshape([-1]).astype("int64")  # its mask in masks.reshape([-1, h, w])
     valid = None
-    if score_floor is None:
+    if score_floor is None and keep_above is None:
         bbox_num = (paddle.ones_like(bbox[:, 0, 1]) * k).astype("int32")  # [B]: k rows per image
     else:
-        keep = rows[:, 1] > float(score_floor)  # [B*K]
+        keep = rows[:, 1] > float(score_floor or 0.0)  # [B*K]
+        if keep_above is not None:
+            keep = keep & (rows[:, 1] > keep_above)
         # One extra row (index B*K: class -1, image 0, a zeroed mask) appended before gathering,
         # so that no tensor is ever empty (oneDNN kernels fail on 0-size tensors); it is kept only
         # when no row survives, as image 0's "no detection" row.

@@ -258,7 +258,7 @@ class PPYOLOEInsHead(nn.Layer):
 
     def post_process_batch(self, head_outs, im_shape: paddle.Tensor, scale_factor: paddle.Tensor,
                            input_hw: tuple[int, int], score_floor: float | None = None,
-                           ) -> dict[str, paddle.Tensor]:
+                           keep_above: paddle.Tensor | None = None) -> dict[str, paddle.Tensor]:
         """Graph-friendly (``paddle.jit.save``-able) post-process of a batch of B images.
 
         Same maths as :meth:`post_process` (sigmoid prototypes -> bilinear to the input size ->
@@ -273,7 +273,8 @@ class PPYOLOEInsHead(nn.Layer):
         :meth:`post_process` up to float32 summation order (a mask pixel within ~1e-6 of the
         threshold can flip). With no detection in the whole batch the output is one row
         ``[-1, 0, 0, 0, 0, 0]`` for image 0 (``bbox_num`` ``[1, 0, ...]``) with an empty mask,
-        never a 0-size tensor (which oneDNN cannot run).
+        never a 0-size tensor (which oneDNN cannot run). ``keep_above`` ([1], a graph input): also drop
+        the detections scoring at or below it (the caller's threshold) after NMS, before any mask.
         """
         scores, dist, coefs, protos, anchor_points, stride_tensor = head_outs
         lt, rb = paddle.split(dist, 2, axis=-1)
@@ -284,6 +285,14 @@ class PPYOLOEInsHead(nn.Layer):
         ih, iw = int(input_hw[0]), int(input_hw[1])
         num_anchors = int(anchor_points.shape[0])
         m, ph, pw = int(protos.shape[1]), int(protos.shape[2]), int(protos.shape[3])
+        if keep_above is not None:
+            # rows stay in NMS order (image by image), so each image's count is its kept rows
+            kept = paddle.nonzero(out[:, 1] > keep_above).reshape([-1])
+            out, index = paddle.gather(out, kept), paddle.gather(index, kept)
+            row_img = paddle.floor_divide(index.reshape([-1]).astype("int64"),
+                                          paddle.full([1], num_anchors, dtype="int64"))
+            images = paddle.arange(paddle.shape(scores)[0], dtype="int64")
+            rois_num = (row_img.unsqueeze(1) == images.unsqueeze(0)).astype("int32").sum(axis=0)
 
         # One extra row (class -1, score 0, image 0, empty box) so that no tensor below is ever
         # empty: oneDNN kernels (reshape, elementwise) fail on 0-size tensors when nothing is
