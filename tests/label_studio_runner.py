@@ -9,11 +9,15 @@ REQUEST: {"url", "token", "out_dir", "projects": [{
     "import_rejected" (optional: tasks files expected to be refused; their HTTP statuses are recorded),
     "tasks_storage" (optional: a directory synced as a Local Files storage in "Tasks" mode: each
                      *.json file in it read as a list of tasks),
-    "fetch" (optional: data.image values to GET from the server with the token)}]}
+    "fetch" (optional: data.image values to GET from the server with the token),
+    "s3_storage" (optional: {"bucket", "endpoint", "region", "key", "secret"}: an S3 storage that
+                  resolves s3:// URIs in data.image to signed URLs),
+    "resolve" (optional: true: open every task's image the way the editor does)}]}
 Writes OUT_DIR/result.json: per project {"id", "tasks": [{"id", "data", "predictions":
 [{"model_version", "score", "result" (brush rle replaced by its length)}]}], "rejected": [HTTP status
 of each import_rejected file], "validation_errors":
-{task index: errors of LabelInterface.validate_prediction}, "fetched": {value: [status, sha256]}} and
+{task index: errors of LabelInterface.validate_prediction}, "fetched": {value: [status, sha256]},
+"resolved": [[data.image as the editor gets it, status, sha256 of the bytes it finally gives], ...]} and
 OUT_DIR/masks.npz: "<project>/<task index>/<region index>" = the brush mask decoded by the SDK's
 own decoder (label_studio_sdk.converter.brush), alpha channel nonzero.
 """
@@ -39,6 +43,12 @@ def main() -> None:
     for pi, spec in enumerate(req["projects"]):
         config = open(spec["config"], encoding="utf-8").read()
         project = ls.projects.create(title=spec["title"], label_config=config)
+        if spec.get("s3_storage"):
+            s3 = spec["s3_storage"]
+            ls.import_storage.s3.create(project=project.id, bucket=s3["bucket"], s3endpoint=s3["endpoint"],
+                                        region_name=s3["region"], aws_access_key_id=s3["key"],
+                                        aws_secret_access_key=s3["secret"], use_blob_urls=True, presign=True,
+                                        title="images on S3")
         if spec.get("image_root"):
             ls.import_storage.local.create(project=project.id, path=spec["image_root"], use_blob_urls=True,
                                            title="images")
@@ -86,15 +96,29 @@ def main() -> None:
             tasks.append({"id": t.id, "data": t.data, "predictions": preds})
         fetched = {}
         for value in spec.get("fetch", []):
-            request = urllib.request.Request(req["url"] + value, headers={"Authorization": f"Token {req['token']}"})
-            try:
-                with urllib.request.urlopen(request, timeout=30) as r:
-                    fetched[value] = [r.status, hashlib.sha256(r.read()).hexdigest()]
-            except urllib.error.HTTPError as e:
-                fetched[value] = [e.code, None]
-        out["projects"].append({"id": project.id, "tasks": tasks, "fetched": fetched, "rejected": rejected})
+            status, body = _get(req, req["url"] + value)
+            fetched[value] = [status, hashlib.sha256(body).hexdigest() if body is not None else None]
+        resolved = []
+        for t in tasks if spec.get("resolve") else []:
+            # the task as the editor gets it: data.image rewritten to a URL it can open
+            view = _get(req, f"{req['url']}/api/tasks/{t['id']}/")
+            url = json.loads(view[1])["data"]["image"]
+            status, body = _get(req, req["url"] + url if url.startswith("/") else url)  # follows the redirect
+            resolved.append([url, status, hashlib.sha256(body).hexdigest() if body else None])
+        out["projects"].append({"id": project.id, "tasks": tasks, "fetched": fetched, "rejected": rejected,
+                                "resolved": resolved})
     json.dump(out, open(f"{req['out_dir']}/result.json", "w"))
     np.savez_compressed(f"{req['out_dir']}/masks.npz", **masks)
+
+
+def _get(req: dict, url: str) -> tuple[int, bytes | None]:
+    """GET with the API token: (status, body), body None on an HTTP error."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Token {req['token']}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, None
 
 
 if __name__ == "__main__":

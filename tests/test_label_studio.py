@@ -9,6 +9,7 @@ and talked to through its own SDK (tests/label_studio_runner.py, run by that ven
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -250,6 +251,7 @@ class _Server:
             LOCAL_FILES_SERVING_ENABLED="true", LOCAL_FILES_DOCUMENT_ROOT=str(files_root),
             # the server checks predictions against the labeling config (off by default: it stores anything)
             fflag_feat_utc_210_prediction_validation_15082025="true",
+            SSRF_PROTECTION_ENABLED="false",  # its storages may reach the test's S3 server on loopback
             HOME=str(data_dir), PYTHONUNBUFFERED="1")  # its log says which port it took
         label_studio = Path(python).parent / "label-studio"
         port = _free_port()
@@ -354,20 +356,29 @@ def test_job_writes_tasks_and_config(job_output, work):
     assert sum(len(m) for m in masks.values()) == summary["instances"]  # the demo model finds shapes
 
 
-def test_converter_job(job_output, work, capsys):
+@pytest.fixture(scope="module")
+def converted(job_output, work) -> dict:
+    """``python -m jobs.label_studio`` on the job's output: polygons, and split files (as a large run
+    gets them)."""
     from jobs import label_studio as job
 
     assert job.main([str(job_output), "--format", "polygon", "--out", str(work / "ls_poly"),
                      "--local-files-root", str(work)]) == 0
+    split = convert_output(str(job_output), str(work / "ls_split"), LabelStudioOptions(
+        max_tasks_per_file=4, local_files_root=str(work)))
+    return {"split": split}
+
+
+def test_converter_job(job_output, work, converted, capsys):
+    from jobs import label_studio as job
+
     poly = json.loads((work / "ls_poly" / "tasks.json").read_text())
     brush = json.loads((job_output / "label_studio" / "tasks.json").read_text())
     assert [t["data"] for t in poly] == [t["data"] for t in brush]
     assert {r["type"] for t in poly for r in t["predictions"][0]["result"]} == {"polygonlabels"}
     assert ET.fromstring((work / "ls_poly" / "config.xml").read_text()).find("PolygonLabels") is not None
-    # split files, as a large run gets them (read back below through a storage sync)
-    result = convert_output(str(job_output), str(work / "ls_split"), LabelStudioOptions(
-        max_tasks_per_file=4, local_files_root=str(work)))
-    assert result == {"files": ["tasks-00000-000.json", "tasks-00000-001.json"], "tasks": 6}
+    # split files (read back below through a storage sync)
+    assert converted["split"] == {"files": ["tasks-00000-000.json", "tasks-00000-001.json"], "tasks": 6}
     capsys.readouterr()
     for argv, message in (([str(work / "nothing")], "is not a directory"),
                           ([str(work / "in")], "no Parquet parts"),
@@ -424,13 +435,24 @@ def label_studio(server_process) -> tuple[_Server, str]:
     return server_process, _ls_python()
 
 
-def test_real_label_studio_imports_our_tasks(label_studio, job_output, work):
+def test_real_label_studio_imports_our_tasks(label_studio, job_output, converted, work, s3_server, s3_bucket):
     server, python = label_studio
     ls_dir, images = job_output / "label_studio", work / "in"
     fetch = sorted({t["data"]["image"] for t in json.loads((ls_dir / "tasks.json").read_text())})
     bad = json.loads((ls_dir / "tasks.json").read_text())[:1]
     bad[0]["predictions"][0]["result"][0]["value"]["brushlabels"] = ["dog"]  # not in the config
     (work / "bad.json").write_text(json.dumps(bad))
+    # images on S3: the tasks keep the s3:// URIs, an S3 storage of the project resolves them
+    import boto3
+
+    s3_rows = []
+    for part in sorted((job_output / "parts").glob("*.parquet")):
+        for row in pq.read_table(part).to_pylist():
+            key = Path(row["uri"]).relative_to(work).as_posix()
+            boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=s3_bucket, Key=key,
+                                                                  Body=Path(row["uri"]).read_bytes())
+            s3_rows.append({**row, "uri": f"s3://{s3_bucket}/{key}"})
+    write_tasks(iter(s3_rows), str(work / "s3_tasks.json"), SHAPES)
     request = {"url": server.url, "token": server.token, "out_dir": str(work), "projects": [
         {"title": "brush", "config": str(ls_dir / "config.xml"), "import": [str(ls_dir / "tasks.json")],
          "image_root": str(images), "fetch": fetch + ["/data/local-files/?d=in/a/missing.jpg"]},
@@ -439,6 +461,9 @@ def test_real_label_studio_imports_our_tasks(label_studio, job_output, work):
         {"title": "split files, synced", "config": str(work / "ls_split" / "config.xml"),
          "tasks_storage": str(work / "ls_split")},
         {"title": "negative control", "config": str(ls_dir / "config.xml"), "import_rejected": [str(work / "bad.json")]},
+        {"title": "images on S3", "config": str(ls_dir / "config.xml"), "import": [str(work / "s3_tasks.json")],
+         "s3_storage": {"bucket": s3_bucket, "endpoint": s3_server, "region": "us-east-1", "key": "testing",
+                        "secret": "testing"}, "resolve": True},
     ]}
     (work / "request.json").write_text(json.dumps(request))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
@@ -448,7 +473,7 @@ def test_real_label_studio_imports_our_tasks(label_studio, job_output, work):
     result = json.loads((work / "result.json").read_text())
     sdk_masks = np.load(work / "masks.npz")
     assert "validation_errors" not in result, result["validation_errors"]  # the SDK's own prediction check
-    brush, poly, split, control = result["projects"]
+    brush, poly, split, control, on_s3 = result["projects"]
     assert control["rejected"] == [400] and control["tasks"] == []  # the server does check predictions
 
     ours = {t["data"]["uri"]: t for t in json.loads((ls_dir / "tasks.json").read_text())}
@@ -473,3 +498,10 @@ def test_real_label_studio_imports_our_tasks(label_studio, job_output, work):
         path = work / urllib.request.url2pathname(value.split("?d=", 1)[1])
         assert brush["fetched"][value] == [200, hashlib.sha256(path.read_bytes()).hexdigest()], value
     assert brush["fetched"]["/data/local-files/?d=in/a/missing.jpg"][0] == 404
+    # and through the S3 storage: s3:// in the task, a URL of the server's in the editor that
+    # redirects to a signed one, the same bytes
+    assert len(on_s3["resolved"]) == 6
+    for url, status, digest in on_s3["resolved"]:
+        uri = base64.b64decode(url.split("fileuri=", 1)[1]).decode()
+        assert uri.startswith(f"s3://{s3_bucket}/in/"), url
+        assert [status, digest] == [200, hashlib.sha256((work / uri.split("/", 3)[3]).read_bytes()).hexdigest()]
