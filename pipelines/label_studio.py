@@ -17,7 +17,6 @@ Files are streamed (one task in memory at a time) and published atomically, loca
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -28,11 +27,9 @@ from instseg_core.label_studio import KINDS, labeling_config, task
 from pipelines.rows import STATUS_OK
 from pipelines.writers import JSON_ENCODER, CategoryMap, _staged_text, iter_rows
 
-log = logging.getLogger("instseg")
-
 __all__ = ["CONFIG_NAME", "LABEL_STUDIO_DIR", "LS_COLUMNS", "MAX_BYTES_PER_FILE", "MAX_TASKS_PER_FILE", "TASKS_NAME",
-           "LabelStudioOptions", "OutputError", "convert_output", "finish_label_studio", "output_labels", "write_label_studio",
-           "write_task_files", "write_tasks"]
+           "LabelStudioOptions", "OutputError", "convert_output", "finish_label_studio", "output_labels",
+           "write_label_studio", "write_task_files", "write_tasks"]
 
 LABEL_STUDIO_DIR = "label_studio"
 TASKS_NAME = "tasks.json"

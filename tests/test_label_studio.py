@@ -320,7 +320,8 @@ def job_output(work, server_process) -> Path:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-m", "jobs.batch_predict", "--input", str(src), "--output", str(out),
                            "--model-dir", str(REPO / "samples" / "model"), "--ray-address", "local", "--num-cpus", "4",
-                           "--batch-size", "2", "--shard-size", "2", "--label-studio", "--label-studio-root", str(work)],
+                           "--batch-size", "2", "--shard-size", "2", "--label-studio",
+                           "--label-studio-root", str(work)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return out
@@ -460,7 +461,8 @@ def test_real_label_studio_imports_our_tasks(label_studio, job_output, converted
          "import": [str(work / "ls_poly" / "tasks.json")]},
         {"title": "split files, synced", "config": str(work / "ls_split" / "config.xml"),
          "tasks_storage": str(work / "ls_split")},
-        {"title": "negative control", "config": str(ls_dir / "config.xml"), "import_rejected": [str(work / "bad.json")]},
+        {"title": "negative control", "config": str(ls_dir / "config.xml"),
+         "import_rejected": [str(work / "bad.json")]},
         {"title": "images on S3", "config": str(ls_dir / "config.xml"), "import": [str(work / "s3_tasks.json")],
          "s3_storage": {"bucket": s3_bucket, "endpoint": s3_server, "region": "us-east-1", "key": "testing",
                         "secret": "testing"}, "resolve": True},
