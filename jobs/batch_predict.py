@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="COCO file_names (and LabelMe paths) relative to this (default: the input directory or "
                         "prefix; a manifest's images get bucket/key): for CVAT, the folder or prefix its task's "
                         "images are named below")
+    p.add_argument("--review-top", type=int, metavar="K",
+                   help="write review/queue.csv: the K images a person should check first (best-first; "
+                        "columns uri,image_id,priority,reason) and their LabelMe files and Label Studio tasks")
+    p.add_argument("--no-report", dest="report", action="store_false", default=None,
+                   help="do not write report.html (overlays of a sample, counts per class, score histogram, errors)")
     p.add_argument("--run-id")
     add_ray_flags(p)
     return p

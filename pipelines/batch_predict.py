@@ -71,6 +71,8 @@ class BatchPredictConfig(PredictionSettings):
     # COCO file_names (and LabelMe paths) are relative to this dir/prefix; default: the input's (a
     # manifest has none: bucket/key). CVAT matches file_name to its task's frame names.
     coco_root: str | None = None
+    review_top: int = 0  # review/queue.csv + LabelMe/Label Studio files of the K images to check first
+    report: bool = True  # report.html: overlays of a sample, counts, score histogram, errors (pipelines.report)
     run_id: str | None = None
     extensions: tuple[str, ...] = IMAGE_SUFFIXES
     extra: dict[str, Any] = field(default_factory=dict)
@@ -480,7 +482,9 @@ def check_settings(cfg: BatchPredictConfig) -> JobPlan:
             raise JobSettingsError(f"model: {e}") from None
     if cfg.coco_layout not in ("auto", "single", "sharded"):
         raise JobSettingsError(f"coco_layout must be 'auto', 'single' or 'sharded', got {cfg.coco_layout!r}")
-    if cfg.label_studio:
+    if isinstance(cfg.review_top, bool) or not isinstance(cfg.review_top, int) or cfg.review_top < 0:
+        raise JobSettingsError(f"review_top must be a non-negative integer, got {cfg.review_top!r}")
+    if cfg.label_studio or cfg.review_top:  # the review queue has Label Studio tasks too
         _check_label_studio(cfg)
     if cfg.retry_errors not in ("transient", "all", "none"):
         raise JobSettingsError(f"retry_errors must be 'transient', 'all' or 'none', got {cfg.retry_errors!r}")
@@ -668,7 +672,17 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
                                       model_version=cfg.run_id) if cfg.label_studio else None
     coco = write_outputs(cfg.output, totals["shards"], parts_by_shard(list_parts(cfg.output, s3)), labels,
                          image_root=cfg.coco_root or input_root(cfg.input), layout=cfg.coco_layout, labelme=cfg.labelme,
-                         label_studio=label_studio, s3=s3)
+                         label_studio=label_studio, s3=s3, review_top=cfg.review_top, threshold=threshold)
+    review = None
+    if cfg.review_top:
+        from pipelines.review import write_review
+
+        review = ray.get(ray.remote(num_cpus=1, max_retries=3)(write_review).remote(
+            cfg.output, coco["review"], labels, image_root=cfg.coco_root or input_root(cfg.input),
+            label_studio=label_studio or LabelStudioOptions(kind=cfg.label_studio_format,
+                                                            local_files_root=cfg.label_studio_root,
+                                                            model_version=cfg.run_id), s3=s3))
+        log.info("review queue: the %d image(s) to check first in %s", review["images"], review["queue"])
     log.info("wrote COCO (%s) and%s LabelMe files in %.1f s%s", coco["layout"], "" if cfg.labelme else " no",
              time.time() - merge_started,
              f"; Label Studio: {coco['label_studio']['tasks']} task(s) in {', '.join(coco['label_studio']['files'])}"
@@ -691,12 +705,22 @@ def run_batch_predict(cfg: BatchPredictConfig, plan: JobPlan | None = None) -> d
         "coco_annotations": coco["annotations"],
         **({"label_studio_tasks": coco["label_studio"]["tasks"], "label_studio_files": coco["label_studio"]["files"]}
            if cfg.label_studio else {}),
+        # the report's numbers (errors_by_kind above is the same count, from the finish step)
+        **{k: v for k, v in coco["report"].summary().items() if k != "errors_by_kind"},
+        "report": "report.html" if cfg.report else None, "review": review,
         "wall_time_s": round(wall, 2), "images_per_s": round(progress.done / wall, 3) if wall > 0 else None,
         "time_to_first_output_s": None if progress.time_to_first_output is None else round(
             progress.time_to_first_output, 2),
         "ray_version": ray.__version__,
     }
     write_json(join(cfg.output, "summary.json"), summary, s3)
+    if cfg.report:
+        from pipelines.report import write_report
+
+        # a Ray task: drawing the sample reads and decodes its images, off the driver
+        drawn = ray.get(ray.remote(num_cpus=1, max_retries=3)(write_report).remote(
+            cfg.output, summary, coco["report"], labels, queue=coco["review"], s3=s3))
+        log.info("wrote %s (%d overlays)", drawn["report"], drawn["overlays"])
     log.info("run %s finished: %s", cfg.run_id, {k: summary[k] for k in ("images_written", "by_status",
                                                                            "wall_time_s", "images_per_s")})
     return summary

@@ -16,6 +16,10 @@ LabelMe files mirror the images' paths below the input root (``labelme/a/img.jso
 never need to agree on names. Label Studio tasks files are named by group and part
 (``label_studio/tasks-<k>-<j>.json``); a run that produced only one is renamed ``tasks.json``
 at the end (:mod:`pipelines.label_studio`).
+
+While they stream their rows, the same tasks count what ``report.html`` shows
+(:class:`pipelines.report.ReportStats`) and keep their best ``review_top`` images for the review
+queue (:class:`pipelines.review.ReviewQueue`); the driver merges both, bounded in size.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any, Sequence
 from instseg_core.io import S3Options, fsspec_fs, is_remote, join, write_bytes_atomic, write_uri
 from pipelines.label_studio import (LABEL_STUDIO_DIR, LS_COLUMNS, LabelStudioOptions, finish_label_studio,
                                     write_task_files)
+from pipelines.report import ReportStats
+from pipelines.review import ReviewQueue
 from pipelines.writers import (JSON_ENCODER, CategoryMap, coco_image_entry, coco_rle, f32, iter_rows, xywh,
                                write_labelme)
 from pipelines.rows import STATUS_OK
@@ -40,7 +46,7 @@ SINGLE_FILE_MAX_IMAGES = 200_000
 WRITE_TASK_CPUS = 0.5  # a writer task mostly waits on storage; two share a CPU
 MERGE_DIR = "_merge"
 COCO_DIR = "coco"
-_COLUMNS = ["image_id", "uri", "width", "height", "status", "instances"]
+_COLUMNS = ["image_id", "uri", "width", "height", "status", "error_kind", "instances"]
 _SHARDS_PER_TASK = 16
 
 
@@ -78,15 +84,20 @@ def _coco_header(categories: Sequence[str]) -> str:
 
 def write_group(output: str, group: Group, categories: Sequence[str], image_root: str | None, layout: str,
                 labelme: bool, s3: S3Options | None,
-                label_studio: LabelStudioOptions | None = None) -> dict[str, Any]:
+                label_studio: LabelStudioOptions | None = None, review_top: int = 0,
+                threshold: float = 0.5) -> dict[str, Any]:
     """One task: the COCO images, annotations and results of ``group`` (fragments, or complete
     files in the sharded layout), its LabelMe files and its Label Studio tasks files. Returns the
-    counts written (and ``label_studio_files``: ``[(uri, tasks), ...]``)."""
+    counts written (and ``label_studio_files``: ``[(uri, tasks), ...]``; ``report``: its
+    :class:`ReportStats`; ``review``: its best ``review_top`` queue entries at ``threshold``)."""
     cats = CategoryMap(categories)
     images, annotations, results = io.StringIO(), io.StringIO(), io.StringIO()
     image_id, ann_id = group.first_image_id, group.first_annotation_id
     n_images = n_anns = n_results = 0
-    for row in iter_rows(group.parts, _COLUMNS, s3=s3):
+    stats, queue = ReportStats(list(categories)), ReviewQueue(review_top, threshold)
+    for part, row in ((p, r) for p in group.parts for r in iter_rows([p], _COLUMNS, s3=s3)):
+        stats.add(row)
+        queue.add_row(row, part)
         if row["status"] != STATUS_OK:
             continue
         images.write((",\n" if n_images else "") + JSON_ENCODER.encode(coco_image_entry(row, image_id, image_root)))
@@ -119,7 +130,8 @@ def write_group(output: str, group: Group, categories: Sequence[str], image_root
     if labelme:
         write_labelme(iter_rows(group.parts, _COLUMNS, s3=s3), join(output, "labelme"), image_root=image_root,
                       mirror=True, s3=s3)
-    counts: dict[str, Any] = {"images": n_images, "annotations": n_anns, "results": n_results}
+    counts: dict[str, Any] = {"images": n_images, "annotations": n_anns, "results": n_results, "report": stats,
+                              "review": queue.entries()}
     if label_studio is not None:
         counts["label_studio_files"] = write_task_files(
             iter_rows(group.parts, LS_COLUMNS, s3=s3), join(output, LABEL_STUDIO_DIR), f"tasks-{name}", categories,
@@ -150,10 +162,12 @@ def _stream(out_uri: str, pieces: list[tuple[str, list[str]]], s3: S3Options | N
 def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[str, list[str]],
                   categories: Sequence[str], *, image_root: str | None, layout: str = "auto",
                   labelme: bool = False, label_studio: LabelStudioOptions | None = None,
-                  s3: S3Options | None = None, shards_per_task: int = _SHARDS_PER_TASK) -> dict[str, Any]:
+                  s3: S3Options | None = None, shards_per_task: int = _SHARDS_PER_TASK, review_top: int = 0,
+                  threshold: float = 0.5) -> dict[str, Any]:
     """Run :func:`write_group` over every group in Ray tasks (at most 16 in flight), then assemble
-    the single files when asked. Returns ``{"layout", "images", "annotations", "results"}``, plus
-    ``"label_studio": {"files", "tasks"}`` with ``label_studio`` options."""
+    the single files when asked. Returns ``{"layout", "images", "annotations", "results",
+    "report": ReportStats, "review": [QueueEntry, ...] best-first}``, plus ``"label_studio":
+    {"files", "tasks"}`` with ``label_studio`` options."""
     import ray
 
     total_images = sum(c["coco_images"] for c in shard_counts if c["shard"] in parts)
@@ -162,16 +176,19 @@ def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[s
     groups = plan_groups(shard_counts, parts, shards_per_task)
     task = ray.remote(num_cpus=WRITE_TASK_CPUS, max_retries=3)(write_group)
     totals = {"images": 0, "annotations": 0, "results": 0}
+    stats, queue = ReportStats(list(categories)), ReviewQueue(review_top, threshold)
     ls_files: list[tuple[str, int]] = []
     pending: list = []
     todo = list(reversed(groups))
     while todo or pending:
         while todo and len(pending) < 16:
             pending.append(task.remote(output, todo.pop(), list(categories), image_root, layout, labelme, s3,
-                                       label_studio))
+                                       label_studio, review_top, threshold))
         ready, pending = ray.wait(pending, num_returns=1)
         counts = ray.get(ready[0])
         ls_files += counts.pop("label_studio_files", [])
+        stats.merge(counts.pop("report"))
+        queue.merge(counts.pop("review"))
         for k, v in counts.items():
             totals[k] += v
     if layout == "single":
@@ -188,7 +205,7 @@ def write_outputs(output: str, shard_counts: list[dict[str, Any]], parts: dict[s
                 fs.rm(merge, recursive=True)
         else:
             shutil.rmtree(merge, ignore_errors=True)
-    out: dict[str, Any] = {"layout": layout, **totals}
+    out: dict[str, Any] = {"layout": layout, **totals, "report": stats, "review": queue.ranked()}
     if label_studio is not None:
         out["label_studio"] = finish_label_studio(join(output, LABEL_STUDIO_DIR), sorted(ls_files), categories,
                                                   label_studio.kind, s3=s3)
