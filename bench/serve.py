@@ -1,10 +1,11 @@
 """The Serve endpoint under bounded local load vs the predictor called directly, in one run.
 
-* direct: in this process, with ``--threads`` Paddle threads (default: the usable cores, the
-  predictor's own default), for each request's photo: ``decode_image_bytes`` -> ``predict_arrays``
-  (batches of 1 and of ``--max-batch-size``; the faster is the reference) -> the response's
-  ``result`` (``build_result``: cropped-mask RLE). The work a replica does per image, minus HTTP,
-  JSON and Serve. Measured before and after the endpoint runs; their mean is the reference.
+* direct: in this process, for each request's photo: ``decode_image_bytes`` -> ``predict_arrays``
+  -> the response's ``result`` (``build_result``: cropped-mask RLE): the work a replica does per
+  image, minus HTTP, JSON and Serve. Run with 1 and with ``--threads`` Paddle threads (default: the
+  usable cores, the predictor's default), in batches of 1 and of ``--max-batch-size``, before and
+  after the endpoint runs; the reference is the best of these configurations (mean of its before
+  and after), so the ratio is against the fastest way to run the predictor in one process.
 * endpoint: ``serve.run`` of ``pipelines.serve:app`` on a fresh local Ray, ``--replicas`` replicas
   (default: one per usable core) of ``--replica-threads`` Paddle threads (default 1); C clients
   (asyncio + aiohttp, in this process) send ``--requests`` POSTs (base64 photos, ``visualize:
@@ -49,7 +50,7 @@ def direct_rate(model, photos: list[bytes], n: int, batch: int) -> float:
         for image, inst in zip(images, model.predict_arrays(images)):
             build_result(inst, model.labels, image, visualize=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(f"  direct batch {batch}: {n / wall:.2f} img/s, {cpu / n * 1000:.1f} CPU ms per image")
+    print(f" batch {batch}: {n / wall:.2f} img/s, {cpu / n * 1000:.1f} CPU ms per image")
     return n / wall
 
 
@@ -124,7 +125,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                    help="Paddle CPU threads, the replica's and the direct loop's (default: usable cores)")
+                    help="Paddle threads of the direct loop, tried besides 1 (default: usable cores)")
     ap.add_argument("--replicas", type=int, default=len(os.sched_getaffinity(0)),
                     help="replicas of the endpoint (default: usable cores, one Paddle thread each)")
     ap.add_argument("--replica-threads", type=int, default=1, help="Paddle threads of each replica")
@@ -138,16 +139,26 @@ def main() -> None:
     photos = [p.read_bytes() for p in image_pool()]
     bodies = [json.dumps({"image": base64.b64encode(b).decode(), "visualize": False}).encode() for b in photos]
     print(f"{len(photos)} photos, {args.requests} requests per level, clients {levels}; direct: 1 process, "
-          f"{args.threads} Paddle threads; endpoint: {args.replicas} replica(s) x {args.replica_threads} thread(s), "
+          f"{sorted({1, args.threads})} Paddle threads; endpoint: {args.replicas} replica(s) x {args.replica_threads} thread(s), "
           f"max_batch_size {args.max_batch_size}, wait {args.batch_wait_s}s; "
           f"{os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.2f}")
 
     from instseg_core import create_model
 
-    model = create_model(model_dir=args.model_dir, device="cpu", cpu_threads=args.threads)
-    direct_rate(model, photos, 16, 1)  # warm-up
-    before = {b: direct_rate(model, photos, args.requests, b) for b in (1, args.max_batch_size)}
-    print("direct before: " + ", ".join(f"batch {b}: {r:.2f} img/s" for b, r in before.items()))
+    models = {t: create_model(model_dir=args.model_dir, device="cpu", cpu_threads=t) for t in sorted({1, args.threads})}
+    configs = [(t, b) for t in models for b in sorted({1, args.max_batch_size})]
+
+    def direct_all(label: str) -> dict[tuple[int, int], float]:
+        rates = {}
+        for t, b in configs:
+            print(f"  {label}, {t} thread(s):", end="")
+            rates[(t, b)] = direct_rate(models[t], photos, args.requests, b)
+        return rates
+
+    for t, m in models.items():
+        print(f"  warm-up, {t} thread(s):", end="")
+        direct_rate(m, photos, 16, 1)
+    before = direct_all("before")
 
     import ray
     from ray import serve
@@ -187,10 +198,11 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    after = {b: direct_rate(model, photos, args.requests, b) for b in (1, args.max_batch_size)}
-    print("direct after:  " + ", ".join(f"batch {b}: {r:.2f} img/s" for b, r in after.items()))
-    best = max((before[b] + after[b]) / 2 for b in before)
-    print(f"direct reference (best batch, mean of before/after): {best:.2f} img/s")
+    after = direct_all("after")
+    mean = {c: (before[c] + after[c]) / 2 for c in configs}
+    top = max(mean, key=mean.get)
+    best = mean[top]
+    print(f"direct reference: {best:.2f} img/s ({top[0]} thread(s), batch {top[1]}; mean of before/after)")
     print("| clients | requests/s | p50 ms | p99 ms | mean batch | max batch | endpoint / direct |")
     print("|---|---|---|---|---|---|---|")
     for clients, rps, p50, p99, mean_batch, max_batch in results:
