@@ -36,6 +36,10 @@ How results are read (decisions; pycocotools' ``loadRes`` is not used):
   all but one).
 
 pycocotools' progress prints are silenced unless ``verbose=True``.
+
+:func:`evaluate_coco_curves` gives the same stats plus, per IoU type, the precision/recall curves
+COCOeval accumulates (:class:`PRCurves`: per category, per IoU threshold; area ``all``, 100
+detections), from which per-category AP is read.
 """
 
 from __future__ import annotations
@@ -44,14 +48,15 @@ import contextlib
 import io
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from instseg_core.io import open_uri
 
-__all__ = ["STAT_KEYS", "IOU_TYPES", "BACKENDS", "EvaluationError", "evaluate_coco", "ap_summary_lines",
-           "summary_text", "load_json"]
+__all__ = ["STAT_KEYS", "IOU_TYPES", "BACKENDS", "EvaluationError", "PRCurves", "evaluate_coco",
+           "evaluate_coco_curves", "ap_summary_lines", "summary_text", "load_json"]
 
 #: pycocotools' ``COCOeval.stats`` in order.
 STAT_KEYS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -68,6 +73,39 @@ _SUMMARY_ROWS = ((1, None, "all", 100), (1, 0.5, "all", 100), (1, 0.75, "all", 1
 
 class EvaluationError(ValueError):
     """Inputs that cannot be evaluated (unknown image or category ids, malformed results...)."""
+
+
+@dataclass(frozen=True)
+class PRCurves:
+    """Precision at each recall level, per IoU threshold and category, as COCOeval accumulates it
+    (area range ``all``, at most 100 detections per image).
+
+    ``precision[t, r, k]`` is the (interpolated) precision at ``recall[r]`` for IoU threshold
+    ``iou_thresholds[t]`` and category ``category_ids[k]``; -1 where the category has no ground truth.
+    """
+
+    iou_type: str
+    category_ids: list[int]
+    recall: np.ndarray  # [R] 0.00, 0.01, ..., 1.00
+    iou_thresholds: np.ndarray  # [T] 0.50, 0.55, ..., 0.95
+    precision: np.ndarray  # [T, R, K]
+
+    def category_ap(self) -> dict[int, float | None]:
+        """AP (mean precision over IoU 0.50:0.95 and recall) per category id; None without ground truth.
+        Their mean over categories with ground truth is the ``AP`` of :data:`STAT_KEYS`."""
+        out: dict[int, float | None] = {}
+        for k, cid in enumerate(self.category_ids):
+            p = self.precision[:, :, k]
+            out[cid] = float(p[p > -1].mean()) if (p > -1).any() else None
+        return out
+
+    def curve(self, category_id: int, iou: float | None = None) -> np.ndarray:
+        """Precision over :attr:`recall` for one category: at IoU ``iou`` (one of
+        :attr:`iou_thresholds`), or averaged over all of them when None; -1 entries stay -1."""
+        p = self.precision[:, :, self.category_ids.index(category_id)]
+        if iou is None:
+            return np.where((p > -1).all(axis=0), p.mean(axis=0), -1.0)
+        return p[int(np.argmin(np.abs(self.iou_thresholds - iou)))]
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -253,7 +291,7 @@ def _coco(cls, dataset: dict[str, Any]):
 
 
 def _run_one(backend: str, gt_ds: dict[str, Any], dt_anns: list[dict[str, Any]], iou_type: str,
-             verbose: bool) -> dict[str, float]:
+             verbose: bool) -> tuple[dict[str, float], PRCurves]:
     coco_cls, eval_cls = _backend_classes(backend)
     dt_ds = {"images": list(gt_ds["images"]), "categories": list(gt_ds["categories"]), "annotations": dt_anns}
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
@@ -267,7 +305,13 @@ def _run_one(backend: str, gt_ds: dict[str, Any], dt_anns: list[dict[str, Any]],
         ev.accumulate()
         ev.summarize()
     stats = np.asarray(ev.stats, dtype=np.float64)[: len(STAT_KEYS)]
-    return {k: float(v) for k, v in zip(STAT_KEYS, stats)}
+    params = ev.params
+    area_all, max_dets = list(params.areaRngLbl).index("all"), list(params.maxDets).index(100)
+    curves = PRCurves(iou_type=iou_type, category_ids=[int(c) for c in params.catIds],
+                      recall=np.asarray(params.recThrs, dtype=np.float64),
+                      iou_thresholds=np.asarray(params.iouThrs, dtype=np.float64),
+                      precision=np.asarray(ev.eval["precision"], dtype=np.float64)[:, :, :, area_all, max_dets])
+    return {k: float(v) for k, v in zip(STAT_KEYS, stats)}, curves
 
 
 def _no_print(*args: Any, **kwargs: Any) -> None:
@@ -284,6 +328,16 @@ def evaluate_coco(gt: str | os.PathLike[str] | Mapping[str, Any],
     See the module docstring for the accepted inputs and how edge cases are handled.
     ``storage_options`` go to ``fsspec.open`` for URL inputs (e.g. ``{"anon": True}``).
     """
+    return evaluate_coco_curves(gt, results, iou_types, backend, verbose=verbose,
+                                storage_options=storage_options)[0]
+
+
+def evaluate_coco_curves(gt: str | os.PathLike[str] | Mapping[str, Any],
+                         results: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+                         iou_types: Sequence[str] = IOU_TYPES, backend: str = "pycocotools", *,
+                         verbose: bool = False, storage_options: Mapping[str, Any] | None = None
+                         ) -> tuple[dict[str, dict[str, float]], dict[str, PRCurves]]:
+    """:func:`evaluate_coco`'s stats and, per IoU type, its :class:`PRCurves` (one evaluation)."""
     iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
     for t in iou_types:
         if t not in IOU_TYPES:
@@ -302,11 +356,12 @@ def evaluate_coco(gt: str | os.PathLike[str] | Mapping[str, Any],
             raise EvaluationError(f"{gt_src}: ground truth must have a list under {key!r}")
     _check_ids(results, gt, res_src)
     out: dict[str, dict[str, float]] = {}
+    curves: dict[str, PRCurves] = {}
     for iou_type in iou_types:
         gt_ds = _gt_dataset(gt, iou_type, gt_src)
         dt_anns = _dt_annotations(results, gt, iou_type, res_src)
-        out[iou_type] = _run_one(backend, gt_ds, dt_anns, iou_type, verbose)
-    return out
+        out[iou_type], curves[iou_type] = _run_one(backend, gt_ds, dt_anns, iou_type, verbose)
+    return out, curves
 
 
 # ------------------------------------------------------------------------------------------ text

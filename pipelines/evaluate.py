@@ -10,7 +10,9 @@ image's URI, built from ``file_name``) and category ids (model class index ``k``
 dataset category sorted by id, as PaddleDetection's ``clsid2catid``), written as
 ``<output>/coco_results.json``, and scored once with :func:`instseg_core.evaluation.evaluate_coco`.
 ``<output>/evaluate_result.json`` follows PaddleX (``{"done_flag": true, "metrics": {"AP": mask AP}}``)
-and adds the full ``segm`` and ``bbox`` stats and run details.
+and adds the full ``segm`` and ``bbox`` stats, per-category AP (``per_category``) and run details;
+``<output>/pr_curves_segm.png`` and ``pr_curves_bbox.png`` draw each category's precision/recall
+curves (:mod:`instseg_core.pr_curves`).
 
 * **Threshold**: 0.0 by default, not the model's ``draw_threshold``: AP integrates over the whole
   score range, so low-score detections count (PaddleDetection evaluates every detection its
@@ -41,6 +43,7 @@ from pipelines.settings import PredictionSettings
 log = logging.getLogger("instseg")
 
 RESULT_FILE = "evaluate_result.json"
+PR_CURVES_FILE = "pr_curves_{}.png"  # per IoU type
 RESULTS_FILE = "coco_results.json"
 PREDICTIONS_DIR = "predictions"
 INPUTS_FILE = "evaluate_inputs.json"
@@ -254,7 +257,8 @@ def prepare_evaluation(cfg: EvaluateConfig) -> EvaluationPlan:
 def evaluate_with_ray(cfg: EvaluateConfig, plan: EvaluationPlan | None = None) -> dict[str, Any]:
     """Predict the split's images on Ray, score them, write the result files; returns the result.
     ``plan`` is :func:`prepare_evaluation`'s result when the caller already prepared the run."""
-    from instseg_core.evaluation import evaluate_coco, summary_text
+    from instseg_core.evaluation import evaluate_coco_curves, summary_text
+    from instseg_core.pr_curves import pr_curves_png
     from pipelines.batch_predict import run_batch_predict
     from pipelines.writers import EXPORT_COLUMNS, iter_rows
     from pipelines.sinks import list_parts, write_json
@@ -274,7 +278,14 @@ def evaluate_with_ray(cfg: EvaluateConfig, plan: EvaluationPlan | None = None) -
     n_dets = write_dataset_results(rows, ds, labels, results_uri, s3)
     with fsspec_fs(results_uri, s3).open(results_uri, "rb") as f:
         results = json.load(f)
-    stats = evaluate_coco(ds.gt, results, iou_types=("segm", "bbox"), backend=cfg.backend)
+    stats, curves = evaluate_coco_curves(ds.gt, results, iou_types=("segm", "bbox"), backend=cfg.backend)
+    names = dict(zip(ds.category_ids, ds.category_names))
+    aps = {t: c.category_ap() for t, c in curves.items()}  # None: no ground truth of that category
+    per_category = [{"category_id": cid, "name": names[cid], **{f"{t}_AP": aps[t][cid] for t in aps}}
+                    for cid in ds.category_ids]
+    for iou_type, c in curves.items():
+        png = pr_curves_png(c, names, f"precision / recall ({iou_type}), {len(ds.gt['images'])} images")
+        write_bytes_atomic(join(cfg.output, PR_CURVES_FILE.format(iou_type)), png, s3)
     log.info("COCO evaluation of %d detections on %d images:\n%s", n_dets, len(ds.gt["images"]),
              summary_text(stats))
 
@@ -284,6 +295,7 @@ def evaluate_with_ray(cfg: EvaluateConfig, plan: EvaluationPlan | None = None) -
     result = {
         "done_flag": True,
         "metrics": {"AP": stats["segm"]["AP"], "segm": stats["segm"], "bbox": stats["bbox"]},
+        "per_category": per_category, "pr_curves": [PR_CURVES_FILE.format(t) for t in curves],
         "model": pred_cfg.model_label, "dataset": redact(ds.root), "split": cfg.split,
         "annotations": redact(ds.annotation_uri), "threshold": cfg.threshold, "backend": cfg.backend,
         "images": len(ds.gt["images"]), "images_predicted": summary["images_written"],

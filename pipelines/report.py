@@ -159,7 +159,8 @@ def _overlay_jpeg(row: Mapping[str, Any], labels: Sequence[str], s3: S3Options |
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#1d2330;background:#fff}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 10px;border-bottom:1px solid #dde2ea;padding-bottom:4px}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 10px;border-bottom:1px solid #dde2ea;padding-bottom:4px}
 .meta{color:#5b6576;font-size:13px}.cards{display:flex;flex-wrap:wrap;gap:10px;margin-top:14px}
 .card{border:1px solid #dde2ea;border-radius:6px;padding:8px 14px;min-width:110px}
 .card b{display:block;font-size:20px}.card span{font-size:12px;color:#5b6576}
