@@ -9,7 +9,7 @@ DM_VENV := .venv-datumaro
 PY := $(VENV)/bin/python
 PADDLE_SPEC ?= paddlepaddle==3.3.1
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench clean chromium
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ $(DM_VENV)/.installed: constraints-datumaro.txt
 	$(DM_VENV)/bin/python -m pip install -q -c constraints-datumaro.txt "datumaro==1.13.12"
 	touch $@
 
+# Debian's Chromium, for tests/test_report.py (report.html in a real headless browser): installed with
+# apt-get when missing on a Debian machine run as root (CI); elsewhere that test skips (fails under
+# INSTSEG_REQUIRE_TOOLS=1)
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: apt-get install chromium (for tests/test_report.py)"
+
 # --ray-address local: the demo starts a Ray of its own even when another cluster runs on the machine
 # (joining it would run the demo on that cluster's workers, with their code and paths)
 demo: $(VENV)/.installed
@@ -51,7 +59,7 @@ demo: $(VENV)/.installed
 test test-fast: export MKL_CBWR ?= COMPATIBLE
 test test-fast: export ONEDNN_MAX_CPU_ISA ?= AVX2
 
-test: $(VENV)/.installed $(PDX_VENV)/.installed $(LS_VENV)/.installed $(DM_VENV)/.installed
+test: $(VENV)/.installed $(PDX_VENV)/.installed $(LS_VENV)/.installed $(DM_VENV)/.installed chromium
 	INSTSEG_PADDLEX_PYTHON=$(CURDIR)/$(PDX_VENV)/bin/python INSTSEG_LABELSTUDIO_PYTHON=$(CURDIR)/$(LS_VENV)/bin/python \
 		INSTSEG_DATUMARO_PYTHON=$(CURDIR)/$(DM_VENV)/bin/python $(PY) -m pytest -q --durations=25
 
