@@ -217,6 +217,7 @@ def train(cfg: dict[str, Any], *, rank: int = 0, world_size: int = 1,
     """Train the model of ``cfg`` (see the module doc); returns the ``train_result.json`` record
     (rank 0) or ``{"done_flag": True}`` on other ranks. ``resume_path`` overrides ``Train.resume_path``."""
     from instseg_core.modeling import build_model
+    from instseg_core.modeling.inference_weights import is_inference_dir, weights_from_inference_dir
     from instseg_core.modeling.weights import load_weights
 
     s = TrainSettings.from_config(cfg)
@@ -234,8 +235,12 @@ def train(cfg: dict[str, Any], *, rank: int = 0, world_size: int = 1,
         _seed_everything(s.seed, -1, 0)  # identical initial weights on every rank
         model = build_model(s.model_name, num_classes=s.num_classes, **s.arch)
         _init_priors(model)
+        _match_resume_form(model, resume_path or s.resume_path)
         if s.pretrain_weight_path and not (resume_path or s.resume_path):
-            rep = load_weights(model, s.pretrain_weight_path, strict_shapes=False)
+            pretrained: Any = s.pretrain_weight_path
+            if is_inference_dir(pretrained):  # an exported model: its weights, fused as it runs
+                pretrained = weights_from_inference_dir(pretrained, model)
+            rep = load_weights(model, pretrained, strict_shapes=False)
             log.info("pretrained weights %s: %d loaded, %d missing, %d skipped (shape), %d unexpected",
                      s.pretrain_weight_path, rep.loaded, len(rep.missing), len(rep.skipped), len(rep.unexpected))
         model.train()
@@ -323,6 +328,18 @@ def _init_priors(model: nn.Layer) -> None:
     head = getattr(model, "yolo_head", None)
     if head is not None and hasattr(head, "init_prediction_priors"):
         head.init_prediction_priors()
+
+
+def _match_resume_form(model: nn.Layer, resume: str | None) -> None:
+    """A run fine-tuned from an inference dir trains and checkpoints its RepVGG blocks fused: fuse
+    the new network too before resuming it (before the optimizer takes its parameters)."""
+    from instseg_core.export import convert_to_deploy
+    from instseg_core.modeling.inference_weights import in_deploy_form
+
+    if resume:
+        ck = load_checkpoint(resume)
+        if in_deploy_form(ck["pdema"] or ck["pdparams"], model):
+            convert_to_deploy(model)
 
 
 def _resume(path: str, model: nn.Layer, optimizer: paddle.optimizer.Optimizer, ema: ModelEMA | None
