@@ -8,7 +8,8 @@ A linear chain of stages::
                                                  process (RowMaker), which an image that exhausts memory,
                                                  crashes or hangs costs only its own row
       -> write parts (tasks)                     one Parquet file per ~rows_per_file rows, atomic
-    then, on the driver: de-duplicate, COCO results + COCO dataset (+ LabelMe), summary.json
+    then, in Ray tasks: de-duplicate, COCO results + COCO dataset (+ LabelMe, Label Studio), the
+    review queue (--review-top, pipelines.review); summary.json, report.html (pipelines.report)
 
 Exactly once: a part file is named by the ids it holds and published atomically, a rerun skips
 every id already in a part, and a final pass drops any row that a failure made Ray write twice.
