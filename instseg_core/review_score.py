@@ -109,16 +109,19 @@ def instance_doubts(instances: Sequence[Mapping[str, Any]]) -> list[InstanceDoub
     mask_box_iou = np.where(empty, 0.0, _box_iou(boxes, mask_boxes))
     pair = np.asarray(mask_utils.iou(rles, rles, [0] * n), dtype=np.float64).reshape(n, n)
     labels = [str(it.get("label") or it.get("class_id")) for it in instances]
+    # above[i, j]: instance j ranks above i (a higher score, or the same score earlier in the row)
+    idx = np.arange(n)
+    above = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (idx[None, :] < idx[:, None]))
+    overlap = np.where(above, pair, -1.0)
+    nearest = overlap.argmax(axis=1)
     out = []
     for i in range(n):
-        # instances ranked above i: higher score, or the same score earlier in the row
-        above = [j for j in range(n) if scores[j] > scores[i] or (scores[j] == scores[i] and j < i)]
-        j = max(above, key=lambda k: pair[i, k], default=None)
-        dup = float(pair[i, j]) if j is not None else 0.0
+        j = int(nearest[i])
+        dup = max(0.0, float(overlap[i, j]))
         out.append(InstanceDoubt(label=labels[i], score=float(scores[i]),
                                  box_agreement=float(min(1.0, mask_box_iou[i] / BOX_AGREEMENT_IOU)),
                                  mask_box_iou=float(mask_box_iou[i]), duplicate=dup,
-                                 duplicate_of=labels[j] if j is not None and dup > 0 else None))
+                                 duplicate_of=labels[j] if dup > 0 else None))
     return out
 
 
