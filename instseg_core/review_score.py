@@ -31,7 +31,9 @@ need a fix: a false or a missed instance): of the 30 highest-priority images 30 
 alone, 0.71 by scores alone).
 
 Priorities are rounded to :data:`PRIORITY_DIGITS` decimals before ranking, so float noise in the
-last bits cannot reorder a queue; ties go to the smaller ``image_id`` (deterministic).
+last bits cannot reorder a queue. On crowded images the priority saturates near 1, so equal
+priorities are ordered by the expected number of wrong labels, ``sum_i (1 - p_i)`` (more first),
+then by the smaller ``image_id`` (deterministic).
 """
 
 from __future__ import annotations
@@ -68,10 +70,12 @@ class InstanceDoubt:
 
 @dataclass(frozen=True)
 class ReviewScore:
-    """An image's priority in [0, 1] (higher: look first) and why, in a few words."""
+    """An image's priority in [0, 1] (higher: look first), why in a few words, and its expected
+    number of wrong labels (the tie-break between equal priorities)."""
 
     priority: float
     reason: str
+    expected_errors: float = 0.0
 
 
 def _rles(instances: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -132,10 +136,11 @@ def review_score(instances: Sequence[Mapping[str, Any]], threshold: float) -> Re
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     doubts = instance_doubts(instances)
     if not doubts:
-        return ReviewScore(round(1.0 - threshold, PRIORITY_DIGITS), f"no instance above {threshold:.2f}")
-    p_all = float(np.prod([d.p_right for d in doubts]))
-    priority = round(min(1.0, max(0.0, 1.0 - p_all)), PRIORITY_DIGITS)
-    return ReviewScore(priority, _reason(doubts))
+        return ReviewScore(round(1.0 - threshold, PRIORITY_DIGITS), f"no instance above {threshold:.2f}",
+                           round(1.0 - threshold, PRIORITY_DIGITS))
+    p_right = np.array([d.p_right for d in doubts])
+    priority = round(min(1.0, max(0.0, 1.0 - float(np.prod(p_right)))), PRIORITY_DIGITS)
+    return ReviewScore(priority, _reason(doubts), round(float((1.0 - p_right).sum()), PRIORITY_DIGITS))
 
 
 def _reason(doubts: list[InstanceDoubt]) -> str:

@@ -51,11 +51,12 @@ class QueueEntry:
     uri: str
     reason: str
     part: str
+    expected_errors: float = 0.0
 
     @property
-    def key(self) -> tuple[float, int]:
-        """Larger is reviewed earlier: higher priority, then the smaller image id."""
-        return self.priority, -self.image_id
+    def key(self) -> tuple[float, float, int]:
+        """Larger is reviewed earlier: higher priority, more expected errors, the smaller image id."""
+        return self.priority, self.expected_errors, -self.image_id
 
 
 class ReviewQueue:
@@ -66,7 +67,7 @@ class ReviewQueue:
             raise ValueError(f"review queue size must be >= 0, got {size}")
         self.size = size
         self.threshold = threshold
-        self._heap: list[tuple[tuple[float, int], QueueEntry]] = []
+        self._heap: list[tuple[tuple[float, float, int], QueueEntry]] = []
         self._ids: set[int] = set()
 
     def __len__(self) -> int:
@@ -77,7 +78,8 @@ class ReviewQueue:
         if self.size == 0 or row["status"] != STATUS_OK:
             return
         score = review_score(row["instances"] or [], self.threshold)
-        self.push(QueueEntry(score.priority, int(row["image_id"]), row["uri"], score.reason, part))
+        self.push(QueueEntry(score.priority, int(row["image_id"]), row["uri"], score.reason, part,
+                             score.expected_errors))
 
     def push(self, entry: QueueEntry) -> None:
         if self.size == 0 or entry.image_id in self._ids:

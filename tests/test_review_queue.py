@@ -52,6 +52,11 @@ def test_measure_orders_doubt():
     assert good.priority < two.priority < weak.priority  # two confident labels: more chances of one error
     assert empty.priority == 0.5 and empty.reason == "no instance above 0.50"
     assert review_score([], 0.7).priority == pytest.approx(0.3)
+    # crowded images saturate near 1: the expected number of wrong labels orders them
+    crowd = [_instance((4 * k, 0, 4 * k + 3, 3), score=0.6) for k in range(25)]
+    assert review_score(crowd, 0.5).priority == review_score(crowd[:20], 0.5).priority == 1.0
+    assert review_score(crowd, 0.5).expected_errors > review_score(crowd[:20], 0.5).expected_errors
+    assert review_score(crowd[:20], 0.5).expected_errors == pytest.approx(20 * 0.4, abs=1e-3)
     with pytest.raises(ValueError, match="threshold"):
         review_score([], 1.5)
 
@@ -61,10 +66,11 @@ def test_bounded_heaps_merge_to_the_global_top_k():
 
     rng = random.Random(7)
     # few distinct priorities: ties, broken by image id, are the common case
-    entries = [QueueEntry(rng.choice([0.1, 0.25, 0.5, 0.75, 0.9]), rng.randrange(1 << 62), f"u{k}", "", "p")
-               for k in range(3000)]
+    entries = [QueueEntry(rng.choice([0.1, 0.25, 0.5, 0.75, 0.9, 1.0]), rng.randrange(1 << 62), f"u{k}", "", "p",
+                          rng.choice([1.0, 2.5, 7.0])) for k in range(3000)]
     entries += entries[:50]  # an image seen twice (retried work) counts once
-    expected = sorted({e.image_id: e for e in entries}.values(), key=lambda e: (-e.priority, e.image_id))[:40]
+    expected = sorted({e.image_id: e for e in entries}.values(),
+                      key=lambda e: (-e.priority, -e.expected_errors, e.image_id))[:40]
     groups = [entries[k:k + 237] for k in range(0, len(entries), 237)]
     merged = ReviewQueue(40, 0.5)
     for g in groups:  # each merge task's heap, then the driver's
@@ -124,15 +130,13 @@ def test_batch_job_queue_is_stable_and_puts_hard_images_first(ray_local, tmp_pat
 
     # best-first, and equal to every row scored and sorted in one place
     rows = list(iter_rows(list_parts(str(outs[0]))))
-    reference = sorted(((review_score(r["instances"], 0.5).priority, r["image_id"], r["uri"]) for r in rows),
-                       key=lambda t: (-t[0], t[1]))[:top]
+    scored = [(review_score(r["instances"], 0.5), r["image_id"], r["uri"]) for r in rows]
+    ranked_rows = sorted(scored, key=lambda t: (-t[0].priority, -t[0].expected_errors, t[1]))
     assert [(float(q["priority"]), int(q["image_id"]), q["uri"]) for q in first] == \
-        [(round(p, 4), i, u) for p, i, u in reference]
+        [(s.priority, i, u) for s, i, u in ranked_rows[:top]]
 
     # the hard copies first: none of the originals among the first six, and a better median rank
-    ranked = [kinds[Path(u).name] for _, _, u in sorted(
-        ((review_score(r["instances"], 0.5).priority, r["image_id"], r["uri"]) for r in rows),
-        key=lambda t: (-t[0], t[1]))]
+    ranked = [kinds[Path(u).name] for _, _, u in ranked_rows]
     print("queue:", [(Path(q["uri"]).name, q["priority"], q["reason"]) for q in first])
     assert "orig" not in ranked[:6], ranked
     ranks = {kind: [k for k, x in enumerate(ranked) if x == kind] for kind in ("orig", "blur", "noise", "crop")}
