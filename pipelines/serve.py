@@ -92,7 +92,8 @@ class InstanceSegmentationServer:
         s = self.settings
         model_dir = local_model_dir(s.model_dir) if s.model_dir else None
         return create_model(s.model_name, model_dir, device=s.replica_device, threshold=s.threshold,
-                            cpu_threads=s.replica_cpu_threads, max_mask_side=s.max_mask_side)
+                            cpu_threads=s.replica_cpu_threads, max_mask_side=s.max_mask_side,
+                            use_hpip=s.use_hpip or s.hpi_config is not None, hpi_config=s.hpi_config)
 
     # ------------------------------------------------------------------ routes
 

@@ -44,6 +44,8 @@ class ServeSettings:
     threshold: float | None = None
     cpu_threads: int | None = None
     max_mask_side: int | None = DEFAULT_MAX_MASK_SIDE
+    use_hpip: bool = False  # high-performance mode (instseg_core.inference.hpi)
+    hpi_config: dict[str, Any] | None = None  # PaddleX's hpi_config keys (a dict, or its string form)
     # dynamic batching (``@serve.batch``)
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
@@ -263,6 +265,19 @@ def _max_mask_side(key: str, value: Any) -> int | None:
     return _optional(_int(32))(key, value)
 
 
+def _hpi_config(key: str, value: Any) -> dict[str, Any] | None:
+    """PaddleX's ``hpi_config``: a mapping, or its string form from ``serve run``."""
+    from instseg_core.inference.hpi import parse_hpi_config
+
+    if value is None:
+        return None
+    try:
+        cfg = parse_hpi_config(value)
+    except ValueError as e:
+        raise ServeSettingsError(f"{key}: {e}") from None
+    return {"backend": cfg.backend, "backend_config": cfg.backend_config, "auto_config": cfg.auto_config}
+
+
 _CONVERTERS = {
     "model_dir": _optional(_text),
     "model_name": _optional(_text),
@@ -270,6 +285,8 @@ _CONVERTERS = {
     "threshold": _optional(_float(0.0, 1.0)),
     "cpu_threads": _optional(_int(1)),
     "max_mask_side": _max_mask_side,
+    "use_hpip": _bool,
+    "hpi_config": _hpi_config,
     "max_batch_size": _int(1),
     "batch_wait_timeout_s": _float(0.0),
     "max_ongoing_requests": _optional(_int(1)),

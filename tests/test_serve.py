@@ -319,6 +319,9 @@ def test_settings_from_cli_strings_and_errors_naming_the_key():
     auto = ServeSettings.from_args({"model_name": "PP-YOLOE_seg-S",
                                     "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}})
     assert "num_replicas" not in auto.deployment_options()
+    hpi = ServeSettings.from_args({"model_dir": str(MODEL_DIR), "use_hpip": "true",
+                                   "hpi_config": "{'backend': 'openvino'}"})  # serve run's strings
+    assert hpi.use_hpip and hpi.hpi_config == {"backend": "openvino", "backend_config": {}, "auto_config": True}
     bad = [
         ({"model_dir": str(MODEL_DIR), "max_batchsize": 4}, "unknown serve setting(s): max_batchsize"),
         ({"model_dir": str(MODEL_DIR), "threshold": "1.5"}, "threshold"),
@@ -331,6 +334,7 @@ def test_settings_from_cli_strings_and_errors_naming_the_key():
         ({"model_dir": str(MODEL_DIR), "max_ongoing_requests": 2, "max_batch_size": 8}, "max_ongoing_requests"),
         ({"model_dir": "/no/such/dir"}, "model_dir"),
         ({}, "model_dir=<inference dir> or model_name"),
+        ({"model_dir": str(MODEL_DIR), "hpi_config": "{'backend': 'fast'}"}, "hpi_config: unknown hpi backend"),
     ]
     for args, words in bad:
         with pytest.raises(ServeSettingsError, match=None) as info:
