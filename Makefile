@@ -52,7 +52,7 @@ chromium:
 demo: $(VENV)/.installed
 	$(PY) -m jobs.batch_predict --input samples/shapes --output demo_output --model-dir samples/model --ray-address local \
 		--batch-size 2 --labelme --progress-interval-s 2
-	@echo "demo outputs in demo_output/: parts/*.parquet, coco_results.json, coco_dataset.json, labelme/, summary.json"
+	@echo "demo outputs in demo_output/: parts/*.parquet, coco_results.json, coco_dataset.json, labelme/, summary.json, report.html"
 
 # The tests' CPU instruction-set pin (tests/isa_pin.py, README "Tests"), in the environment from the
 # start; tests/conftest.py sets the same defaults when pytest is run directly.
