@@ -50,15 +50,11 @@ def int_or_none(flag: str, text: str) -> int | None:
 def _hpi_kwargs(args: argparse.Namespace) -> dict:
     """``use_hpip`` / ``hpi_config`` from ``--hpi``, ``--hpi-backend`` and ``--hpi-config`` (either of
     the last two implies the first)."""
-    from instseg_core.inference.hpi import parse_hpi_config
+    from instseg_core.inference.hpi import hpi_from_flags
 
     if not (args.hpi or args.hpi_backend or args.hpi_config):
         return {}
-    config = parse_hpi_config(args.hpi_config)
-    if args.hpi_backend:
-        config = parse_hpi_config({"backend": args.hpi_backend, "backend_config": config.backend_config,
-                                   "auto_config": config.auto_config})
-    return {"use_hpip": True, "hpi_config": config}
+    return {"use_hpip": True, "hpi_config": hpi_from_flags(args.hpi_backend, args.hpi_config)}
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -175,6 +171,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from instseg_core.inference.hpi import BACKENDS
+
     p = argparse.ArgumentParser(prog="instseg", description="Instance segmentation (PaddleX-compatible models)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -190,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tensorrt", action="store_true", help="GPU: Paddle-TensorRT FP16 with an engine cache")
     pr.add_argument("--hpi", action="store_true", help="high-performance mode: the fastest backend for the model "
                                                        "(OpenVINO / ONNX Runtime on CPU), else Paddle Inference")
-    pr.add_argument("--hpi-backend", choices=("paddle", "onnxruntime", "openvino", "tensorrt"),
+    pr.add_argument("--hpi-backend", choices=BACKENDS,
                     help="high-performance mode with this backend (implies --hpi)")
     pr.add_argument("--hpi-config", help="PaddleX's hpi_config as a dict literal, e.g. \"{'backend': 'openvino'}\"")
     pr.add_argument("--save-path", default=None,

@@ -275,7 +275,7 @@ def _hpi_config(key: str, value: Any) -> dict[str, Any] | None:
         cfg = parse_hpi_config(value)
     except ValueError as e:
         raise ServeSettingsError(f"{key}: {e}") from None
-    return {"backend": cfg.backend, "backend_config": cfg.backend_config, "auto_config": cfg.auto_config}
+    return cfg.as_dict()
 
 
 _CONVERTERS = {

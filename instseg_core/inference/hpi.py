@@ -26,7 +26,6 @@ from __future__ import annotations
 import ast
 import logging
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -42,7 +41,7 @@ from instseg_core.inference.model_dir import ModelDir
 
 log = logging.getLogger("instseg")
 
-__all__ = ["AUTO_BACKENDS", "BACKENDS", "HPIConfig", "create_engine", "parse_hpi_config"]
+__all__ = ["AUTO_BACKENDS", "BACKENDS", "HPIConfig", "create_engine", "hpi_from_flags", "parse_hpi_config"]
 
 BACKENDS = ("paddle", "onnxruntime", "openvino", "tensorrt")
 
@@ -76,6 +75,17 @@ class HPIConfig:
     backend: str | None = None
     backend_config: dict[str, Any] = field(default_factory=dict)
     auto_config: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        """PaddleX's dict form (for job configs, summary.json, Serve settings)."""
+        return {"backend": self.backend, "backend_config": dict(self.backend_config), "auto_config": self.auto_config}
+
+
+def hpi_from_flags(backend: str | None, config: str | None) -> HPIConfig:
+    """The config of ``--hpi-backend`` / ``--hpi-config`` (the CLI and the jobs): the parsed
+    ``config`` string with ``backend``, when given, as its backend."""
+    parsed = parse_hpi_config(config)
+    return parse_hpi_config(replace(parsed, backend=backend)) if backend else parsed
 
 
 def parse_hpi_config(value: HPIConfig | Mapping[str, Any] | str | None) -> HPIConfig:
@@ -145,7 +155,7 @@ def create_engine(model_dir: ModelDir, options: EngineOptions, family: str, hpi:
     backend of :func:`backend_candidates` that builds, Paddle Inference when none does (one warning
     with the reasons)."""
     if hpi is None:
-        return InferenceEngine(model_dir.model_file, model_dir.params_file, options, model_dir.model_name)
+        return _paddle_engine(model_dir, options)
     device_kind, device_index = parse_device(options.device)
     reasons: list[str] = []
     for backend in backend_candidates(hpi, family, device_kind):
@@ -162,6 +172,11 @@ def create_engine(model_dir: ModelDir, options: EngineOptions, family: str, hpi:
         return engine
     log.warning("%s: no high-performance backend can run this model, using Paddle Inference (%s)",
                 model_dir.path, "; ".join(reasons))
+    return _paddle_engine(model_dir, options)
+
+
+def _paddle_engine(model_dir: ModelDir, options: EngineOptions) -> InferenceEngine:
+    """Normal mode: the dir's whole graph in Paddle Inference."""
     return InferenceEngine(model_dir.model_file, model_dir.params_file, options, model_dir.model_name)
 
 
@@ -184,13 +199,13 @@ def _build(backend: str, config: Mapping[str, Any], model_dir: ModelDir, options
             if device_kind != "gpu":
                 raise RuntimeError(f"run_mode {mode} needs a GPU")
             opts = replace(opts, use_tensorrt=True, trt_precision=mode[4:])
-        return InferenceEngine(model_dir.model_file, model_dir.params_file, opts, model_dir.model_name)
+        return _paddle_engine(model_dir, opts)
     if backend == "tensorrt":
         if device_kind != "gpu":
             raise RuntimeError("TensorRT needs a GPU")
         opts = replace(options, use_tensorrt=True, trt_precision=config.get("precision", "fp16"),
                        trt_min_subgraph_size=int(config.get("min_subgraph_size", options.trt_min_subgraph_size)))
-        return InferenceEngine(model_dir.model_file, model_dir.params_file, opts, model_dir.model_name)
+        return _paddle_engine(model_dir, opts)
     if backend == "openvino" and device_kind != "cpu":
         raise RuntimeError("OpenVINO runs on the CPU only here")
     return _onnx_engine(backend, model_dir, options, threads, device_kind, device_index)
@@ -203,26 +218,25 @@ def _onnx_engine(backend: str, model_dir: ModelDir, options: EngineOptions, thre
 
     split = model_dir.config.get("split_graphs")
     if split:
-        head_stem = model_dir.path / str(split["head"])
-        graph = head_stem.with_suffix(".json")
-        input_shape = [int(d) for d in split["input_shape"]]
+        graph = (model_dir.path / str(split["head"])).with_suffix(".json")
+        params, input_shape = graph.with_suffix(".pdiparams"), [int(d) for d in split["input_shape"]]
     else:
-        graph, input_shape = model_dir.model_file, None
-    params = graph.with_suffix(".pdiparams") if split else model_dir.params_file
+        graph, params, input_shape = model_dir.model_file, model_dir.params_file, None
     onnx_file = onnx_for(graph, params)
     if backend == "onnxruntime":
         fast = OnnxRuntimeEngine(onnx_file, threads=threads, device_kind=device_kind, device_index=device_index)
     else:
         fast = OpenVINOEngine(onnx_file, threads=threads, input_shape=input_shape)
-    def paddle_engine() -> InferenceEngine:
-        return InferenceEngine(model_dir.model_file, model_dir.params_file, options, model_dir.model_name)
+
+    def reference() -> InferenceEngine:
+        return _paddle_engine(model_dir, options)
 
     if not split:
-        return CheckedEngine(fast, paddle_engine, str(model_dir.path), compare=True)
+        return CheckedEngine(fast, reference, str(model_dir.path), compare=True)
     post_graph = (model_dir.path / str(split["post"])).with_suffix(".json")
     post = InferenceEngine(post_graph, post_graph.with_suffix(".pdiparams"), replace(options, cpu_threads=threads),
                            model_dir.model_name)
-    return CheckedEngine(SplitEngine(fast, post, split["raw_outputs"]), paddle_engine, str(model_dir.path),
+    return CheckedEngine(SplitEngine(fast, post, split["raw_outputs"]), reference, str(model_dir.path),
                          compare=False)
 
 
@@ -248,7 +262,9 @@ class CheckedEngine:
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._checked:
             return self.fast.run(inputs)
-        expected = self.make_reference().run(inputs) if self.compare else None
+        # built at most once: it runs the comparison, and stays as the engine if the backend fails
+        reference = self.make_reference() if self.compare else None
+        expected = reference.run(inputs) if reference is not None else None
         try:
             got = self.fast.run(inputs)
             problem = _difference(expected, got) if expected is not None else None
@@ -260,7 +276,7 @@ class CheckedEngine:
         if problem is None:
             return got
         log.warning("%s: %s cannot be used (%s); using Paddle Inference", self.where, self.backend, problem)
-        self.fast = self.make_reference()
+        self.fast = reference if reference is not None else self.make_reference()
         self.backend = "paddle"
         return expected if expected is not None else self.fast.run(inputs)
 

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from instseg_core.inference.backends import missing_package
 from instseg_core.io import cache_root, file_lock
 
 log = logging.getLogger("instseg")
@@ -51,8 +52,7 @@ def converter_version() -> str:
         from importlib.metadata import PackageNotFoundError, version
         return version("paddle2onnx")
     except PackageNotFoundError:
-        raise ImportError('paddle2onnx is not installed: pip install "instseg[hpi]" '
-                          "(paddle2onnx, onnxruntime, openvino)") from None
+        raise missing_package("paddle2onnx") from None
 
 
 def _digest(files: list[Path], extra: str) -> str:
