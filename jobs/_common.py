@@ -4,14 +4,22 @@ the Ray flags and connection, and the one-line error exit."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from dataclasses import replace
 from typing import Any, NoReturn
 
 from instseg_core.cli import int_or_none
-from instseg_core.inference.hpi import BACKENDS, parse_hpi_config
+from instseg_core.inference.hpi import BACKENDS, hpi_from_flags
 from pipelines.settings import PREDICTION_FIELDS
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    """The jobs' log lines: time, level, logger, message, from INFO up."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
 
 def fail(message: str) -> NoReturn:
@@ -68,13 +76,9 @@ def prediction_values(args: argparse.Namespace) -> dict[str, Any]:
     backend = getattr(args, "hpi_backend", None)
     if isinstance(values.get("hpi_config"), str) or backend:
         try:
-            config = parse_hpi_config(values.get("hpi_config"))
-            if backend:
-                config = parse_hpi_config(replace(config, backend=backend))
+            values["hpi_config"] = hpi_from_flags(backend, values.get("hpi_config")).as_dict()
         except ValueError as e:
             fail(f"--hpi-config: {e}")
-        values["hpi_config"] = {"backend": config.backend, "backend_config": config.backend_config,
-                                "auto_config": config.auto_config}
         values["use_hpip"] = True
     return values
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
 import yaml
 
-from jobs._common import add_prediction_flags, add_ray_flags, connect_ray, fail, prediction_values
+from jobs._common import add_prediction_flags, add_ray_flags, connect_ray, fail, prediction_values, setup_logging
 from pipelines.batch_predict import BatchPredictConfig, JobSettingsError, check_settings, run_batch_predict
 from pipelines.settings import PREDICTION_FIELDS
 
@@ -98,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> BatchPredictConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     try:

@@ -21,7 +21,7 @@ import logging
 import sys
 from typing import Sequence
 
-from jobs._common import add_prediction_flags, add_ray_flags, connect_ray, prediction_values
+from jobs._common import add_prediction_flags, add_ray_flags, connect_ray, prediction_values, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def _record_failure(cfg, error: BaseException) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     if not args.model_name and not args.model_dir:
         print("error: give --model NAME or --model-dir DIR", file=sys.stderr)

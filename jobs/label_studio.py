@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Sequence
 
 from instseg_core.io import S3Options, is_remote, join, storage_error_message
-from jobs._common import add_ray_flags, connect_ray, fail
+from jobs._common import add_ray_flags, connect_ray, fail, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
 
     from pipelines.label_studio import LABEL_STUDIO_DIR, MAX_TASKS_PER_FILE, LabelStudioOptions, convert_output

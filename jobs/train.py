@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from typing import Sequence
 
 from instseg_core.config import ConfigError, apply_overrides, check_config, load_config
-from jobs._common import add_ray_flags, connect_ray
+from jobs._common import add_ray_flags, connect_ray, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +73,7 @@ def check_job(cfg: dict, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     from pipelines.batch_predict import JobSettingsError
 
